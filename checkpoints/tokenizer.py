@@ -1,0 +1,110 @@
+"""Tokenizer and chat template, built from a Hugging Face `tokenizer.json` or from GGUF metadata."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+import jinja2
+import jinja2.sandbox
+from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+# llama.cpp pre-tokenizer names whose split rule we reproduce (GPT-2 regex, digits split individually or not).
+_GGUF_PRE_DIGITS = {"smollm": True, "default": False, "gpt2": False}
+
+
+class Tokenizer:
+    """Text <-> token ids, special tokens and the model's chat template."""
+
+    def __init__(
+        self,
+        backend: HFTokenizer,
+        *,
+        bos_token_id: int | None,
+        eos_token_ids: Sequence[int],
+        chat_template: str | None,
+        add_bos: bool = False,
+        special_tokens: dict[str, str] | None = None,
+    ):
+        self.backend = backend
+        self.bos_token_id = bos_token_id
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.chat_template = chat_template
+        self.add_bos = add_bos
+        self.special_tokens = dict(special_tokens or {})
+        self._template: jinja2.Template | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        bos = self.bos_token_id
+        if add_special_tokens and self.add_bos and bos is not None and ids[:1] != [bos]:
+            ids = [bos, *ids]
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """Render messages with the model's Jinja chat template (sandboxed, as transformers does)."""
+        if not self.chat_template:
+            raise ValueError("this model has no chat template; use generate() with a plain prompt instead")
+        if self._template is None:
+            env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+            def raise_exception(message: str) -> None:
+                raise ValueError(f"chat template error: {message}")
+
+            env.globals["raise_exception"] = raise_exception
+            self._template = env.from_string(self.chat_template)
+        return self._template.render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt, **self.special_tokens
+        )
+
+    def to_files(self) -> dict[str, str]:
+        """Serialisable form (tokenizer.json text and a small config) for checkpoint conversion."""
+        meta = {
+            "bos_token_id": self.bos_token_id,
+            "eos_token_ids": list(self.eos_token_ids),
+            "chat_template": self.chat_template,
+            "add_bos": self.add_bos,
+            "special_tokens": self.special_tokens,
+        }
+        return {"tokenizer.json": self.backend.to_str(), "loong_tokenizer.json": json.dumps(meta)}
+
+    @classmethod
+    def from_files(cls, tokenizer_json: str, meta_json: str) -> Tokenizer:
+        meta = json.loads(meta_json)
+        return cls(HFTokenizer.from_str(tokenizer_json), **meta)
+
+
+def byte_level_bpe(
+    tokens: Sequence[str], merges: Sequence[str], token_types: Sequence[int], split_digits: bool
+) -> HFTokenizer:
+    """A GPT-2 style byte-level BPE tokenizer from a GGUF vocabulary (token type 3 = control token)."""
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+    splits = []
+    if split_digits:
+        splits.append(pre_tokenizers.Digits(individual_digits=True))
+    splits.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(splits)
+    tok.decoder = decoders.ByteLevel()
+    specials = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, token_types) if ty == 3]
+    tok.add_special_tokens(specials)
+    return tok
+
+
+def gguf_pre_splits_digits(pre: str) -> bool:
+    if pre not in _GGUF_PRE_DIGITS:
+        raise ValueError(
+            f"GGUF tokenizer pre-tokenizer {pre!r} is not supported; supported: {sorted(_GGUF_PRE_DIGITS)}"
+        )
+    return _GGUF_PRE_DIGITS[pre]

@@ -1,0 +1,154 @@
+"""The Python API: `LLM(...)`, `generate()` and `chat()`, in the shape users know from other engines."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Iterator, Sequence
+
+from tqdm.auto import tqdm
+
+from loong_jax.engine import Engine, EngineConfig
+from loong_jax.outputs import RequestOutput
+from loong_jax.platform import DEFAULT_CACHE_DIR, enable_compilation_cache, parse_dtype
+from loong_jax.sampling import SamplingParams
+
+log = logging.getLogger("loong_jax")
+Prompt = str | Sequence[int]
+Message = dict[str, Any]
+
+
+class LLM:
+    """A model loaded onto the engine, ready to generate.
+
+    model: a .gguf file, a Hugging Face directory, an Orbax directory written by `loong convert`, or None
+    for the embedded SmolLM2-135M-Instruct.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        num_instances: int = 1,
+        tp: int = 1,
+        max_model_len: int | None = None,
+        dtype: str | None = None,
+        kv_tokens_per_instance: int = 65536,
+        page_size: int = 16,
+        max_num_seqs: int = 32,
+        max_prefill_tokens: int = 4096,
+        seed: int | None = None,
+        warmup: bool = False,
+        compilation_cache_dir: str | None = DEFAULT_CACHE_DIR,
+    ):
+        if num_instances != 1 or tp != 1:
+            raise NotImplementedError(
+                f"num_instances={num_instances}, tp={tp}: the multi-instance elastic runtime is not "
+                "available yet; use num_instances=1, tp=1"
+            )
+        from checkpoints import load_checkpoint  # noqa: PLC0415 (checkpoints imports loong_jax.config)
+
+        enable_compilation_cache(compilation_cache_dir)
+        self.dtype = parse_dtype(dtype)
+        t0 = time.perf_counter()
+        ckpt = load_checkpoint(model, self.dtype)
+        self.config = ckpt.config
+        self.tokenizer = ckpt.tokenizer
+        limit = self.config.context_limit
+        if max_model_len is not None and not 1 <= max_model_len <= limit:
+            raise ValueError(f"max_model_len must be in [1, {limit}] for this model, got {max_model_len}")
+        ecfg = EngineConfig(
+            max_model_len=max_model_len or limit,
+            kv_tokens_per_instance=kv_tokens_per_instance,
+            page_size=page_size,
+            max_num_seqs=max_num_seqs,
+            max_prefill_tokens=max_prefill_tokens,
+        )
+        self.engine = Engine(self.config, ckpt.graphdef, ckpt.state, self.tokenizer, ecfg, self.dtype, seed)
+        log.info("loaded %s (%s) in %.1fs", ckpt.source, self.config.name, time.perf_counter() - t0)
+        if warmup:
+            self.warmup()
+
+    def warmup(self, show_progress: bool = True) -> int:
+        """Compile the common programs now; returns how many were compiled."""
+        e = self.engine
+        prefill = []
+        t = e.ecfg.min_prefill_bucket
+        while t <= e.ecfg.max_prefill_tokens:
+            prefill.append((t, 1))
+            t *= 2
+        decode, b = [], 1
+        while b <= e.ecfg.max_num_seqs:
+            decode.append(b)
+            b *= 2
+        return e.executor.warmup(prefill, decode, show_progress)
+
+    def _encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this checkpoint has no tokenizer; pass token id lists instead of strings")
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate a completion for each prompt (strings or token-id lists), batched continuously."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"got {len(plist)} sampling params for {len(prompts)} prompts")
+        encoded = [self._encode(p) for p in prompts]
+        reqs = []
+        try:
+            for ids, p in zip(encoded, plist):
+                reqs.append(self.engine.add_request(ids, p))
+        except Exception:
+            for r in reqs:
+                self.engine.abort(r.rid)
+            raise
+        bar = tqdm(total=len(reqs), desc="generating", disable=not use_tqdm)
+        done = 0
+        while any(not r.finished for r in reqs):
+            self.engine.step()
+            now = sum(r.finished for r in reqs)
+            bar.update(now - done)
+            done = now
+        bar.close()
+        return [RequestOutput.from_request(r) for r in reqs]
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        """Generate one completion and yield its text as it is produced (other requests keep running)."""
+        req = self.engine.add_request(self._encode(prompt), sampling_params or SamplingParams())
+        try:
+            while not req.finished:
+                self.engine.step()
+                delta = req.take_text_delta()
+                if delta:
+                    yield delta
+            delta = req.take_text_delta()
+            if delta:
+                yield delta
+        finally:
+            self.engine.abort(req.rid)
+
+    def chat_prompt_ids(self, messages: Sequence[Message]) -> list[int]:
+        """Token ids of one conversation rendered with the model's chat template."""
+        if self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer, so chat is unavailable")
+        return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages), add_special_tokens=False)
+
+    def chat(
+        self,
+        messages: Sequence[Message] | Sequence[Sequence[Message]],
+        sampling_params: SamplingParams | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        return self.generate([self.chat_prompt_ids(c) for c in convs], sampling_params, use_tqdm)

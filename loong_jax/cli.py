@@ -1,0 +1,117 @@
+"""The `loong` command line: generate, chat and convert."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from loong_jax.platform import use_virtual_cpu_devices
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="GGUF file, Hugging Face dir or Orbax dir (default: SmolLM2)")
+    p.add_argument("--num-instances", type=int, default=1)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--kv-tokens-per-instance", type=int, default=65536)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loong", description="loong-jax: long-context LLM serving on JAX")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="complete a prompt (raw text, no chat template)")
+    gen.add_argument("prompt")
+    chat = sub.add_parser("chat", help="answer a user message with the model's chat template")
+    chat.add_argument("message")
+    chat.add_argument("--system", default=None, help="optional system message")
+    for p in (gen, chat):
+        _model_args(p)
+        _sampling_args(p)
+    conv = sub.add_parser("convert", help="convert a checkpoint to an Orbax checkpoint (fast reloads)")
+    conv.add_argument("source", help="GGUF file or Hugging Face directory ('default' for SmolLM2)")
+    conv.add_argument("output", help="new directory to write")
+    conv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from loong_jax import LLM, SamplingParams  # noqa: PLC0415
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop,
+    )
+    llm = LLM(
+        args.model,
+        num_instances=args.num_instances,
+        tp=args.tp,
+        max_model_len=args.max_model_len,
+        dtype=args.dtype,
+        kv_tokens_per_instance=args.kv_tokens_per_instance,
+    )
+    if args.command == "chat":
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.message}
+        ]
+        prompt = llm.chat_prompt_ids(messages)
+    else:
+        prompt = args.prompt
+    t0 = time.perf_counter()
+    n = 0
+    for delta in llm.stream(prompt, params):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+        n += 1
+    sys.stdout.write("\n")
+    logging.getLogger("loong_jax").info("%d text pieces in %.2fs", n, time.perf_counter() - t0)
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from checkpoints import load_checkpoint  # noqa: PLC0415
+    from checkpoints.orbax_dir import save  # noqa: PLC0415
+    from loong_jax.platform import parse_dtype  # noqa: PLC0415
+
+    ckpt = load_checkpoint(None if args.source == "default" else args.source, parse_dtype(args.dtype))
+    save(args.output, ckpt.config, ckpt.state, ckpt.tokenizer)
+    print(f"wrote {args.output} ({ckpt.config.name}, {args.dtype})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    from checkpoints.load import CheckpointError  # noqa: PLC0415
+
+    if getattr(args, "num_instances", 1) * getattr(args, "tp", 1) > 1:
+        use_virtual_cpu_devices(args.num_instances * args.tp)
+    try:
+        return _convert(args) if args.command == "convert" else _generate(args)
+    except (CheckpointError, ValueError, NotImplementedError) as e:
+        print(f"loong: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

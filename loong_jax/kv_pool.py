@@ -1,0 +1,91 @@
+"""One instance's KV pool: device arrays with token slots grouped in pages, and the host allocator.
+
+Device layout: K and V are [num_layers, num_pages * page_size, num_kv_heads, head_dim]; slot
+`page * page_size + offset` holds one token. A request's tokens on an instance fill its pages in order,
+so its `n` local tokens sit in the first `n` slots of its page list. Per-instance pools are the building
+blocks of the unified distributed pool: any token of any request may live in any instance's pool.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from loong_jax.config import ModelConfig
+
+
+class KVCache(NamedTuple):
+    k: jnp.ndarray
+    v: jnp.ndarray
+
+
+def empty_cache(cfg: ModelConfig, num_slots: int, dtype: Any) -> KVCache:
+    shape = (cfg.num_layers, num_slots, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+class OutOfPages(RuntimeError):
+    """The pool has fewer free pages than asked for."""
+
+
+class PagePool:
+    """Free-list allocator of one instance's pages, plus the token slots each request holds there."""
+
+    def __init__(self, num_pages: int, page_size: int):
+        if num_pages < 1 or page_size < 1:
+            raise ValueError(f"a pool needs >= 1 page of >= 1 token, got {num_pages} x {page_size}")
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self._free = list(range(num_pages - 1, -1, -1))
+        self.pages: dict[int, list[int]] = {}  # request id -> its pages here, in fill order
+        self.tokens: dict[int, int] = {}  # request id -> tokens it holds here
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_pages * self.page_size
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_tokens(self) -> int:
+        return sum(self.tokens.values())
+
+    @property
+    def free_tokens(self) -> int:
+        """Tokens that can still be stored: free pages plus the unused tails of partly filled pages."""
+        tails = sum(len(self.pages[r]) * self.page_size - n for r, n in self.tokens.items())
+        return self.free_pages * self.page_size + tails
+
+    def pages_needed(self, rid: int, extra_tokens: int) -> int:
+        have = len(self.pages.get(rid, ()))
+        need = -(-(self.tokens.get(rid, 0) + extra_tokens) // self.page_size)
+        return max(0, need - have)
+
+    def append(self, rid: int, n: int) -> np.ndarray:
+        """Reserve the next n token slots of request rid here; returns their slot ids."""
+        extra = self.pages_needed(rid, n)
+        if extra > len(self._free):
+            raise OutOfPages(f"need {extra} pages, {len(self._free)} free")
+        pages = self.pages.setdefault(rid, [])
+        for _ in range(extra):
+            pages.append(self._free.pop())
+        start = self.tokens.get(rid, 0)
+        self.tokens[rid] = start + n
+        idx = np.arange(start, start + n)
+        return np.asarray(pages, np.int64)[idx // self.page_size] * self.page_size + idx % self.page_size
+
+    def release(self, rid: int) -> None:
+        """Free every page of request rid."""
+        self._free.extend(reversed(self.pages.pop(rid, [])))
+        self.tokens.pop(rid, None)
+
+    def page_row(self, rid: int, width: int) -> np.ndarray:
+        """Request rid's page ids padded with 0 to `width` (padding is masked by the token count)."""
+        row = np.zeros(width, np.int32)
+        pages = self.pages.get(rid, [])
+        row[: len(pages)] = pages
+        return row

@@ -1,0 +1,193 @@
+"""Llama-family decoder in Flax NNX.
+
+The model never touches a KV cache itself: each layer computes Q/K/V (RoPE applied) and hands them to an
+`attend` function supplied by the caller, which may read a KV pool it closes over. The new tokens' K/V of
+every layer come back stacked, and the caller stores them after the layer scan in one in-place scatter
+(writing a pool inside the scan would make XLA copy it every layer). Prefill, single-instance decode and
+the elastic runtime's distributed programs differ only in the `attend` they pass. Layers are stacked on a
+leading axis and run with `lax.scan` so that a program compiles one layer, not `num_layers` copies.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from loong_jax.config import ModelConfig
+from loong_jax.rope import apply_rope, rotary_angles
+
+
+class Attend(Protocol):
+    """attend(layer, q [T,H,D], k [T,KV,D], v [T,KV,D]) -> out [T,H,D]."""
+
+    def __call__(self, layer: jnp.ndarray, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray: ...
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any, scale: float = 0.02) -> nnx.Param:
+    return nnx.Param((jax.random.normal(rngs.params(), shape) * scale).astype(dtype))
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype: Any):
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (xf * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Q/K/V projections with RoPE, and the output projection; the attention itself is `attend`."""
+
+    def __init__(self, cfg: ModelConfig, dtype: Any, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.cfg = cfg
+        self.wq = _param(rngs, (d, h * hd), dtype)
+        self.wk = _param(rngs, (d, kv * hd), dtype)
+        self.wv = _param(rngs, (d, kv * hd), dtype)
+        self.wo = _param(rngs, (h * hd, d), dtype)
+        if cfg.qkv_bias:
+            self.bq = _param(rngs, (h * hd,), dtype)
+            self.bk = _param(rngs, (kv * hd,), dtype)
+            self.bv = _param(rngs, (kv * hd,), dtype)
+
+    def qkv(self, x: jnp.ndarray, angles: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+        cfg = self.cfg
+        q, k, v = x @ self.wq[...], x @ self.wk[...], x @ self.wv[...]
+        if cfg.qkv_bias:
+            q, k, v = q + self.bq[...], k + self.bk[...], v + self.bv[...]
+        t = x.shape[0]
+        q = apply_rope(q.reshape(t, cfg.num_heads, cfg.head_dim), angles)
+        k = apply_rope(k.reshape(t, cfg.num_kv_heads, cfg.head_dim), angles)
+        return q, k, v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+
+    def out(self, o: jnp.ndarray) -> jnp.ndarray:
+        return o.reshape(o.shape[0], -1) @ self.wo[...]
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype: Any, rngs: nnx.Rngs):
+        self.w_gate = _param(rngs, (cfg.hidden_size, cfg.intermediate_size), dtype)
+        self.w_up = _param(rngs, (cfg.hidden_size, cfg.intermediate_size), dtype)
+        self.w_down = _param(rngs, (cfg.intermediate_size, cfg.hidden_size), dtype)
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        return (jax.nn.silu(x @ self.w_gate[...]) * (x @ self.w_up[...])) @ self.w_down[...]
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype: Any, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.attn = Attention(cfg, dtype, rngs)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, dtype, rngs)
+
+    def __call__(
+        self, x: jnp.ndarray, angles: jnp.ndarray, layer: jnp.ndarray, attend: Attend
+    ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+        q, k, v = self.attn.qkv(self.attn_norm(x), angles)
+        x = x + self.attn.out(attend(layer, q, k, v))
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, k, v
+
+
+class Llama(nnx.Module):
+    """Embedding, a scanned stack of decoder layers, final norm and (tied or untied) LM head."""
+
+    def __init__(self, cfg: ModelConfig, dtype: Any = jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.cfg = cfg
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(cfg, dtype, rngs)
+
+        self.layers = make_layers(rngs)
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
+
+    def hidden_states(
+        self,
+        tokens: jnp.ndarray,
+        positions: jnp.ndarray,
+        seq_lens: jnp.ndarray,
+        attend: Attend,
+    ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+        """Run all layers on a flat token batch [T].
+
+        Returns pre-norm hidden states [T, hidden] and the tokens' K and V of every layer [L, T, KV, D].
+        """
+        x = self.embed[...][tokens]
+        angles = rotary_angles(self.cfg, positions, seq_lens)
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def body(x, xs):
+            layer_idx, state = xs
+            x, k, v = nnx.merge(graphdef, state)(x, angles, layer_idx, attend)
+            return x, (k, v)
+
+        x, (k, v) = jax.lax.scan(body, x, (jnp.arange(self.cfg.num_layers), layer_state))
+        return x, k, v
+
+    def logits(self, h: jnp.ndarray) -> jnp.ndarray:
+        """Final norm and LM head for the rows of h [N, hidden] that need logits (float32)."""
+        h = self.final_norm(h)
+        w = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+        return (h @ w).astype(jnp.float32)
+
+
+def abstract_model(cfg: ModelConfig, dtype: Any) -> tuple[nnx.GraphDef, nnx.State]:
+    """Graph definition and shape-only state, without allocating weights (for loaders)."""
+    model = nnx.eval_shape(lambda: Llama(cfg, dtype, nnx.Rngs(0)))
+    return nnx.split(model)
+
+
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: the message names the file and the problem."""
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Flat parameter names ("layers.attn.wq", ...) and shapes; layer parameters carry a leading L axis."""
+    _, state = abstract_model(cfg, jnp.float32)
+    return {".".join(map(str, path)): tuple(v.shape) for path, v in state.flat_state()}
+
+
+def state_from_arrays(
+    cfg: ModelConfig, dtype: Any, arrays: dict[str, Any], source: str
+) -> tuple[nnx.GraphDef, nnx.State]:
+    """Build the model state from flat host arrays, checking names and shapes against the config."""
+    graphdef, state = abstract_model(cfg, dtype)
+    expected = param_shapes(cfg)
+    missing = sorted(set(expected) - set(arrays))
+    extra = sorted(set(arrays) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"{source}: tensors missing {missing[:8]} / unexpected {extra[:8]}")
+    for name, shape in expected.items():
+        if tuple(arrays[name].shape) != shape:
+            raise CheckpointError(
+                f"{source}: tensor {name} has shape {tuple(arrays[name].shape)}, the config implies {shape}"
+            )
+    nested: dict[str, Any] = {}
+    for name, arr in arrays.items():
+        node = nested
+        *parents, leaf = name.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = jnp.asarray(arr, dtype=dtype)
+    state.replace_by_pure_dict(nested)
+    return graphdef, state
+
+
+def state_to_arrays(state: nnx.State) -> dict[str, Any]:
+    """Inverse of `state_from_arrays`: flat name -> array."""
+    return {".".join(map(str, path)): v[...] for path, v in state.flat_state()}

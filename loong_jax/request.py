@@ -1,0 +1,123 @@
+"""A request's host-side life: prompt, sampled tokens, incremental text, stop conditions and timings."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+
+from checkpoints.tokenizer import Tokenizer
+from loong_jax.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class IncrementalDetokenizer:
+    """Turns a growing token list into text deltas without re-decoding the whole output every step.
+
+    Keeps a short window of already-emitted tokens as left context so that byte-level pieces and
+    leading-space rules decode exactly as a full decode would; incomplete UTF-8 waits for more tokens.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool):
+        self.tok = tokenizer
+        self.skip = skip_special_tokens
+        self.ids: list[int] = list(prompt_ids[-6:])
+        self.prefix = 0
+        self.read = len(self.ids)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix_text = self.tok.decode(self.ids[self.prefix : self.read], self.skip)
+        full = self.tok.decode(self.ids[self.prefix :], self.skip)
+        if len(full) > len(prefix_text) and not full.endswith("\ufffd"):
+            delta = full[len(prefix_text) :]
+            self.prefix, self.read = self.read, len(self.ids)
+            return delta
+        return ""
+
+
+@dataclasses.dataclass
+class Request:
+    rid: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    seed: int
+    eos_ids: tuple[int, ...]
+    detok: IncrementalDetokenizer | None = None
+    arrival: float = dataclasses.field(default_factory=time.monotonic)
+    status: Status = Status.WAITING
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    _emitted_text: int = 0
+    _stop_checked: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens whose K/V exist or are being computed: the prompt and all sampled tokens but the last."""
+        return len(self.prompt_ids) + max(0, len(self.output_ids) - 1)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def append_token(self, token: int, logprob: float, top: list[tuple[int, float]]) -> None:
+        """Record one sampled token and apply the stop rules (EOS, stop ids, stop strings, length)."""
+        now = time.monotonic()
+        if self.first_token_time is None:
+            self.first_token_time = now
+        self.output_ids.append(token)
+        self.logprobs.append(logprob)
+        self.top_logprobs.append(top)
+        p = self.params
+        is_eos = token in self.eos_ids and not p.ignore_eos
+        stop_id = token in p.stop_token_ids
+        if (is_eos or stop_id) and len(self.output_ids) > p.min_tokens:
+            self.stop_reason = None if is_eos else token
+            self._finish("stop", now)
+            return
+        if self.detok is not None:
+            self.text += self.detok.push(token)
+            if p.stop and len(self.output_ids) > p.min_tokens and self._check_stop_strings():
+                self._finish("stop", now)
+                return
+        if not self.finished and len(self.output_ids) >= self.max_new_tokens:
+            self._finish("length", now)
+
+    def _check_stop_strings(self) -> bool:
+        start = max(0, self._stop_checked - max(len(s) for s in self.params.stop) + 1)
+        self._stop_checked = len(self.text)
+        hits = [(self.text.find(s, start), s) for s in self.params.stop]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if not hits:
+            return False
+        i, s = min(hits)
+        self.text = self.text[: i + len(s)] if self.params.include_stop_str_in_output else self.text[:i]
+        self.stop_reason = s
+        return True
+
+    def _finish(self, reason: str, now: float) -> None:
+        self.status = Status.FINISHED
+        self.finish_reason = reason
+        self.finish_time = now
+
+    def take_text_delta(self) -> str:
+        """Text produced since the last call; holds back a possible partial stop string while running."""
+        limit = len(self.text)
+        if not self.finished and self.params.stop:
+            hold = max(len(s) for s in self.params.stop) - 1
+            limit = max(self._emitted_text, limit - hold)
+        delta = self.text[self._emitted_text : limit]
+        self._emitted_text = limit
+        return delta

@@ -1,0 +1,176 @@
+"""Sampling parameters (validated on the host) and the on-device sampler.
+
+The sampler is a pure function over a batch of logits and per-row parameter arrays. Which optional stages
+run (penalties, top-k/top-p filtering, top logprobs) is static, so the common greedy/temperature path
+never pays for a vocabulary sort.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MAX_LOGPROBS = 20
+MAX_BANNED = 4  # EOS ids masked before min_tokens
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """How to sample one completion. Defaults follow the OpenAI API (temperature 1, max_tokens 16)."""
+
+    max_tokens: int | None = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    stop: str | Sequence[str] | None = None
+    stop_token_ids: Sequence[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name: str, allowed: str) -> ValueError:
+            return ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            raise bad("max_tokens", "an integer >= 1 (or None for the rest of the context)")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise bad("temperature", "in [0, 100]")
+        if not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", "in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise bad("top_k", "an integer >= 0 (0 or -1 disables it)")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", "in [0, 1]")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise bad("repetition_penalty", "in (0, 10]")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise bad("frequency_penalty", "in [-2, 2]")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise bad("presence_penalty", "in [-2, 2]")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
+            raise bad("seed", "an integer in [0, 2**63)")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise bad("stop", "a non-empty string or a list of non-empty strings")
+        if len(self.stop) > 16:
+            raise bad("stop", "at most 16 strings")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise bad("min_tokens", "an integer >= 0")
+        if self.logprobs is not None and not (0 <= self.logprobs <= MAX_LOGPROBS):
+            raise bad("logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+    @property
+    def uses_filters(self) -> bool:
+        return not self.greedy and (self.top_k > 0 or self.top_p < 1.0)
+
+
+class SamplerFlags(NamedTuple):
+    """Static switches of the sampler (part of a program's cache key)."""
+
+    penalties: bool = False
+    filters: bool = False
+    top_logprobs: int = 0
+
+
+class SamplerInputs(NamedTuple):
+    """Per-row sampler arrays ([R] unless noted); padded rows are greedy and ignored by the host."""
+
+    temperature: jnp.ndarray
+    top_k: jnp.ndarray
+    top_p: jnp.ndarray
+    min_p: jnp.ndarray
+    repetition_penalty: jnp.ndarray
+    frequency_penalty: jnp.ndarray
+    presence_penalty: jnp.ndarray
+    seed: jnp.ndarray  # [R, 2] uint32: the request's seed split in two words
+    step: jnp.ndarray  # tokens generated so far: the key is fold_in(key(seed), step)
+    banned: jnp.ndarray  # [R, NB] token ids forbidden this step (EOS before min_tokens), -1 = none
+    prompt_ids: jnp.ndarray  # [R, LP] (penalties only; else [R, 0]), -1 = padding
+    output_ids: jnp.ndarray  # [R, LO] (penalties only; else [R, 0]), -1 = padding
+
+
+class SamplerOutputs(NamedTuple):
+    tokens: jnp.ndarray  # [R] int32
+    logprob: jnp.ndarray  # [R] logprob of the chosen token under the model's distribution
+    top_ids: jnp.ndarray  # [R, K] (K = flags.top_logprobs)
+    top_logprobs: jnp.ndarray  # [R, K]
+
+
+def _presence(ids: jnp.ndarray, vocab: int) -> jnp.ndarray:
+    """Counts [R, V] of ids [R, L] (negative ids ignored)."""
+    rows = jnp.arange(ids.shape[0])[:, None]
+    safe = jnp.where(ids >= 0, ids, vocab)
+    return jnp.zeros((ids.shape[0], vocab), jnp.int32).at[rows, safe].add(1, mode="drop")
+
+
+def sample(logits: jnp.ndarray, inp: SamplerInputs, flags: SamplerFlags) -> SamplerOutputs:
+    """Choose one token per row of logits [R, V] (float32)."""
+    r, vocab = logits.shape
+    logprobs_all = jax.nn.log_softmax(logits, axis=-1)
+    x = logits
+    if flags.penalties:
+        out_counts = _presence(inp.output_ids, vocab)
+        seen = (_presence(inp.prompt_ids, vocab) + out_counts) > 0
+        rp = inp.repetition_penalty[:, None]
+        x = jnp.where(seen, jnp.where(x > 0, x / rp, x * rp), x)
+        x = x - inp.frequency_penalty[:, None] * out_counts - inp.presence_penalty[:, None] * (out_counts > 0)
+    rows = jnp.arange(r)[:, None]
+    x = x.at[rows, jnp.where(inp.banned >= 0, inp.banned, vocab)].set(-jnp.inf, mode="drop")
+    greedy_tok = jnp.argmax(x, axis=-1)
+
+    temp = jnp.where(inp.temperature > 0, inp.temperature, 1.0)[:, None]
+    x = x / temp
+    probs = jax.nn.softmax(x, axis=-1)
+    x = jnp.where(probs >= inp.min_p[:, None] * probs.max(axis=-1, keepdims=True), x, -jnp.inf)
+    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.wrap_key_data(s), t))(inp.seed, inp.step)
+    if flags.filters:
+        order = jnp.argsort(-x, axis=-1)
+        sx = jnp.take_along_axis(x, order, axis=-1)
+        rank = jnp.arange(vocab)[None, :]
+        k = jnp.where(inp.top_k > 0, inp.top_k, vocab)[:, None]
+        sp = jax.nn.softmax(sx, axis=-1)
+        before = jnp.cumsum(sp, axis=-1) - sp
+        keep = (rank < k) & ((before < inp.top_p[:, None]) | (rank == 0))
+        sx = jnp.where(keep, sx, -jnp.inf)
+        choice = jax.vmap(jax.random.categorical)(keys, sx)
+        sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+    else:
+        sampled = jax.vmap(jax.random.categorical)(keys, x)
+    tokens = jnp.where(inp.temperature > 0, sampled, greedy_tok).astype(jnp.int32)
+    chosen_lp = jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]
+    if flags.top_logprobs:
+        top_lp, top_ids = jax.lax.top_k(logprobs_all, flags.top_logprobs)
+    else:
+        top_lp, top_ids = jnp.zeros((r, 0), jnp.float32), jnp.zeros((r, 0), jnp.int32)
+    return SamplerOutputs(tokens, chosen_lp, top_ids.astype(jnp.int32), top_lp)
+
+
+def seed_words(seed: int) -> np.ndarray:
+    """A 63-bit seed as the two uint32 words of a threefry key."""
+    return np.array([(seed >> 32) & 0xFFFFFFFF, seed & 0xFFFFFFFF], dtype=np.uint32)

@@ -1,0 +1,195 @@
+"""Blockwise attention in plain XLA: the reference path every backend is tested against.
+
+Two primitives, both returning a normalised output and its log-sum-exp so that partial results over
+disjoint key sets merge exactly (ring prefill steps, distributed decode partials):
+
+* `block_attention`: queries of a packed token batch against a block of keys, masked by request id and
+  position ("same request and key position <= query position"). Used for prefill, one call per ring step.
+* `paged_decode_attention`: one query token per request against that request's keys in a paged pool.
+
+Neither materialises a full score matrix: keys are visited block by block with an online softmax, and
+key blocks that no query of a query block may see are skipped.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+DECODE_PAGES_PER_BLOCK = 16
+
+
+def merge_attention(
+    o1: jnp.ndarray, lse1: jnp.ndarray, o2: jnp.ndarray, lse2: jnp.ndarray
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Combine two normalised partial attentions over disjoint keys (lse = -inf means "no keys")."""
+    lse = jnp.logaddexp(lse1, lse2)
+    safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    w1 = jnp.where(jnp.isfinite(lse1), jnp.exp(lse1 - safe), 0.0)
+    w2 = jnp.where(jnp.isfinite(lse2), jnp.exp(lse2 - safe), 0.0)
+    out = o1 * w1[..., None] + o2 * w2[..., None]
+    return out.astype(o1.dtype), lse
+
+
+def self_attention_term(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Attention of each decode query [B, H, D] to its own new key/value [B, KV, D] alone: (v, score)."""
+    b, h, d = q.shape
+    g = h // k.shape[1]
+    kk = jnp.repeat(k.astype(jnp.float32), g, axis=1)
+    score = jnp.einsum("bhd,bhd->bh", q.astype(jnp.float32), kk) / (d**0.5)
+    return jnp.repeat(v, g, axis=1).astype(q.dtype), score
+
+
+def _online_step(carry, scores, valid):
+    """Fold one block of scores [..., k] into (max, sum, acc); returns the block's probabilities too."""
+    m_prev, l_prev, acc = carry
+    scores = jnp.where(valid, scores, NEG_INF)
+    m_new = jnp.maximum(m_prev, scores.max(axis=-1))
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    p = jnp.exp(scores - m_safe[..., None])
+    correction = jnp.exp(jnp.where(jnp.isfinite(m_prev), m_prev - m_safe, NEG_INF))
+    l_new = l_prev * correction + p.sum(axis=-1)
+    return m_new, l_new, acc * correction[..., None], p
+
+
+def _finish(m, l, acc):
+    """Normalise the running sums; rows that saw no key get output 0 and lse -inf."""
+    has = l > 0
+    out = jnp.where(has[..., None], acc / jnp.where(has, l, 1.0)[..., None], 0.0)
+    lse = jnp.where(has, m + jnp.log(jnp.where(has, l, 1.0)), NEG_INF)
+    return out, lse
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "block_k"))
+def block_attention(
+    q: jnp.ndarray,
+    k: jnp.ndarray,
+    v: jnp.ndarray,
+    q_pos: jnp.ndarray,
+    q_seg: jnp.ndarray,
+    k_pos: jnp.ndarray,
+    k_seg: jnp.ndarray,
+    *,
+    block_q: int = 256,
+    block_k: int = 256,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Causal, request-masked attention of packed queries against packed keys.
+
+    q [T, H, D]; k, v [S, KV, D] with H a multiple of KV; *_pos and *_seg [T] / [S] int32. A key is visible
+    to a query when both have the same segment id (>= 0) and key position <= query position.
+    Returns (out [T, H, D] in q's dtype, lse [T, H] float32).
+    """
+    t, h, d = q.shape
+    s, kvh, _ = k.shape
+    g = h // kvh
+    bq, bk = min(block_q, t), min(block_k, s)
+    if t % bq or s % bk:
+        raise ValueError(f"token counts ({t}, {s}) must be multiples of the blocks ({bq}, {bk})")
+    nq, nk = t // bq, s // bk
+    scale = 1.0 / (d**0.5)
+
+    # Query rows of one KV head are grouped together: [nq, KV, G * bq, D] (one matmul per KV head).
+    qb = (q.astype(jnp.float32) * scale).reshape(nq, bq, kvh, g, d).transpose(0, 2, 3, 1, 4)
+    qb = qb.reshape(nq, kvh, g * bq, d)
+    kb = k.reshape(nk, bk, kvh, d)
+    vb = v.reshape(nk, bk, kvh, d)
+    qpos_b, qseg_b = q_pos.reshape(nq, bq), q_seg.reshape(nq, bq)
+    kpos_b, kseg_b = k_pos.reshape(nk, bk), k_seg.reshape(nk, bk)
+    # Per-block summaries for skipping key blocks no query of the query block can see.
+    big = jnp.iinfo(jnp.int32).max
+    kq_min_pos = jnp.where(kseg_b >= 0, kpos_b, big).min(axis=1)
+    k_seg_lo = jnp.where(kseg_b >= 0, kseg_b, big).min(axis=1)
+    k_seg_hi = kseg_b.max(axis=1)
+
+    def one_q_block(args):
+        qi, qp, qs = args
+        q_max_pos = jnp.where(qs >= 0, qp, -1).max()
+        q_seg_lo = jnp.where(qs >= 0, qs, big).min()
+        q_seg_hi = qs.max()
+
+        def visit(j, carry):
+            def compute(carry):
+                kj = kb[j].astype(jnp.float32)
+                vj = vb[j].astype(jnp.float32)
+                scores = jnp.einsum("kqd,ckd->kqc", qi, kj)
+                valid = (qs[:, None] == kseg_b[j][None, :]) & (qs[:, None] >= 0)
+                valid &= kpos_b[j][None, :] <= qp[:, None]
+                valid = jnp.tile(valid, (g, 1))[None]
+                m, l_sum, acc, p = _online_step(carry, scores, valid)
+                acc = acc + jnp.einsum("kqc,ckd->kqd", p, vj)
+                return m, l_sum, acc
+
+            may_see = (kq_min_pos[j] <= q_max_pos) & (k_seg_lo[j] <= q_seg_hi) & (k_seg_hi[j] >= q_seg_lo)
+            return jax.lax.cond(may_see, compute, lambda c: c, carry)
+
+        init = (
+            jnp.full((kvh, g * bq), NEG_INF, jnp.float32),
+            jnp.zeros((kvh, g * bq), jnp.float32),
+            jnp.zeros((kvh, g * bq, d), jnp.float32),
+        )
+        m, l_sum, acc = jax.lax.fori_loop(0, nk, visit, init)
+        out, lse = _finish(m, l_sum, acc)
+        return out, lse
+
+    out, lse = jax.lax.map(one_q_block, (qb, qpos_b, qseg_b))
+    # [nq, KV, G * bq, D] -> [T, H, D]
+    out = out.reshape(nq, kvh, g, bq, d).transpose(0, 3, 1, 2, 4).reshape(t, h, d).astype(q.dtype)
+    lse = lse.reshape(nq, kvh, g, bq).transpose(0, 3, 1, 2).reshape(t, h)
+    return out, lse
+
+
+@functools.partial(jax.jit, static_argnames=("page_size", "pages_per_block"))
+def paged_decode_attention(
+    q: jnp.ndarray,
+    k_pool: jnp.ndarray,
+    v_pool: jnp.ndarray,
+    layer: jnp.ndarray,
+    page_table: jnp.ndarray,
+    lengths: jnp.ndarray,
+    *,
+    page_size: int,
+    pages_per_block: int = DECODE_PAGES_PER_BLOCK,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Attention of one query per request over that request's tokens in a paged pool.
+
+    q [B, H, D]; k_pool, v_pool [L, num_slots, KV, D] (slot = page * page_size + offset), read at `layer`
+    without slicing the layer out; page_table [B, P] int32 page ids; lengths [B] tokens of each request
+    held here (its first `lengths` slots of its pages).
+    A request with length 0 gets output 0 and lse -inf. Returns (out [B, H, D], lse [B, H]).
+    """
+    b, h, d = q.shape
+    kvh = k_pool.shape[2]
+    g = h // kvh
+    n_pages = page_table.shape[1]
+    ppb = min(pages_per_block, n_pages)
+    if n_pages % ppb:
+        raise ValueError(f"page table width {n_pages} must be a multiple of {ppb}")
+    block_tokens = ppb * page_size
+    kp = k_pool.reshape(k_pool.shape[0], -1, page_size, kvh, d)
+    vp = v_pool.reshape(v_pool.shape[0], -1, page_size, kvh, d)
+    qg = (q.astype(jnp.float32) / (d**0.5)).reshape(b, kvh, g, d)
+    n_blocks = (jnp.max(lengths) + block_tokens - 1) // block_tokens
+
+    def body(carry):
+        j, state = carry
+        pages = jax.lax.dynamic_slice_in_dim(page_table, j * ppb, ppb, axis=1)
+        kj = kp[layer, pages].reshape(b, block_tokens, kvh, d).astype(jnp.float32)
+        vj = vp[layer, pages].reshape(b, block_tokens, kvh, d).astype(jnp.float32)
+        scores = jnp.einsum("bkgd,btkd->bkgt", qg, kj)
+        tok = j * block_tokens + jnp.arange(block_tokens)
+        valid = (tok[None, :] < lengths[:, None])[:, None, None, :]
+        m, l_sum, acc, p = _online_step(state, scores, valid)
+        acc = acc + jnp.einsum("bkgt,btkd->bkgd", p, vj)
+        return j + 1, (m, l_sum, acc)
+
+    init = (
+        jnp.full((b, kvh, g), NEG_INF, jnp.float32),
+        jnp.zeros((b, kvh, g), jnp.float32),
+        jnp.zeros((b, kvh, g, d), jnp.float32),
+    )
+    _, (m, l_sum, acc) = jax.lax.while_loop(lambda c: c[0] < n_blocks, body, (jnp.int32(0), init))
+    out, lse = _finish(m, l_sum, acc)
+    return out.reshape(b, h, d).astype(q.dtype), lse.reshape(b, h)

@@ -1,0 +1,45 @@
+"""Shared fixtures: the real SmolLM2 model (ours and the transformers reference) and tiny HF checkpoints."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import pytest
+
+jax.config.update("jax_platforms", "cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    from checkpoints import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def smol_llm():
+    """SmolLM2-135M-Instruct on the engine (shared so its compiled programs are reused)."""
+    from loong_jax import LLM
+
+    return LLM(kv_tokens_per_instance=16384, max_num_seqs=8, seed=0)
+
+
+@pytest.fixture(scope="session")
+def hf_smol(smollm2_path):
+    """The transformers reference model, loaded from the same GGUF file."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path), dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_smol_tokenizer(smollm2_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path))
