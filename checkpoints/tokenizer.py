@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jinja2
 import jinja2.sandbox
-from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
 
 # llama.cpp pre-tokenizer names whose split rule we reproduce (GPT-2 regex, digits split individually or not).
 _GGUF_PRE_DIGITS = {"smollm": True, "default": False, "gpt2": False}

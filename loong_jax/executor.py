@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import jax
 from flax import nnx
@@ -77,4 +78,3 @@ class JaxExecutor:
                 fn = functools.partial(decode_program, self.graphdef, self.page_size, flags)
             self.programs.get(key, fn, (self.state, self.cache, inp, samp), donate_argnums=(1,))
         return self.programs.compiles - before
-

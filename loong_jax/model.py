@@ -150,8 +150,6 @@ def abstract_model(cfg: ModelConfig, dtype: Any) -> tuple[nnx.GraphDef, nnx.Stat
     return nnx.split(model)
 
 
-
-
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: the message names the file and the problem."""
 

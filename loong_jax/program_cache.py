@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Hashable
+from collections.abc import Callable, Hashable
+from typing import Any
 
 import jax
 
@@ -24,9 +25,7 @@ class ProgramCache:
     def __len__(self) -> int:
         return len(self._programs)
 
-    def get(
-        self, key: Hashable, fn: Callable[..., Any], args: tuple, donate_argnums: tuple[int, ...] = ()
-    ) -> Any:
+    def get(self, key: Hashable, fn: Callable[..., Any], args: tuple, donate_argnums: tuple[int, ...] = ()) -> Any:
         """The compiled executable of fn for args' shapes (compiling it now if needed)."""
         with self._lock:
             program = self._programs.get(key)

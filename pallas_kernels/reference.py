@@ -55,11 +55,12 @@ def _online_step(carry, scores, valid):
     return m_new, l_new, acc * correction[..., None], p
 
 
-def _finish(m, l, acc):
+def _finish(m, denom, acc):
     """Normalise the running sums; rows that saw no key get output 0 and lse -inf."""
-    has = l > 0
-    out = jnp.where(has[..., None], acc / jnp.where(has, l, 1.0)[..., None], 0.0)
-    lse = jnp.where(has, m + jnp.log(jnp.where(has, l, 1.0)), NEG_INF)
+    has = denom > 0
+    safe = jnp.where(has, denom, 1.0)
+    out = jnp.where(has[..., None], acc / safe[..., None], 0.0)
+    lse = jnp.where(has, m + jnp.log(safe), NEG_INF)
     return out, lse
 
 

@@ -1,0 +1,44 @@
+"""The `loong` command line on the real default model, as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+LOONG = [sys.executable, "-m", "loong_jax.cli"]
+
+
+def _run(*args, timeout=300):
+    return subprocess.run([*LOONG, *args], capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+
+
+def test_chat_answers_on_the_default_model():
+    r = _run("chat", "What is the capital of France?", "--max-tokens", "24")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+
+
+def test_convert_then_generate_from_orbax(tmp_path):
+    out = str(tmp_path / "smol")
+    r = _run("convert", "default", out)
+    assert r.returncode == 0, r.stderr
+    a = _run("generate", "The capital of Italy is", "--max-tokens", "8")
+    b = _run("generate", "The capital of Italy is", "--max-tokens", "8", "--model", out)
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert a.stdout == b.stdout and a.stdout.strip()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (("generate", "hi", "--temperature", "-1"), "temperature must be in [0, 100], got -1.0"),
+        (("generate", "hi", "--model", "/nonexistent.gguf"), "/nonexistent.gguf: no such file"),
+        (("generate", "hi", "--max-model-len", "100000"), "max_model_len must be in [1, 8192]"),
+    ],
+)
+def test_bad_arguments_fail_with_a_clear_message(args, message):
+    r = _run(*args)
+    assert r.returncode == 2 and message in r.stderr

@@ -1,0 +1,155 @@
+"""The on-device sampler against numpy references, and the stop rules end to end on SmolLM2."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from loong_jax import SamplingParams
+from loong_jax.batching import sampler_flags, sampler_inputs
+from loong_jax.request import Request
+from loong_jax.sampling import sample
+
+V = 12
+
+
+def _reqs(n, **params):
+    return [Request(i, [3, 4, 5], SamplingParams(**params), 16, seed=i, eos_ids=(2,)) for i in range(n)]
+
+
+def _sample(logits, reqs, steps=None):
+    flags = sampler_flags(reqs)
+    inp = sampler_inputs(reqs, len(reqs), flags)
+    if steps is not None:
+        inp = inp._replace(step=np.asarray(steps, np.int32))
+    return jax.device_get(jax.jit(sample, static_argnums=2)(np.asarray(logits, np.float32), inp, flags))
+
+
+def _freqs(tokens):
+    return np.bincount(np.asarray(tokens), minlength=V) / len(tokens)
+
+
+LOGITS = np.linspace(2.0, -1.0, V).astype(np.float32)
+
+
+def test_temperature_sampling_follows_softmax():
+    n = 4000
+    out = _sample(np.tile(LOGITS, (n, 1)), _reqs(n, temperature=0.7))
+    expected = np.exp(LOGITS / 0.7) / np.exp(LOGITS / 0.7).sum()
+    assert np.abs(_freqs(out.tokens) - expected).max() < 0.03
+
+
+def test_top_k_top_p_min_p_restrict_the_support():
+    n = 2000
+    probs = np.exp(LOGITS) / np.exp(LOGITS).sum()
+    out = _sample(np.tile(LOGITS, (n, 1)), _reqs(n, top_k=3))
+    assert set(np.unique(out.tokens)) == {0, 1, 2}
+    nucleus = int(np.searchsorted(np.cumsum(probs), 0.6) + 1)
+    out = _sample(np.tile(LOGITS, (n, 1)), _reqs(n, top_p=0.6))
+    assert set(np.unique(out.tokens)) == set(range(nucleus))
+    out = _sample(np.tile(LOGITS, (n, 1)), _reqs(n, min_p=0.5))
+    assert set(np.unique(out.tokens)) == set(np.nonzero(probs >= 0.5 * probs.max())[0])
+
+
+def test_greedy_and_top_k_one_agree():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((8, V))
+    greedy = _sample(logits, _reqs(8, temperature=0.0)).tokens
+    top1 = _sample(logits, _reqs(8, temperature=1.0, top_k=1)).tokens
+    assert (greedy == logits.argmax(-1)).all() and (top1 == greedy).all()
+
+
+def test_same_seed_same_token_different_step_varies():
+    logits = np.tile(np.zeros(V, np.float32), (64, 1))
+    a = _sample(logits, _reqs(64), steps=[5] * 64).tokens
+    b = _sample(logits, _reqs(64), steps=[5] * 64).tokens
+    c = _sample(logits, _reqs(64), steps=[6] * 64).tokens
+    assert (a == b).all() and (a != c).any()
+
+
+def test_penalties_match_reference():
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((1, V)).astype(np.float32) * 3
+    reqs = _reqs(1, temperature=0.0, repetition_penalty=1.7, frequency_penalty=0.5, presence_penalty=0.3)
+    reqs[0].output_ids = [7, 7, 9]
+    ref = logits[0].copy()
+    for t in {3, 4, 5, 7, 9}:
+        ref[t] = ref[t] / 1.7 if ref[t] > 0 else ref[t] * 1.7
+    for t, c in {7: 2, 9: 1}.items():
+        ref[t] -= 0.5 * c + 0.3
+    assert _sample(logits, reqs).tokens[0] == ref.argmax()
+    rng_logits = np.zeros((1, V), np.float32)
+    rng_logits[0, 7] = 0.4  # the favourite, but penalised below the others
+    assert _sample(rng_logits, reqs).tokens[0] != 7
+
+
+def test_logprobs_are_the_model_distribution():
+    rng = np.random.default_rng(2)
+    logits = rng.standard_normal((3, V)).astype(np.float32)
+    out = _sample(logits, _reqs(3, temperature=0.0, logprobs=5))
+    ref = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    np.testing.assert_allclose(out.logprob, ref[np.arange(3), out.tokens], atol=1e-5)
+    np.testing.assert_allclose(out.top_logprobs[:, :5], -np.sort(-ref, axis=-1)[:, :5], atol=1e-5)
+
+
+def test_min_tokens_bans_eos():
+    logits = np.full((1, V), -5.0, np.float32)
+    logits[0, 2] = 10.0  # EOS is overwhelmingly likely
+    reqs = _reqs(1, temperature=0.0, min_tokens=3)
+    assert _sample(logits, reqs).tokens[0] != 2
+    reqs[0].output_ids = [5, 6, 7]
+    assert _sample(logits, reqs).tokens[0] == 2
+
+
+# ----- end to end on SmolLM2 ------------------------------------------------------------------------
+
+PROMPT = "List the first ten prime numbers, separated by commas:"
+
+
+def test_stop_strings_truncate_and_report(smol_llm):
+    full = smol_llm.generate(PROMPT, SamplingParams(max_tokens=40, temperature=0))[0]
+    stop = full.text[8:11]
+    assert stop and stop in full.text
+    cut = smol_llm.generate(PROMPT, SamplingParams(max_tokens=40, temperature=0, stop=[stop]))[0]
+    at = full.text.index(stop)
+    assert cut.text == full.text[:at] and cut.finish_reason == "stop" and cut.stop_reason == stop
+    keep = smol_llm.generate(
+        PROMPT, SamplingParams(max_tokens=40, temperature=0, stop=[stop], include_stop_str_in_output=True)
+    )[0]
+    assert keep.text == full.text[: at + len(stop)]
+
+
+def test_stop_token_ids_and_max_tokens(smol_llm):
+    full = smol_llm.generate(PROMPT, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    assert full.finish_reason == "length" and len(full.token_ids) == 12
+    target = full.token_ids[5]
+    out = smol_llm.generate(PROMPT, SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[target]))[0]
+    assert out.token_ids == full.token_ids[: full.token_ids.index(target) + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == target
+
+
+def test_seeded_sampling_is_reproducible_across_batches(smol_llm):
+    p = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=1234)
+    alone = smol_llm.generate(PROMPT, p)[0].token_ids
+    batch = smol_llm.generate([PROMPT, "Tell me a joke.", PROMPT], [p, SamplingParams(max_tokens=5), p])
+    assert batch[0].token_ids == alone and batch[2].token_ids == alone
+    other = smol_llm.generate(PROMPT, SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=99))[0]
+    assert other.token_ids != alone
+
+
+def test_stream_deltas_add_up_to_the_text(smol_llm):
+    params = SamplingParams(max_tokens=30, temperature=0)
+    deltas = list(smol_llm.stream("Écris une phrase sur Paris 🗼:", params))
+    full = smol_llm.generate("Écris une phrase sur Paris 🗼:", params)[0]
+    assert "".join(deltas) == full.text and len(deltas) > 3
+    assert smol_llm.engine.pool.used_tokens == 0
+
+
+@pytest.mark.parametrize("n", [0, 3])
+def test_logprobs_come_back_per_token(smol_llm, n):
+    out = smol_llm.generate(PROMPT, SamplingParams(max_tokens=6, temperature=0, logprobs=n))[0]
+    assert len(out.logprobs) == 6 and all(lp <= 0 for lp in out.logprobs)
+    assert all(len(t) == n for t in out.top_logprobs)
+    if n:  # greedy: the chosen token is the most likely one
+        assert all(max(t, key=t.get) == tok for t, tok in zip(out.top_logprobs, out.token_ids))
