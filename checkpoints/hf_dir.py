@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import struct
 from typing import Any
@@ -16,6 +17,7 @@ from checkpoints.tokenizer import Tokenizer
 from loong_jax.config import ModelConfig, RopeScaling
 from loong_jax.model import CheckpointError
 
+log = logging.getLogger("loong_jax")
 SUPPORTED = {"LlamaForCausalLM": False, "MistralForCausalLM": False, "Qwen2ForCausalLM": True}
 _SAFETENSORS_DTYPES = {
     "F32": np.float32,
@@ -94,6 +96,12 @@ def read_config(path: str) -> ModelConfig:
         raise CheckpointError(f"{cfg_path}: attention_bias / mlp_bias on Llama layers are not supported")
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{cfg_path}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
+    max_pos = hf.get("max_position_embeddings", 2048)
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", arch == "MistralForCausalLM") else None
+    if window and window < max_pos:
+        # Attention inside the window equals full attention, so the model is exact up to the window length.
+        log.warning("%s: sliding window %d is not implemented; context limited to %d", cfg_path, window, window)
+        max_pos = window
     eos = hf.get("eos_token_id")
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     heads = hf["num_attention_heads"]
@@ -109,7 +117,7 @@ def read_config(path: str) -> ModelConfig:
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         rope_scaling=_rope_scaling(hf, cfg_path),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        max_position_embeddings=max_pos,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=SUPPORTED[arch],
         bos_token_id=hf.get("bos_token_id"),

@@ -12,7 +12,14 @@ import numpy as np
 def save_tiny_hf(path: str, arch: str = "llama", seed: int = 0, shard: bool = False, **overrides: Any) -> Any:
     """Save a tiny random transformers model with save_pretrained; returns the torch model."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     base = dict(
         vocab_size=96,
@@ -28,10 +35,13 @@ def save_tiny_hf(path: str, arch: str = "llama", seed: int = 0, shard: bool = Fa
     )
     base.update(overrides)
     torch.manual_seed(seed)
-    if arch == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**base))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**base))
+    classes = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }
+    config_cls, model_cls = classes[arch]
+    model = model_cls(config_cls(**base))
     with torch.no_grad():  # default init is tiny; larger weights make mismatches visible
         for p in model.parameters():
             if p.ndim >= 1:

@@ -18,6 +18,7 @@ CASES = {
     "gqa3-tied": dict(num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True),
     "gqa4": dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=64),
     "qwen2-bias": dict(arch="qwen2", num_attention_heads=6, num_key_value_heads=2),
+    "mistral": dict(arch="mistral", num_attention_heads=8, num_key_value_heads=2, sliding_window=None),
     "rope-linear": dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
     "rope-dynamic": dict(rope_scaling={"rope_type": "dynamic", "factor": 4.0}, max_position_embeddings=32),
     "rope-llama3": dict(
@@ -32,6 +33,11 @@ CASES = {
         },
     ),
 }
+
+
+def test_sliding_window_limits_the_context(tmp_path):
+    save_tiny_hf(str(tmp_path), arch="mistral", sliding_window=64)
+    assert load_checkpoint(str(tmp_path), jnp.float32).config.max_position_embeddings == 64
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
