@@ -42,11 +42,6 @@ class LLM:
         warmup: bool = False,
         compilation_cache_dir: str | None = DEFAULT_CACHE_DIR,
     ):
-        if num_instances != 1 or tp != 1:
-            raise NotImplementedError(
-                f"num_instances={num_instances}, tp={tp}: the multi-instance elastic runtime is not "
-                "available yet; use num_instances=1, tp=1"
-            )
         from checkpoints import load_checkpoint  # noqa: PLC0415 (checkpoints imports loong_jax.config)
 
         enable_compilation_cache(compilation_cache_dir)
@@ -60,6 +55,8 @@ class LLM:
             raise ValueError(f"max_model_len must be in [1, {limit}] for this model, got {max_model_len}")
         ecfg = EngineConfig(
             max_model_len=max_model_len or limit,
+            num_instances=num_instances,
+            tp=tp,
             kv_tokens_per_instance=kv_tokens_per_instance,
             page_size=page_size,
             max_num_seqs=max_num_seqs,
@@ -71,18 +68,13 @@ class LLM:
             self.warmup()
 
     def warmup(self, show_progress: bool = True) -> int:
-        """Compile the common programs now; returns how many were compiled."""
+        """Compile the programs the policy uses most (aligned groups, default sampler); returns the count."""
         e = self.engine
-        prefill = []
-        t = e.ecfg.min_prefill_bucket
-        while t <= e.ecfg.max_prefill_tokens:
-            prefill.append((t, 1))
-            t *= 2
-        decode, b = [], 1
-        while b <= e.ecfg.max_num_seqs:
-            decode.append(b)
-            b *= 2
-        return e.executor.warmup(prefill, decode, show_progress)
+        n = e.ecfg.num_instances
+        groups = [tuple(range(s, min(s + size, n))) for size in _powers(n) for s in range(0, n, size)]
+        tokens = _powers(max(e.ecfg.max_prefill_tokens, e.ecfg.min_prefill_bucket), e.ecfg.min_prefill_bucket)
+        rows = _powers(e.ecfg.max_num_seqs)
+        return e.executor.warmup(groups, tokens, rows, show_progress)
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -153,3 +145,11 @@ class LLM:
         """Apply the model's chat template to one conversation or a list of them, then generate."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         return self.generate([self.chat_prompt_ids(c) for c in convs], sampling_params, use_tqdm)
+
+
+def _powers(limit: int, start: int = 1) -> list[int]:
+    """start, 2 * start, ... up to limit."""
+    out = [start]
+    while out[-1] * 2 <= limit:
+        out.append(out[-1] * 2)
+    return out

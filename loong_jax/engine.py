@@ -1,9 +1,11 @@
-"""The engine loop: admits requests, runs packed prefill batches and decode steps, streams tokens.
+"""The engine loop: admits requests, runs each iteration's group programs, streams tokens.
 
-This is the single-instance engine: one executor, one KV pool, continuous batching (requests join after
-their prefill and leave when they finish). Admission is memory-safe: a request is admitted only if its
-prompt plus its maximum number of new tokens fits in the pages not already promised to running requests,
-so a running request never runs out of KV.
+Host-side state lives here: the queues, the requests, and one page pool per instance (together the
+unified distributed KV pool: any token of any request may live on any instance). Each iteration a
+policy partitions the instances into groups and says what every group runs; the engine builds the
+per-rank inputs, dispatches every group's program (they run at the same time on disjoint devices),
+then collects the sampled tokens. Admission is memory-safe: a request's prompt plus its maximum number
+of new tokens is reserved in the whole pool, so a running request never runs out of KV.
 """
 
 from __future__ import annotations
@@ -14,14 +16,17 @@ import secrets
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import numpy as np
 from flax import nnx
 
 from checkpoints.tokenizer import Tokenizer
-from loong_jax.batching import bucket, decode_inputs, prefill_inputs, sampler_flags, sampler_inputs
+from loong_jax.batching import sampler_flags, sampler_inputs
 from loong_jax.config import ModelConfig
-from loong_jax.executor import JaxExecutor
+from loong_jax.executor import JaxExecutor, Pending
 from loong_jax.kv_pool import PagePool
+from loong_jax.placement import build_decode, build_prefill
+from loong_jax.policy import DecodeWork, IdleFirstPolicy, Policy, PrefillWork, SchedulerView
 from loong_jax.request import IncrementalDetokenizer, Request, Status
 from loong_jax.sampling import SamplingParams
 
@@ -35,17 +40,22 @@ class EngineConfig:
     """Capacities and batching limits of the engine."""
 
     max_model_len: int
+    num_instances: int = 1
+    tp: int = 1
     kv_tokens_per_instance: int = 65536
     page_size: int = 16
     max_num_seqs: int = 32
     max_prefill_tokens: int = 4096
-    min_prefill_bucket: int = 64
+    min_prefill_bucket: int = 16
+    aligned_groups: bool = True
 
     def __post_init__(self) -> None:
         if self.kv_tokens_per_instance < self.page_size:
             raise ValueError(f"kv_tokens_per_instance must be >= page_size ({self.page_size})")
         if self.max_num_seqs < 1 or self.max_prefill_tokens < 1:
             raise ValueError("max_num_seqs and max_prefill_tokens must be >= 1")
+        if self.num_instances < 1 or self.tp < 1:
+            raise ValueError(f"num_instances and tp must be >= 1, got {self.num_instances}, {self.tp}")
 
     @property
     def num_pages(self) -> int:
@@ -55,8 +65,21 @@ class EngineConfig:
         return -(-tokens // self.page_size)
 
 
+@dataclasses.dataclass
+class EngineStats:
+    """Counters of what only an elastic engine does (exported as metrics)."""
+
+    prefills: int = 0
+    decode_steps: int = 0
+    scale_downs: int = 0  # prefills whose KV was kept on fewer instances than ran them
+    scale_ups: int = 0  # decode steps in which a request got a master that held none of its KV
+    migrations: int = 0
+    prefill_degrees: list[int] = dataclasses.field(default_factory=list)
+    decode_degrees: list[int] = dataclasses.field(default_factory=list)
+
+
 class Engine:
-    """Host-side state (queues, page pool, requests) around one JaxExecutor."""
+    """Host-side state (queues, per-instance page pools, requests) around one JaxExecutor."""
 
     def __init__(
         self,
@@ -67,23 +90,30 @@ class Engine:
         ecfg: EngineConfig,
         dtype: Any,
         seed: int | None = None,
+        policy: Policy | None = None,
+        devices: list[jax.Device] | None = None,
     ):
         self.cfg = cfg
         self.ecfg = ecfg
         self.tokenizer = tokenizer
-        self.pool = PagePool(ecfg.num_pages, ecfg.page_size)
+        self.pools = [PagePool(ecfg.num_pages, ecfg.page_size) for _ in range(ecfg.num_instances)]
         self.executor = JaxExecutor(
             cfg,
             graphdef,
             state,
+            num_instances=ecfg.num_instances,
+            tp=ecfg.tp,
             num_pages=ecfg.num_pages,
             page_size=ecfg.page_size,
             max_pages_per_request=ecfg.pages_for(ecfg.max_model_len),
             dtype=dtype,
+            devices=devices,
         )
+        self.policy: Policy = policy or IdleFirstPolicy(ecfg.num_instances, ecfg.aligned_groups)
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.requests: dict[int, Request] = {}
+        self.stats = EngineStats()
         self._ids = itertools.count()
         self._reserved_pages = 0
         self._rng = np.random.default_rng(seed if seed is not None else secrets.randbits(63))
@@ -108,17 +138,17 @@ class Engine:
                 f"{n + max(max_new, 0)} tokens ({n} in the prompt, {max(max_new, 0)} in the completion). "
                 "Please reduce the length of the prompt or the completion."
             )
-        pages = self.ecfg.pages_for(n + max_new)
-        if pages > self.pool.num_pages:
-            raise RequestRejected(
-                f"the request needs {n + max_new} tokens of KV cache but the whole pool holds "
-                f"{self.pool.num_slots}; reduce the prompt or max_tokens"
-            )
         seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**63 - 1))
         detok = None
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
         req = Request(next(self._ids), prompt_ids, params, max_new, seed, self.eos_ids, detok)
+        if self._view().pages_to_reserve(req) > self._view().total_pages:
+            capacity = sum(p.num_slots for p in self.pools)
+            raise RequestRejected(
+                f"the request needs {n + max_new} tokens of KV cache but the whole pool holds "
+                f"{capacity}; reduce the prompt or max_tokens"
+            )
         self.requests[req.rid] = req
         self.waiting.append(req)
         return req
@@ -138,88 +168,111 @@ class Engine:
 
     @property
     def kv_used_tokens(self) -> int:
-        return self.pool.used_tokens
+        return sum(p.used_tokens for p in self.pools)
+
+    def holders(self, rid: int) -> dict[int, int]:
+        """Instance -> tokens of request rid's KV held there."""
+        return {i: p.tokens[rid] for i, p in enumerate(self.pools) if p.tokens.get(rid, 0)}
 
     # ----- one iteration --------------------------------------------------------------------------
 
-    def step(self) -> list[Request]:
-        """Prefill newly admitted requests, then one decode step for all running ones."""
-        touched: list[Request] = []
-        batch = self._admit()
-        if batch:
-            self._prefill(batch)
-            touched += batch
+    def _view(self) -> SchedulerView:
         decoding = [r for r in self.running if not r.finished]
-        if decoding:
-            self._decode(decoding)
-            touched += [r for r in decoding if r not in touched]
+        return SchedulerView(
+            self.waiting,
+            decoding,
+            self.pools,
+            self.ecfg.max_num_seqs,
+            self.ecfg.max_prefill_tokens,
+            self._reserved_pages,
+        )
+
+    def step(self) -> list[Request]:
+        """Run one iteration: every group's program is dispatched, then the sampled tokens are applied."""
+        view = self._view()
+        it = self.policy.schedule(view)
+        launched: list[tuple[list[list[Request]], Pending]] = []
+        for work in it.prefills:
+            launched.append(self._launch_prefill(work, view))
+        for work in it.decodes:
+            if work.requests:
+                launched.append(self._launch_decode(work))
+        touched = []
+        for ranks, pending in launched:
+            out = pending.result()
+            for k, reqs in enumerate(ranks):
+                for i, r in enumerate(reqs):
+                    top = list(zip(out.top_ids[k, i].tolist(), out.top_logprobs[k, i].tolist()))
+                    r.append_token(int(out.tokens[k, i]), float(out.logprob[k, i]), top[: r.params.logprobs or 0])
+                    touched.append(r)
         for r in touched:
-            if r.finished and r in self.running:
+            if r.finished:
                 self._retire(r)
         return touched
 
-    def _admit(self) -> list[Request]:
-        batch: list[Request] = []
-        tokens = 0
-        while self.waiting and len(self.running) < self.ecfg.max_num_seqs:
-            req = self.waiting[0]
-            n = len(req.prompt_ids)
-            if batch and tokens + n > self.ecfg.max_prefill_tokens:
-                break
-            pages = self.ecfg.pages_for(n + req.max_new_tokens)
-            if self._reserved_pages + pages > self.pool.num_pages:
-                break
-            self.waiting.pop(0)
-            self._reserved_pages += pages
+    def _launch_prefill(self, work: PrefillWork, view: SchedulerView) -> tuple[list[list[Request]], Pending]:
+        for req in work.requests:
+            self.waiting.remove(req)
             req.status = Status.RUNNING
+            req.reserved_pages = view.pages_to_reserve(req)
+            self._reserved_pages += req.reserved_pages
             self.running.append(req)
-            batch.append(req)
-            tokens += n
-        return batch
-
-    def _prefill(self, batch: list[Request]) -> None:
-        slots = [self.pool.append(r.rid, len(r.prompt_ids)) for r in batch]
-        total = sum(len(r.prompt_ids) for r in batch)
-        rows = bucket(len(batch))
-        inp = prefill_inputs(
-            [r.prompt_ids for r in batch],
-            slots,
-            self.pool.num_slots,
-            bucket(total, self.ecfg.min_prefill_bucket),
-            rows,
+        pools = [self.pools[i] for i in work.group]
+        plan = build_prefill(
+            [r.prompt_ids for r in work.requests],
+            [r.rid for r in work.requests],
+            work.plans,
+            pools,
+            min_tokens=self.ecfg.min_prefill_bucket,
         )
-        flags = sampler_flags(batch)
-        out = self.executor.prefill(inp, sampler_inputs(batch, rows, flags), flags)
-        self._apply(batch, out)
+        d = len(work.group)
+        ranks: list[list[Request]] = [[] for _ in range(d)]
+        for req, rank in zip(work.requests, plan.sample_rank):
+            ranks[rank].append(req)
+        flags = sampler_flags(work.requests)
+        pending = self.executor.prefill(work.group, plan.inputs, sampler_inputs(ranks, plan.rows, flags), flags)
+        self.stats.prefills += 1
+        self.stats.prefill_degrees.append(d)
+        if any(len(set(p.tolist())) < d for p in work.plans):
+            self.stats.scale_downs += 1
+        return ranks, pending
 
-    def _decode(self, reqs: list[Request]) -> None:
-        tokens = [r.output_ids[-1] for r in reqs]
-        positions = [r.num_tokens for r in reqs]
-        kv_lens = [self.pool.tokens[r.rid] for r in reqs]
-        slots = [int(self.pool.append(r.rid, 1)[0]) for r in reqs]
-        pages = [self.pool.pages[r.rid] for r in reqs]
-        rows = bucket(len(reqs))
-        inp = decode_inputs(
-            tokens,
-            positions,
-            slots,
-            pages,
-            kv_lens,
-            self.pool.num_slots,
-            rows,
+    def _launch_decode(self, work: DecodeWork) -> tuple[list[list[Request]], Pending]:
+        pools = [self.pools[i] for i in work.group]
+        for req, m in zip(work.requests, work.masters):
+            if not pools[m].tokens.get(req.rid, 0):
+                self.stats.scale_ups += 1
+        plan = build_decode(
+            [r.rid for r in work.requests],
+            [r.output_ids[-1] for r in work.requests],
+            [r.num_tokens for r in work.requests],
+            work.masters,
+            pools,
             self.executor.page_table_width,
         )
-        flags = sampler_flags(reqs)
-        out = self.executor.decode(inp, sampler_inputs(reqs, rows, flags), flags)
-        self._apply(reqs, out)
+        ranks = [[work.requests[i] for i in members] for members in plan.rank_requests]
+        flags = sampler_flags(work.requests)
+        pending = self.executor.decode(work.group, plan.inputs, sampler_inputs(ranks, plan.rows, flags), flags)
+        self.stats.decode_steps += 1
+        self.stats.decode_degrees.append(len(work.group))
+        return ranks, pending
 
-    def _apply(self, reqs: list[Request], out: Any) -> None:
-        for i, r in enumerate(reqs):
-            top = list(zip(out.top_ids[i].tolist(), out.top_logprobs[i].tolist()))[: r.params.logprobs or 0]
-            r.append_token(int(out.tokens[i]), float(out.logprob[i]), top)
+    def migrate(self, rid: int, src: int, dst: int, n: int) -> None:
+        """Move the last n tokens of request rid that instance src holds to instance dst."""
+        have = self.pools[src].tokens.get(rid, 0)
+        if not 0 < n <= have:
+            raise ValueError(f"instance {src} holds {have} tokens of request {rid}; cannot move {n}")
+        if src == dst:
+            raise ValueError("source and destination instance are the same")
+        src_slots = self.pools[src].slots(rid)[have - n :]
+        dst_slots = self.pools[dst].append(rid, n)
+        self.executor.migrate(src, dst, src_slots, dst_slots)
+        self.pools[src].truncate(rid, n)
+        self.stats.migrations += 1
 
     def _retire(self, req: Request) -> None:
         if req in self.running:
             self.running.remove(req)
-            self._reserved_pages -= self.ecfg.pages_for(len(req.prompt_ids) + req.max_new_tokens)
-        self.pool.release(req.rid)
+            self._reserved_pages -= req.reserved_pages
+        for pool in self.pools:
+            pool.release(req.rid)

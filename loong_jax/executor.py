@@ -1,26 +1,51 @@
-"""The JAX executor of one instance: its weights, its KV pool on device, and its compiled programs."""
+"""The JAX executor: runs group programs on the instances and keeps their pools up to date.
+
+Programs are compiled ahead of time per (kind, group, shape bucket, sampler flags) and cached; a call
+returns at once (JAX dispatch is asynchronous) so that programs of disjoint groups run at the same time,
+and `Pending.result()` fetches the sampled tokens when the engine needs them.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterable
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from loong_jax.batching import bucket, decode_inputs, prefill_inputs, sampler_inputs
+from loong_jax.batching import bucket, sampler_inputs
 from loong_jax.config import ModelConfig
-from loong_jax.kv_pool import empty_cache
+from loong_jax.instances import SP, Group, Instances
 from loong_jax.program_cache import ProgramCache, shape_key
-from loong_jax.programs import DecodeInputs, PrefillInputs, decode_program, prefill_program
+from loong_jax.programs import (
+    DecodeInputs,
+    MigrateInputs,
+    PrefillInputs,
+    decode_program,
+    migrate_program,
+    prefill_program,
+)
 from loong_jax.sampling import SamplerFlags, SamplerInputs, SamplerOutputs
 from pallas_kernels.reference import DECODE_PAGES_PER_BLOCK
 
 
+@dataclasses.dataclass
+class Pending:
+    """Sampled tokens of a dispatched program, fetched on demand ([d, rows] per field)."""
+
+    out: SamplerOutputs
+
+    def result(self) -> SamplerOutputs:
+        return SamplerOutputs(*(np.asarray(x) for x in jax.device_get(tuple(self.out))))
+
+
 class JaxExecutor:
-    """Runs prefill and decode programs on one device; donates the KV cache so it is updated in place."""
+    """Owns the instances (weights and KV pools on devices) and the compiled group programs."""
 
     def __init__(
         self,
@@ -28,53 +53,101 @@ class JaxExecutor:
         graphdef: nnx.GraphDef,
         state: nnx.State,
         *,
+        num_instances: int,
+        tp: int,
         num_pages: int,
         page_size: int,
         max_pages_per_request: int,
         dtype: Any,
-        device: jax.Device | None = None,
+        devices: list[jax.Device] | None = None,
     ):
         self.cfg = cfg
         self.graphdef = graphdef
-        self.device = device or jax.devices()[0]
         self.page_size = page_size
         self.num_slots = num_pages * page_size
         self.page_table_width = bucket(max_pages_per_request, DECODE_PAGES_PER_BLOCK)
-        self.state = jax.device_put(state, self.device)
-        self.cache = jax.device_put(empty_cache(cfg, self.num_slots, dtype), self.device)
+        self.instances = Instances(
+            cfg, state, num_instances=num_instances, tp=tp, num_slots=self.num_slots, dtype=dtype, devices=devices
+        )
         self.programs = ProgramCache()
+        self.migrations = 0  # KV transfers between instances (migrate calls), for tests and metrics
+        self.migrated_tokens = 0
 
-    def prefill(self, inp: PrefillInputs, samp: SamplerInputs, flags: SamplerFlags) -> SamplerOutputs:
-        key = ("prefill", flags, shape_key((inp, samp)))
-        fn = functools.partial(prefill_program, self.graphdef, flags)
-        return self._run(key, fn, inp, samp)
+    @property
+    def state(self) -> nnx.State:
+        """The model weights (instance 0's copy): for scoring, conversion and inspection."""
+        return self.instances.weights[0]
 
-    def decode(self, inp: DecodeInputs, samp: SamplerInputs, flags: SamplerFlags) -> SamplerOutputs:
-        key = ("decode", flags, shape_key((inp, samp)))
-        fn = functools.partial(decode_program, self.graphdef, self.page_size, flags)
-        return self._run(key, fn, inp, samp)
+    @property
+    def num_instances(self) -> int:
+        return self.instances.n
 
-    def _run(self, key: Any, fn: Any, inp: Any, samp: Any) -> SamplerOutputs:
-        args = (self.state, self.cache, inp, samp)
+    def _common(self, group: Group) -> tuple:
+        inst = self.instances
+        return (self.graphdef, inst.mesh(group), inst.param_specs, inst.pool_spec, inst.tp_plan)
+
+    def _run(self, kind: str, group: Group, fn: Any, inp: Any, samp: Any, flags: SamplerFlags) -> Pending:
+        inst = self.instances
+        rows = inst.sharding(group, P(SP))
+        inp, samp = jax.device_put((inp, samp), rows)
+        args = (inst.group_params(group), inst.group_pools(group), inp, samp)
+        key = (kind, group, flags, shape_key((inp, samp)))
         program = self.programs.get(key, fn, args, donate_argnums=(1,))
-        out, self.cache = program(*args)
-        return SamplerOutputs(*jax.device_get(tuple(out)))
+        out, pools = program(*args)
+        inst.put_group_pools(group, pools)
+        return Pending(out)
 
-    def warmup(self, prefill_shapes: Iterable[tuple[int, int]], decode_rows: Iterable[int], show: bool) -> int:
-        """Compile the default-sampler programs for the given (tokens, rows) and decode batch buckets."""
-        jobs = [("prefill", s) for s in prefill_shapes] + [("decode", b) for b in decode_rows]
+    def prefill(self, group: Group, inp: PrefillInputs, samp: SamplerInputs, flags: SamplerFlags) -> Pending:
+        fn = functools.partial(prefill_program, *self._common(group), flags)
+        return self._run("prefill", group, fn, inp, samp, flags)
+
+    def decode(self, group: Group, inp: DecodeInputs, samp: SamplerInputs, flags: SamplerFlags) -> Pending:
+        fn = functools.partial(decode_program, *self._common(group), self.page_size, flags)
+        return self._run("decode", group, fn, inp, samp, flags)
+
+    def migrate(self, src: int, dst: int, src_slots: np.ndarray, dst_slots: np.ndarray) -> None:
+        """Copy K/V at src_slots of instance src into dst_slots of instance dst (padded to a bucket)."""
+        n = len(src_slots)
+        width = bucket(n, 16)
+        inp = MigrateInputs(
+            np.full((2, width), self.num_slots, np.int32), np.full((2, width), self.num_slots, np.int32)
+        )
+        inp.src_slots[0, :n], inp.dst_slots[1, :n] = src_slots, dst_slots
+        group = (src, dst)
+        inst = self.instances
+        inp = jax.device_put(inp, inst.sharding(group, P(SP)))
+        args = (inst.group_pools(group), inp)
+        fn = functools.partial(migrate_program, inst.mesh(group), inst.pool_spec)
+        program = self.programs.get(("migrate", group, shape_key(inp)), fn, args, donate_argnums=(0,))
+        inst.put_group_pools(group, program(*args))
+        self.migrations += 1
+        self.migrated_tokens += n
+
+    def warmup(
+        self, groups: Iterable[Group], prefill_tokens: Iterable[int], decode_rows: Iterable[int], show: bool
+    ) -> int:
+        """Compile default-sampler prefill and decode programs for the groups and per-rank buckets given."""
+        groups = list(groups)
+        jobs = [(g, "prefill", t) for g in groups for t in prefill_tokens]
+        jobs += [(g, "decode", b) for g in groups for b in decode_rows]
         before = self.programs.compiles
         flags = SamplerFlags()
-        for kind, shape in tqdm(jobs, desc="warming up programs", disable=not show, unit="program"):
-            rows = shape[1] if kind == "prefill" else shape
-            samp = sampler_inputs([], rows, flags)
+        for group, kind, size in tqdm(jobs, desc="warming up programs", disable=not show, unit="program"):
+            d = len(group)
+            inst = self.instances
+            sharding = inst.sharding(group, P(SP))
             if kind == "prefill":
-                inp = prefill_inputs([], [], self.num_slots, shape[0], rows)
-                key = ("prefill", flags, shape_key((inp, samp)))
-                fn = functools.partial(prefill_program, self.graphdef, flags)
+                samp = sampler_inputs([[]] * d, 1, flags)
+                z = np.zeros((d, size), np.int32)
+                inp = PrefillInputs(z, z, z - 1, z + 1, np.full((d, d, size), self.num_slots, np.int32), z[:, :1])
+                fn = functools.partial(prefill_program, *self._common(group), flags)
             else:
-                inp = decode_inputs([], [], [], [], [], self.num_slots, rows, self.page_table_width)
-                key = ("decode", flags, shape_key((inp, samp)))
-                fn = functools.partial(decode_program, self.graphdef, self.page_size, flags)
-            self.programs.get(key, fn, (self.state, self.cache, inp, samp), donate_argnums=(1,))
+                samp = sampler_inputs([[]] * d, size, flags)
+                z = np.zeros((d, size), np.int32)
+                table = np.zeros((d, d * size, self.page_table_width), np.int32)
+                inp = DecodeInputs(z, z, z + self.num_slots, table, np.zeros((d, d * size), np.int32))
+                fn = functools.partial(decode_program, *self._common(group), self.page_size, flags)
+            inp, samp = jax.device_put((inp, samp), sharding)
+            args = (inst.group_params(group), inst.group_pools(group), inp, samp)
+            self.programs.get((kind, group, flags, shape_key((inp, samp))), fn, args, donate_argnums=(1,))
         return self.programs.compiles - before

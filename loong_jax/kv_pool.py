@@ -60,6 +60,9 @@ class PagePool:
         tails = sum(len(self.pages[r]) * self.page_size - n for r, n in self.tokens.items())
         return self.free_pages * self.page_size + tails
 
+    def has_room(self, rid: int, extra_tokens: int) -> bool:
+        return self.pages_needed(rid, extra_tokens) <= self.free_pages
+
     def pages_needed(self, rid: int, extra_tokens: int) -> int:
         have = len(self.pages.get(rid, ()))
         need = -(-(self.tokens.get(rid, 0) + extra_tokens) // self.page_size)
@@ -75,8 +78,30 @@ class PagePool:
             pages.append(self._free.pop())
         start = self.tokens.get(rid, 0)
         self.tokens[rid] = start + n
-        idx = np.arange(start, start + n)
-        return np.asarray(pages, np.int64)[idx // self.page_size] * self.page_size + idx % self.page_size
+        return self._slot_ids(rid, np.arange(start, start + n))
+
+    def _slot_ids(self, rid: int, idx: np.ndarray) -> np.ndarray:
+        """Slots of request rid's local tokens number idx (its pages are filled in order)."""
+        pages = np.asarray(self.pages.get(rid, []), np.int64)
+        return pages[idx // self.page_size] * self.page_size + idx % self.page_size
+
+    def slots(self, rid: int) -> np.ndarray:
+        """Slot ids of all tokens request rid holds here, in fill order."""
+        return self._slot_ids(rid, np.arange(self.tokens.get(rid, 0)))
+
+    def truncate(self, rid: int, n: int) -> None:
+        """Forget the last n tokens request rid holds here and free the pages they leave empty."""
+        have = self.tokens.get(rid, 0)
+        if not 0 <= n <= have:
+            raise ValueError(f"request {rid} holds {have} tokens here, cannot drop {n}")
+        if n == have:
+            self.release(rid)
+            return
+        self.tokens[rid] = have - n
+        keep = -(-(have - n) // self.page_size)
+        pages = self.pages[rid]
+        self._free.extend(reversed(pages[keep:]))
+        del pages[keep:]
 
     def release(self, rid: int) -> None:
         """Free every page of request rid."""

@@ -1,16 +1,20 @@
 """Llama-family decoder in Flax NNX.
 
 The model never touches a KV cache itself: each layer computes Q/K/V (RoPE applied) and hands them to an
-`attend` function supplied by the caller, which may read a KV pool it closes over. The new tokens' K/V of
-every layer come back stacked, and the caller stores them after the layer scan in one in-place scatter
-(writing a pool inside the scan would make XLA copy it every layer). Prefill, single-instance decode and
-the elastic runtime's distributed programs differ only in the `attend` they pass. Layers are stacked on a
-leading axis and run with `lax.scan` so that a program compiles one layer, not `num_layers` copies.
+`attend` function supplied by the caller, together with a carry that is threaded through the layer scan
+(a KV pool that the ring prefill writes in place, a buffer that collects the new tokens' K/V, or nothing).
+Prefill, decode and the elastic runtime's distributed programs differ only in the `attend` they pass.
+Layers are stacked on a leading axis and run with `lax.scan` so that a program compiles one layer, not
+`num_layers` copies. (A buffer in the carry is updated in place as long as nothing in the scan also reads
+it, which is why decode reads its pool from a closure and writes the new K/V after the scan.)
+
+Inside an instance of several devices (tensor parallelism) the caller passes a `TensorParallel` plan:
+attention heads and MLP columns are sharded on its axis and the two row-sharded projections are summed.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +25,27 @@ from loong_jax.rope import apply_rope, rotary_angles
 
 
 class Attend(Protocol):
-    """attend(layer, q [T,H,D], k [T,KV,D], v [T,KV,D]) -> out [T,H,D]."""
+    """attend(layer, q [T,H,D], k [T,KV,D], v [T,KV,D], carry) -> (out [T,H,D], carry)."""
 
-    def __call__(self, layer: jnp.ndarray, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray: ...
+    def __call__(
+        self, layer: jnp.ndarray, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, carry: Any
+    ) -> tuple[jnp.ndarray, Any]: ...
+
+
+class TensorParallel(NamedTuple):
+    """How one instance's devices split a layer: heads and/or MLP columns sharded on `axis`."""
+
+    axis: str
+    attention: bool
+    mlp: bool
+
+
+def tensor_parallel_plan(cfg: ModelConfig, tp: int, axis: str = "tp") -> TensorParallel | None:
+    """Shard what divides evenly by tp; attention stays replicated when its KV heads do not divide."""
+    if tp == 1:
+        return None
+    heads_ok = cfg.num_kv_heads % tp == 0 and cfg.num_heads % tp == 0
+    return TensorParallel(axis, heads_ok, cfg.intermediate_size % tp == 0)
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any, scale: float = 0.02) -> nnx.Param:
@@ -61,10 +83,10 @@ class Attention(nnx.Module):
         q, k, v = x @ self.wq[...], x @ self.wk[...], x @ self.wv[...]
         if cfg.qkv_bias:
             q, k, v = q + self.bq[...], k + self.bk[...], v + self.bv[...]
-        t = x.shape[0]
-        q = apply_rope(q.reshape(t, cfg.num_heads, cfg.head_dim), angles)
-        k = apply_rope(k.reshape(t, cfg.num_kv_heads, cfg.head_dim), angles)
-        return q, k, v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        t, hd = x.shape[0], cfg.head_dim  # head counts may be this device's share of the heads
+        q = apply_rope(q.reshape(t, -1, hd), angles)
+        k = apply_rope(k.reshape(t, -1, hd), angles)
+        return q, k, v.reshape(t, -1, hd)
 
     def out(self, o: jnp.ndarray) -> jnp.ndarray:
         return o.reshape(o.shape[0], -1) @ self.wo[...]
@@ -88,12 +110,21 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, dtype, rngs)
 
     def __call__(
-        self, x: jnp.ndarray, angles: jnp.ndarray, layer: jnp.ndarray, attend: Attend
-    ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+        self,
+        x: jnp.ndarray,
+        angles: jnp.ndarray,
+        layer: jnp.ndarray,
+        attend: Attend,
+        carry: Any,
+        tp: TensorParallel | None,
+    ) -> tuple[jnp.ndarray, Any]:
         q, k, v = self.attn.qkv(self.attn_norm(x), angles)
-        x = x + self.attn.out(attend(layer, q, k, v))
-        x = x + self.mlp(self.mlp_norm(x))
-        return x, k, v
+        o, carry = attend(layer, q, k, v, carry)
+        o = self.attn.out(o)
+        x = x + (jax.lax.psum(o, tp.axis) if tp and tp.attention else o)
+        m = self.mlp(self.mlp_norm(x))
+        x = x + (jax.lax.psum(m, tp.axis) if tp and tp.mlp else m)
+        return x, carry
 
 
 class Llama(nnx.Module):
@@ -120,28 +151,46 @@ class Llama(nnx.Module):
         positions: jnp.ndarray,
         seq_lens: jnp.ndarray,
         attend: Attend,
-    ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-        """Run all layers on a flat token batch [T].
-
-        Returns pre-norm hidden states [T, hidden] and the tokens' K and V of every layer [L, T, KV, D].
-        """
+        carry: Any = (),
+        tp: TensorParallel | None = None,
+    ) -> tuple[jnp.ndarray, Any]:
+        """Run all layers on a flat token batch [T]; returns pre-norm hidden states [T, hidden] and carry."""
         x = self.embed[...][tokens]
         angles = rotary_angles(self.cfg, positions, seq_lens)
         graphdef, layer_state = nnx.split(self.layers)
 
-        def body(x, xs):
+        def body(x_carry, xs):
             layer_idx, state = xs
-            x, k, v = nnx.merge(graphdef, state)(x, angles, layer_idx, attend)
-            return x, (k, v)
+            x, carry = x_carry
+            return nnx.merge(graphdef, state)(x, angles, layer_idx, attend, carry, tp), None
 
-        x, (k, v) = jax.lax.scan(body, x, (jnp.arange(self.cfg.num_layers), layer_state))
-        return x, k, v
+        (x, carry), _ = jax.lax.scan(body, (x, carry), (jnp.arange(self.cfg.num_layers), layer_state))
+        return x, carry
 
     def logits(self, h: jnp.ndarray) -> jnp.ndarray:
         """Final norm and LM head for the rows of h [N, hidden] that need logits (float32)."""
         h = self.final_norm(h)
         w = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
         return (h @ w).astype(jnp.float32)
+
+
+def param_partition_specs(cfg: ModelConfig, tp: TensorParallel | None) -> dict[str, tuple]:
+    """Per flat parameter name, which dimension (if any) is sharded on the tensor-parallel axis."""
+    specs: dict[str, tuple] = {name: (None,) * len(shape) for name, shape in param_shapes(cfg).items()}
+    if tp is None:
+        return specs
+    if tp.attention:
+        for name in ("wq", "wk", "wv"):
+            specs[f"layers.attn.{name}"] = (None, None, tp.axis)
+        for name in ("bq", "bk", "bv"):
+            if f"layers.attn.{name}" in specs:
+                specs[f"layers.attn.{name}"] = (None, tp.axis)
+        specs["layers.attn.wo"] = (None, tp.axis, None)
+    if tp.mlp:
+        specs["layers.mlp.w_gate"] = (None, None, tp.axis)
+        specs["layers.mlp.w_up"] = (None, None, tp.axis)
+        specs["layers.mlp.w_down"] = (None, tp.axis, None)
+    return specs
 
 
 def abstract_model(cfg: ModelConfig, dtype: Any) -> tuple[nnx.GraphDef, nnx.State]:

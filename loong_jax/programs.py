@@ -1,101 +1,211 @@
-"""The device programs of one instance: packed prefill and paged decode, each ending in sampling.
+"""The device programs of a group of instances, each a `jax.jit` of one `jax.shard_map` over the group mesh.
 
-Programs are pure functions of (model state, KV cache, batch inputs, sampler inputs); the executor
-compiles them ahead of time per shape bucket and donates the KV cache so it is updated in place.
+* `prefill_program`: striped ring attention (DESIGN 2.1). Each rank holds every d-th token of every
+  request; per layer the K/V blocks travel round the ring with `ppermute`, each rank attends its queries
+  to every block and, as a block passes, writes the tokens the placement plan gives it into its own pool
+  in place (proactive scale-down, DESIGN 2.2: no byte moves that the ring does not already move).
+* `decode_program`: multi-master decoding (DESIGN 2.3). Masters run the dense layers for their requests;
+  per layer queries are all-gathered, every rank attends them to the K/V it holds, the (output,
+  log-sum-exp) partials go back to the masters with an all-to-all and are merged exactly.
+* `migrate_program`: move K/V tokens from one instance's pool to another's (packing decode batches).
+
+A group of one instance runs the same programs (the ring has one step, the collectives are trivial).
+Every array argument has a leading "sp" axis of the group's size; inside, each rank sees its own row.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from loong_jax.kv_pool import KVCache
+from loong_jax.model import TensorParallel
 from loong_jax.sampling import SamplerFlags, SamplerInputs, SamplerOutputs, sample
-from pallas_kernels.reference import block_attention, merge_attention, paged_decode_attention, self_attention_term
+from pallas_kernels import (
+    block_attention,
+    merge_attention,
+    merge_attention_many,
+    paged_decode_attention,
+    self_attention_term,
+)
+
+SP = "sp"
 
 
 class PrefillInputs(NamedTuple):
-    """A packed batch of prompts: T token rows, R request rows (padding: seg -1, slot out of range)."""
+    """Per rank (leading axis d): its stripe of a packed prompt batch and its part of the placement plan."""
 
-    tokens: jnp.ndarray  # [T]
-    positions: jnp.ndarray  # [T] position of each token in its request
-    seg: jnp.ndarray  # [T] request row of each token, -1 for padding
-    seq_lens: jnp.ndarray  # [T] prompt length of the token's request (dynamic RoPE)
-    slots: jnp.ndarray  # [T] pool slot that keeps the token's K/V (>= num_slots: not kept)
-    last_idx: jnp.ndarray  # [R] row in T of each request's last prompt token
+    tokens: jnp.ndarray  # [d, T]
+    positions: jnp.ndarray  # [d, T] global position of each token in its request
+    seg: jnp.ndarray  # [d, T] request row of each token in the batch, -1 for padding
+    seq_lens: jnp.ndarray  # [d, T] prompt length of the token's request (dynamic RoPE)
+    keep_slots: jnp.ndarray  # [d, d, T] at ring step s: this rank's pool slot for each token of the
+    #                          visiting block (the plan), >= pool size where another rank keeps it
+    last_idx: jnp.ndarray  # [d, R] local row of each last prompt token this rank samples
 
 
 class DecodeInputs(NamedTuple):
-    """One new token for each of B requests."""
+    """Per rank: the requests it is master of (B rows), and what it holds of every request (d * B rows)."""
 
-    tokens: jnp.ndarray  # [B]
-    positions: jnp.ndarray  # [B]
-    slots: jnp.ndarray  # [B] pool slot of the new token (>= num_slots for padding rows)
-    page_table: jnp.ndarray  # [B, W] page ids of each request
-    kv_lens: jnp.ndarray  # [B] tokens of each request already in the pool (before the new one)
+    tokens: jnp.ndarray  # [d, B] last sampled token of each master row
+    positions: jnp.ndarray  # [d, B]
+    slots: jnp.ndarray  # [d, B] slot in the master's pool for the new token's K/V (>= pool size: padding)
+    page_table: jnp.ndarray  # [d, d * B, W] this rank's pages of every request of the batch (rank-major rows)
+    kv_lens: jnp.ndarray  # [d, d * B] tokens of each request this rank holds (before the new token)
 
 
-def store_kv(cache: KVCache, slots: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> KVCache:
-    """Write every layer's K/V [L, T, KV, D] into slots [T] in place; out-of-range slots are dropped."""
-    return KVCache(
-        cache.k.at[:, slots].set(k.astype(cache.k.dtype), mode="drop"),
-        cache.v.at[:, slots].set(v.astype(cache.v.dtype), mode="drop"),
+def store_kv(pool: KVCache, slots: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> KVCache:
+    """Write every layer's K/V [L, N, KV, D] into one rank's pool [1, L, S, KV, D] at slots [N], in place."""
+
+    def put(buf, new):  # scatter on the [L, S, KV, D] view: one index dimension, no transposed copy
+        return buf[0].at[:, slots].set(new.astype(buf.dtype), mode="drop")[None]
+
+    return KVCache(put(pool.k, k), put(pool.v, v))
+
+
+def _row(tree: Any) -> Any:
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def _with_row(tree: Any) -> Any:
+    return jax.tree.map(lambda x: x[None], tree)
+
+
+def _group_program(mesh: Mesh, param_specs: Any, pool_spec: P, body: Any) -> Any:
+    """shard_map `body(params, pools, *rows)` over the mesh: params per their specs, the rest split on sp."""
+    return jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(param_specs, KVCache(pool_spec, pool_spec), P(SP), P(SP)),
+        out_specs=(P(SP), KVCache(pool_spec, pool_spec)),
+        check_vma=False,
     )
 
 
 def prefill_program(
     graphdef: nnx.GraphDef,
+    mesh: Mesh,
+    param_specs: Any,
+    pool_spec: P,
+    tp: TensorParallel | None,
     flags: SamplerFlags,
-    state: nnx.State,
-    cache: KVCache,
+    params: Any,
+    pools: KVCache,
     inp: PrefillInputs,
     samp: SamplerInputs,
 ) -> tuple[SamplerOutputs, KVCache]:
-    """Run a packed prompt batch, keep its K/V in the pool and sample each request's first token."""
-    model = nnx.merge(graphdef, state)
+    """Ring prefill of a packed batch on the group, keeping K/V where the plan says, sampling first tokens."""
+    d = mesh.shape[SP]
+    ring = [(i, (i + 1) % d) for i in range(d)]
 
-    def attend(layer, q, k, v):
-        return block_attention(q, k, v, inp.positions, inp.seg, inp.positions, inp.seg)[0]
+    def body(params, pools, inp, samp):
+        inp, samp = _row(inp), _row(samp)
+        model = nnx.merge(graphdef, params)
 
-    h, k, v = model.hidden_states(inp.tokens, inp.positions, inp.seq_lens, attend)
-    cache = store_kv(cache, inp.slots, k, v)
-    return sample(model.logits(h[inp.last_idx]), samp, flags), cache
+        def attend(layer, q, k, v, pool):
+            block = (k, v, inp.positions, inp.seg)
+            out = lse = None
+            for step in range(d):
+                bk, bv, bpos, bseg = block
+                o, part_lse = block_attention(q, bk, bv, inp.positions, inp.seg, bpos, bseg)
+                out, lse = (o, part_lse) if out is None else merge_attention(out, lse, o, part_lse)
+                slots = inp.keep_slots[step]
+                pool = KVCache(
+                    pool.k.at[0, layer, slots].set(bk.astype(pool.k.dtype), mode="drop"),
+                    pool.v.at[0, layer, slots].set(bv.astype(pool.v.dtype), mode="drop"),
+                )
+                if step + 1 < d:
+                    block = jax.tree.map(lambda x: jax.lax.ppermute(x, SP, ring), block)
+            return out, pool
+
+        h, pools = model.hidden_states(inp.tokens, inp.positions, inp.seq_lens, attend, pools, tp)
+        out = sample(model.logits(h[inp.last_idx]), samp, flags)
+        return _with_row(out), pools
+
+    return _group_program(mesh, param_specs, pool_spec, body)(params, pools, inp, samp)
 
 
 def decode_program(
     graphdef: nnx.GraphDef,
+    mesh: Mesh,
+    param_specs: Any,
+    pool_spec: P,
+    tp: TensorParallel | None,
     page_size: int,
     flags: SamplerFlags,
-    state: nnx.State,
-    cache: KVCache,
+    params: Any,
+    pools: KVCache,
     inp: DecodeInputs,
     samp: SamplerInputs,
 ) -> tuple[SamplerOutputs, KVCache]:
-    """One decode step for a batch of requests whose KV is in this instance's pool."""
-    model = nnx.merge(graphdef, state)
+    """One multi-master decode step of a batch whose KV is spread over the group in any proportions."""
+    d = mesh.shape[SP]
 
-    def attend(layer, q, k, v):
-        past, past_lse = paged_decode_attention(
-            q, cache.k, cache.v, layer, inp.page_table, inp.kv_lens, page_size=page_size
-        )
-        own, own_lse = self_attention_term(q, k, v)
-        return merge_attention(past, past_lse, own, own_lse)[0]
+    def body(params, pools, inp, samp):
+        inp, samp = _row(inp), _row(samp)
+        model = nnx.merge(graphdef, params)
+        b = inp.tokens.shape[0]
 
-    h, k, v = model.hidden_states(inp.tokens, inp.positions, inp.positions + 1, attend)
-    cache = store_kv(cache, inp.slots, k, v)
-    return sample(model.logits(h), samp, flags), cache
+        def attend(layer, q, k, v, new_kv):
+            q_all = jax.lax.all_gather(q, SP, tiled=True) if d > 1 else q
+            o, lse = paged_decode_attention(
+                q_all, pools.k[0], pools.v[0], layer, inp.page_table, inp.kv_lens, page_size=page_size
+            )
+            if d > 1:  # partials for my master rows, from every rank: [d, B, ...]
+                o = jax.lax.all_to_all(o, SP, 0, 0, tiled=True).reshape(d, b, *o.shape[1:])
+                lse = jax.lax.all_to_all(lse, SP, 0, 0, tiled=True).reshape(d, b, *lse.shape[1:])
+            else:
+                o, lse = o[None], lse[None]
+            own_o, own_lse = self_attention_term(q, k, v)
+            out, _ = merge_attention_many(jnp.concatenate([o, own_o[None]]), jnp.concatenate([lse, own_lse[None]]))
+            return out, (new_kv[0].at[layer].set(k), new_kv[1].at[layer].set(v))
+
+        kv_shape = (model.cfg.num_layers, b, pools.k.shape[3], pools.k.shape[4])
+        new_kv = (jnp.zeros(kv_shape, pools.k.dtype), jnp.zeros(kv_shape, pools.v.dtype))
+        h, (k, v) = model.hidden_states(inp.tokens, inp.positions, inp.positions + 1, attend, new_kv, tp)
+        pools = store_kv(pools, inp.slots, k, v)
+        return _with_row(sample(model.logits(h), samp, flags)), pools
+
+    return _group_program(mesh, param_specs, pool_spec, body)(params, pools, inp, samp)
 
 
+class MigrateInputs(NamedTuple):
+    """Row 0 is the source instance, row 1 the destination (mesh of the pair, in that order)."""
+
+    src_slots: jnp.ndarray  # [2, N] slots to read on the source (row 1: ignored)
+    dst_slots: jnp.ndarray  # [2, N] slots to write on the destination (row 0: all out of range)
+
+
+def migrate_program(mesh: Mesh, pool_spec: P, pools: KVCache, inp: MigrateInputs) -> KVCache:
+    """Copy N tokens' K/V of every layer from the source's pool to the destination's, in place."""
+
+    def body(pools, inp):
+        inp = _row(inp)
+        moved = []
+        for x in pools:
+            picked = jnp.take(x[0], inp.src_slots, axis=1, mode="fill", fill_value=0)
+            moved.append(jax.lax.ppermute(picked, SP, [(0, 1)]))
+        return store_kv(pools, inp.dst_slots, *moved)
+
+    spec = KVCache(pool_spec, pool_spec)
+    return jax.shard_map(body, mesh=mesh, in_specs=(spec, P(SP)), out_specs=spec, check_vma=False)(pools, inp)
+
+
+@functools.partial(jax.jit, static_argnums=0)
 def score_program(graphdef: nnx.GraphDef, state: nnx.State, tokens: jnp.ndarray) -> jnp.ndarray:
     """Logits [T, V] at every position of one sequence (no KV pool): for scoring and parity checks."""
     model = nnx.merge(graphdef, state)
     t = tokens.shape[0]
     pos, seg = jnp.arange(t, dtype=jnp.int32), jnp.zeros(t, jnp.int32)
 
-    def attend(layer, q, k, v):
-        return block_attention(q, k, v, pos, seg, pos, seg)[0]
+    def attend(layer, q, k, v, carry):
+        return block_attention(q, k, v, pos, seg, pos, seg)[0], carry
 
-    h, _, _ = model.hidden_states(tokens, pos, jnp.full((t,), t, jnp.int32), attend)
+    h, _ = model.hidden_states(tokens, pos, jnp.full((t,), t, jnp.int32), attend)
     return model.logits(h)

@@ -60,6 +60,7 @@ class Request:
     stop_reason: str | int | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
+    reserved_pages: int = 0
     _emitted_text: int = 0
     _stop_checked: int = 0
 

@@ -97,6 +97,7 @@ class SamplerFlags(NamedTuple):
     penalties: bool = False
     filters: bool = False
     top_logprobs: int = 0
+    greedy_only: bool = False
 
 
 class SamplerInputs(NamedTuple):
@@ -144,32 +145,43 @@ def sample(logits: jnp.ndarray, inp: SamplerInputs, flags: SamplerFlags) -> Samp
     rows = jnp.arange(r)[:, None]
     x = x.at[rows, jnp.where(inp.banned >= 0, inp.banned, vocab)].set(-jnp.inf, mode="drop")
     greedy_tok = jnp.argmax(x, axis=-1)
-
-    temp = jnp.where(inp.temperature > 0, inp.temperature, 1.0)[:, None]
-    x = x / temp
-    probs = jax.nn.softmax(x, axis=-1)
-    x = jnp.where(probs >= inp.min_p[:, None] * probs.max(axis=-1, keepdims=True), x, -jnp.inf)
-    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.wrap_key_data(s), t))(inp.seed, inp.step)
-    if flags.filters:
-        order = jnp.argsort(-x, axis=-1)
-        sx = jnp.take_along_axis(x, order, axis=-1)
-        rank = jnp.arange(vocab)[None, :]
-        k = jnp.where(inp.top_k > 0, inp.top_k, vocab)[:, None]
-        sp = jax.nn.softmax(sx, axis=-1)
-        before = jnp.cumsum(sp, axis=-1) - sp
-        keep = (rank < k) & ((before < inp.top_p[:, None]) | (rank == 0))
-        sx = jnp.where(keep, sx, -jnp.inf)
-        choice = jax.vmap(jax.random.categorical)(keys, sx)
-        sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+    if flags.greedy_only:
+        tokens = greedy_tok.astype(jnp.int32)
     else:
-        sampled = jax.vmap(jax.random.categorical)(keys, x)
-    tokens = jnp.where(inp.temperature > 0, sampled, greedy_tok).astype(jnp.int32)
+        tokens = jnp.where(inp.temperature > 0, _sample_tokens(x, inp, flags), greedy_tok).astype(jnp.int32)
     chosen_lp = jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]
     if flags.top_logprobs:
         top_lp, top_ids = jax.lax.top_k(logprobs_all, flags.top_logprobs)
     else:
         top_lp, top_ids = jnp.zeros((r, 0), jnp.float32), jnp.zeros((r, 0), jnp.int32)
     return SamplerOutputs(tokens, chosen_lp, top_ids.astype(jnp.int32), top_lp)
+
+
+def _sample_tokens(x: jnp.ndarray, inp: SamplerInputs, flags: SamplerFlags) -> jnp.ndarray:
+    """Temperature, min-p, top-k and top-p, then one inverse-CDF draw per row (one uniform, not V)."""
+    vocab = x.shape[-1]
+    temp = jnp.where(inp.temperature > 0, inp.temperature, 1.0)[:, None]
+    probs = jax.nn.softmax(x / temp, axis=-1)
+    probs = jnp.where(probs >= inp.min_p[:, None] * probs.max(axis=-1, keepdims=True), probs, 0.0)
+    order = None
+    if flags.filters:
+        order = jnp.argsort(-probs, axis=-1)
+        probs = jnp.take_along_axis(probs, order, axis=-1)
+        rank = jnp.arange(vocab)[None, :]
+        k = jnp.where(inp.top_k > 0, inp.top_k, vocab)[:, None]
+        before = jnp.cumsum(probs, axis=-1) - probs
+        total = probs.sum(axis=-1, keepdims=True)
+        keep = (rank < k) & ((before < inp.top_p[:, None] * total) | (rank == 0))
+        probs = jnp.where(keep, probs, 0.0)
+    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.wrap_key_data(s), t))(inp.seed, inp.step)
+    u = jax.vmap(lambda k: jax.random.uniform(k, ()))(keys)
+    cdf = jnp.cumsum(probs, axis=-1)
+    target = u[:, None] * cdf[:, -1:]
+    choice = jnp.minimum(jnp.sum(cdf <= target, axis=-1), vocab - 1)
+    choice = jnp.where(probs[jnp.arange(x.shape[0]), choice] > 0, choice, jnp.argmax(probs, axis=-1))
+    if order is not None:
+        choice = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+    return choice
 
 
 def seed_words(seed: int) -> np.ndarray:

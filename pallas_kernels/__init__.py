@@ -4,6 +4,18 @@ Every function returns a normalised output with its log-sum-exp so partial resul
 The XLA reference path runs everywhere; accelerator kernels plug in behind the same signatures.
 """
 
-from pallas_kernels.reference import block_attention, merge_attention, paged_decode_attention
+from pallas_kernels.reference import (
+    block_attention,
+    merge_attention,
+    merge_attention_many,
+    paged_decode_attention,
+    self_attention_term,
+)
 
-__all__ = ["block_attention", "merge_attention", "paged_decode_attention"]
+__all__ = [
+    "block_attention",
+    "merge_attention",
+    "merge_attention_many",
+    "paged_decode_attention",
+    "self_attention_term",
+]

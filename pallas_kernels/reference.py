@@ -22,16 +22,25 @@ NEG_INF = -jnp.inf
 DECODE_PAGES_PER_BLOCK = 16
 
 
+def merge_attention_many(o: jnp.ndarray, lse: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Combine n normalised partial attentions o [n, ..., D], lse [n, ...] over disjoint key sets.
+
+    A partial with lse = -inf (it saw no key) contributes nothing; if none saw a key the result is 0, -inf.
+    """
+    m = lse.max(axis=0)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.where(jnp.isfinite(lse), jnp.exp(lse - m_safe), 0.0)
+    denom = w.sum(axis=0)
+    has = denom > 0
+    out = (o.astype(jnp.float32) * w[..., None]).sum(axis=0) / jnp.where(has, denom, 1.0)[..., None]
+    return out.astype(o.dtype), jnp.where(has, m_safe + jnp.log(jnp.where(has, denom, 1.0)), NEG_INF)
+
+
 def merge_attention(
     o1: jnp.ndarray, lse1: jnp.ndarray, o2: jnp.ndarray, lse2: jnp.ndarray
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Combine two normalised partial attentions over disjoint keys (lse = -inf means "no keys")."""
-    lse = jnp.logaddexp(lse1, lse2)
-    safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
-    w1 = jnp.where(jnp.isfinite(lse1), jnp.exp(lse1 - safe), 0.0)
-    w2 = jnp.where(jnp.isfinite(lse2), jnp.exp(lse2 - safe), 0.0)
-    out = o1 * w1[..., None] + o2 * w2[..., None]
-    return out.astype(o1.dtype), lse
+    return merge_attention_many(jnp.stack([o1, o2]), jnp.stack([lse1, lse2]))
 
 
 def self_attention_term(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:

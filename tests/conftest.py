@@ -8,6 +8,7 @@ import jax
 import pytest
 
 jax.config.update("jax_platforms", "cpu")
+jax.config.update("jax_num_cpu_devices", 8)  # virtual instances for the elastic runtime
 
 
 @pytest.fixture(scope="session")

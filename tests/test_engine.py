@@ -67,10 +67,10 @@ def test_kv_is_released_and_admission_waits_for_memory():
     engine.step()
     running = [r for r in reqs if r.status.value == "running"]
     assert 0 < len(running) < 5  # 5 x 60 tokens cannot be promised at once in 128 slots
-    assert engine.pool.used_tokens <= engine.pool.num_slots
+    assert engine.kv_used_tokens <= engine.pools[0].num_slots
     run(engine, reqs)
     assert all(r.finish_reason == "length" for r in reqs)
-    assert engine.pool.used_tokens == 0 and engine.pool.free_pages == engine.pool.num_pages
+    assert engine.kv_used_tokens == 0 and engine.pools[0].free_pages == engine.pools[0].num_pages
     assert engine._reserved_pages == 0 and not engine.has_unfinished()
 
 
@@ -82,10 +82,10 @@ def test_abort_frees_kv_and_leaves_others_untouched():
     engine.step()
     engine.step()
     engine.abort(drop.rid)
-    assert drop.finish_reason == "abort" and drop.rid not in engine.pool.tokens
+    assert drop.finish_reason == "abort" and drop.rid not in engine.pools[0].tokens
     run(engine, [keep, waiting])
     assert keep.output_ids == solo([5, 6, 7], 10)
-    assert engine.pool.used_tokens == 0
+    assert engine.kv_used_tokens == 0
 
 
 def test_prompt_longer_than_context_is_rejected_with_the_limit():

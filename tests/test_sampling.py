@@ -20,7 +20,7 @@ def _reqs(n, **params):
 
 def _sample(logits, reqs, steps=None):
     flags = sampler_flags(reqs)
-    inp = sampler_inputs(reqs, len(reqs), flags)
+    inp = jax.tree.map(lambda x: x[0], sampler_inputs([reqs], len(reqs), flags))
     if steps is not None:
         inp = inp._replace(step=np.asarray(steps, np.int32))
     return jax.device_get(jax.jit(sample, static_argnums=2)(np.asarray(logits, np.float32), inp, flags))
@@ -143,7 +143,7 @@ def test_stream_deltas_add_up_to_the_text(smol_llm):
     deltas = list(smol_llm.stream("Écris une phrase sur Paris 🗼:", params))
     full = smol_llm.generate("Écris une phrase sur Paris 🗼:", params)[0]
     assert "".join(deltas) == full.text and len(deltas) > 3
-    assert smol_llm.engine.pool.used_tokens == 0
+    assert smol_llm.engine.kv_used_tokens == 0
 
 
 @pytest.mark.parametrize("n", [0, 3])

@@ -1,0 +1,148 @@
+"""Elastic instances and their groups.
+
+An instance is one full replica of the weights on `tp` devices, with its own KV pool; instances never
+re-shard their weights. A group is any tuple of instances; its mesh has axes ("sp", "tp") built from
+exactly those instances' devices, in the group's order. Per-instance buffers are assembled into the
+group's global arrays without copies (each device's shard is the instance's own buffer), and a program's
+output pools are split back into per-instance buffers the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from loong_jax.config import ModelConfig
+from loong_jax.kv_pool import KVCache
+from loong_jax.model import TensorParallel, param_partition_specs, tensor_parallel_plan
+
+Group = tuple[int, ...]
+SP, TP = "sp", "tp"
+
+
+class Instances:
+    """N instances of tp devices each: their weights, their KV pools, and the meshes of their groups."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        state: nnx.State,
+        *,
+        num_instances: int,
+        tp: int,
+        num_slots: int,
+        dtype: Any,
+        devices: Sequence[jax.Device] | None = None,
+    ):
+        devices = list(devices if devices is not None else jax.devices())
+        if len(devices) < num_instances * tp:
+            raise ValueError(
+                f"{num_instances} instances x tp={tp} need {num_instances * tp} devices, "
+                f"{len(devices)} available (on CPU, call loong_jax.use_virtual_cpu_devices(n) before JAX starts)"
+            )
+        self.cfg = cfg
+        self.n = num_instances
+        self.tp = tp
+        self.num_slots = num_slots
+        self.devices = [tuple(devices[i * tp : (i + 1) * tp]) for i in range(num_instances)]
+        self.tp_plan: TensorParallel | None = tensor_parallel_plan(cfg, tp, TP)
+        flat_specs = param_partition_specs(cfg, self.tp_plan)
+        self.param_specs = _specs_like(state, {k: P(*v) for k, v in flat_specs.items()})
+        kv_tp = TP if (self.tp_plan and self.tp_plan.attention) else None
+        self.pool_spec = P(SP, None, None, kv_tp, None)
+        self._meshes: dict[Group, Mesh] = {}
+        self._params: dict[Group, Any] = {}
+        # Weights: loaded once per instance, sharded over that instance's tp devices.
+        self.weights = []
+        self.pools: list[KVCache] = []
+        pool_shape = (1, cfg.num_layers, num_slots, cfg.num_kv_heads, cfg.head_dim)
+        for i in range(num_instances):
+            mesh = self.mesh((i,))
+            shard = jax.tree.map(functools.partial(NamedSharding, mesh), self.param_specs)
+            self.weights.append(jax.device_put(state, shard))
+            pool_sharding = NamedSharding(mesh, self.pool_spec)
+            zeros = jax.jit(lambda: np.zeros(pool_shape, dtype), out_shardings=pool_sharding)
+            self.pools.append(KVCache(zeros(), zeros()))
+
+    def mesh(self, group: Group) -> Mesh:
+        """The ("sp", "tp") mesh of a group, rows in the group's order."""
+        mesh = self._meshes.get(group)
+        if mesh is None:
+            if len(set(group)) != len(group) or not all(0 <= i < self.n for i in group):
+                raise ValueError(f"a group is distinct instance ids in [0, {self.n}), got {group}")
+            grid = np.array([self.devices[i] for i in group], dtype=object).reshape(len(group), self.tp)
+            mesh = self._meshes[group] = Mesh(grid, (SP, TP))
+        return mesh
+
+    def sharding(self, group: Group, spec: P) -> NamedSharding:
+        return NamedSharding(self.mesh(group), spec)
+
+    def group_params(self, group: Group) -> Any:
+        """The group's view of the weights (every instance's own copy; cached, weights never change)."""
+        params = self._params.get(group)
+        if params is None:
+            mesh = self.mesh(group)
+            per_instance = [self.weights[i] for i in group]
+
+            def assemble(spec, *leaves):
+                return _assemble(leaves[0].shape, NamedSharding(mesh, spec), leaves)
+
+            params = jax.tree.map(assemble, self.param_specs, *per_instance)
+            self._params[group] = params
+        return params
+
+    def group_pools(self, group: Group) -> KVCache:
+        """The group's pools as one [d, L, S, KV, D] array per K and V, built from the instances' buffers."""
+        if len(group) == 1:  # an instance's own buffers already are its one-member group's view
+            return self.pools[group[0]]
+        sharding = self.sharding(group, self.pool_spec)
+        shape = (len(group), *self.pools[group[0]].k.shape[1:])
+        return KVCache(
+            _assemble(shape, sharding, [self.pools[i].k for i in group]),
+            _assemble(shape, sharding, [self.pools[i].v for i in group]),
+        )
+
+    def put_group_pools(self, group: Group, pools: KVCache) -> None:
+        """Give each instance of the group its shard of a program's output pools."""
+        if len(group) == 1:
+            self.pools[group[0]] = pools
+            return
+        k_parts, v_parts = _split_rows(pools.k, len(group)), _split_rows(pools.v, len(group))
+        for row, i in enumerate(group):
+            sharding = self.sharding((i,), self.pool_spec)
+            shape = (1, *pools.k.shape[1:])
+            self.pools[i] = KVCache(
+                jax.make_array_from_single_device_arrays(shape, sharding, k_parts[row]),
+                jax.make_array_from_single_device_arrays(shape, sharding, v_parts[row]),
+            )
+
+
+def _assemble(shape: tuple[int, ...], sharding: NamedSharding, leaves: Sequence[jax.Array]) -> jax.Array:
+    """A global array over several instances from their own (replicated or row) shards, without copies."""
+    shards = [s.data for leaf in leaves for s in leaf.addressable_shards]
+    return jax.make_array_from_single_device_arrays(shape, sharding, shards)
+
+
+def _split_rows(x: jax.Array, rows: int) -> list[list[jax.Array]]:
+    """Per-row lists of device buffers of an array sharded on its leading ("sp") axis."""
+    mesh = x.sharding.mesh
+    grid = mesh.devices
+    by_device = {s.device: s.data for s in x.addressable_shards}
+    return [[by_device[dev] for dev in grid[r]] for r in range(rows)]
+
+
+def _specs_like(state: nnx.State, flat: dict[str, P]) -> Any:
+    """A tree shaped like the state with the partition spec of each parameter at its leaf."""
+
+    def spec(path, _):
+        name = ".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        return flat[name.removesuffix(".value")]
+
+    return jax.tree_util.tree_map_with_path(spec, state)

@@ -1,0 +1,163 @@
+"""Host-side planning of group programs: striping, scale-down placement plans, and per-rank inputs.
+
+Everything here is numpy on the host, computed once per batch and reused by every layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from loong_jax.batching import bucket
+from loong_jax.kv_pool import PagePool
+from loong_jax.programs import DecodeInputs, PrefillInputs
+
+
+def busiest_first_plan(lengths: Sequence[int], pools: Sequence[PagePool]) -> list[np.ndarray]:
+    """The paper's default scale-down plan: fill the group's busiest instances first, up to their free pages.
+
+    Returns, per request, the group rank that keeps each token (tokens in position order). A request thus
+    lands on the fewest instances that can hold it. Raises if the group cannot hold the batch.
+    """
+    order = sorted(range(len(pools)), key=lambda r: (-pools[r].used_tokens, r))
+    free = [p.free_pages for p in pools]
+    page = pools[0].page_size
+    plans = []
+    for n in lengths:
+        plan = np.empty(n, np.int32)
+        at = 0
+        for r in order:
+            if at == n:
+                break
+            take = min(n - at, free[r] * page)
+            if take:
+                plan[at : at + take] = r
+                free[r] -= -(-take // page)
+                at += take
+        if at < n:
+            raise ValueError(f"the group cannot hold a {n}-token prompt ({sum(free)} free pages left)")
+        plans.append(plan)
+    return plans
+
+
+@dataclasses.dataclass
+class PrefillPlan:
+    """Per-rank inputs of one ring prefill and where each request's first token is sampled."""
+
+    inputs: PrefillInputs
+    sample_rank: list[int]  # per request: the rank holding its last prompt token
+    sample_row: list[int]  # per request: its row among that rank's sampled rows
+    rows: int  # sampled rows per rank (bucketed)
+
+
+def stripe(lengths: Sequence[int], d: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per rank: (request index, position) of its tokens; token p of a request goes to rank p mod d."""
+    out = []
+    for r in range(d):
+        reqs, pos = [], []
+        for i, n in enumerate(lengths):
+            p = np.arange(r, n, d, dtype=np.int32)
+            reqs.append(np.full(len(p), i, np.int32))
+            pos.append(p)
+        out.append((np.concatenate(reqs), np.concatenate(pos)))
+    return out
+
+
+def build_prefill(
+    prompts: Sequence[Sequence[int]],
+    rids: Sequence[int],
+    plans: Sequence[np.ndarray],
+    pools: Sequence[PagePool],
+    *,
+    min_tokens: int = 16,
+) -> PrefillPlan:
+    """Allocate each kept token's slot in its keeper's pool and lay out the ring inputs for every rank."""
+    d = len(pools)
+    num_slots = pools[0].num_slots
+    lengths = [len(p) for p in prompts]
+    # Slots: each rank appends the tokens it keeps of each request (in position order) to its pool.
+    slot_of = [np.empty(n, np.int64) for n in lengths]
+    for i, (rid, plan) in enumerate(zip(rids, plans)):
+        if len(plan) != lengths[i]:
+            raise ValueError(f"plan of request {i} has {len(plan)} entries for {lengths[i]} tokens")
+        for r in range(d):
+            mine = np.nonzero(plan == r)[0]
+            if len(mine):
+                slot_of[i][mine] = pools[r].append(rid, len(mine))
+    stripes = stripe(lengths, d)
+    t = bucket(max(len(s[0]) for s in stripes), min_tokens)
+    tokens = np.zeros((d, t), np.int32)
+    positions = np.zeros((d, t), np.int32)
+    seg = np.full((d, t), -1, np.int32)
+    seq_lens = np.ones((d, t), np.int32)
+    keeper = np.full((d, t), -1, np.int32)  # rank keeping each striped token
+    slot = np.full((d, t), num_slots, np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    all_tokens = np.concatenate([np.asarray(p, np.int32) for p in prompts])
+    all_keeper, all_slot = np.concatenate(plans), np.concatenate(slot_of)
+    for r, (req, pos) in enumerate(stripes):
+        n, g = len(req), offsets[req] + pos
+        tokens[r, :n], keeper[r, :n], slot[r, :n] = all_tokens[g], all_keeper[g], all_slot[g]
+        positions[r, :n], seg[r, :n] = pos, req
+        seq_lens[r, :n] = np.asarray(lengths, np.int32)[req]
+    keep_slots = np.full((d, d, t), num_slots, np.int32)
+    for r in range(d):
+        for step in range(d):
+            origin = (r - step) % d
+            keep_slots[r, step] = np.where(keeper[origin] == r, slot[origin], num_slots)
+    sample_rank, sample_row, per_rank = [], [], [[] for _ in range(d)]
+    for i, n in enumerate(lengths):
+        r = (n - 1) % d
+        local = int(np.nonzero((seg[r] == i) & (positions[r] == n - 1))[0][0])
+        sample_rank.append(r)
+        sample_row.append(len(per_rank[r]))
+        per_rank[r].append(local)
+    rows = bucket(max(len(x) for x in per_rank))
+    last_idx = np.zeros((d, rows), np.int32)
+    for r, locs in enumerate(per_rank):
+        last_idx[r, : len(locs)] = locs
+    inputs = PrefillInputs(tokens, positions, seg, seq_lens, keep_slots, last_idx)
+    return PrefillPlan(inputs, sample_rank, sample_row, rows)
+
+
+@dataclasses.dataclass
+class DecodePlan:
+    inputs: DecodeInputs
+    rows: int  # master rows per rank (bucketed)
+    rank_requests: list[list[int]]  # per rank: indices (into the batch) of the requests it is master of
+
+
+def build_decode(
+    rids: Sequence[int],
+    last_tokens: Sequence[int],
+    positions: Sequence[int],
+    masters: Sequence[int],
+    pools: Sequence[PagePool],
+    width: int,
+) -> DecodePlan:
+    """Per-rank decode inputs; reserves the new token's slot in each master's pool.
+
+    masters[i] is the group rank of request i's master; pools are the group's instances' pools in order.
+    """
+    d = len(pools)
+    num_slots = pools[0].num_slots
+    rank_requests: list[list[int]] = [[] for _ in range(d)]
+    for i, m in enumerate(masters):
+        rank_requests[m].append(i)
+    b = bucket(max(len(x) for x in rank_requests))
+    tokens = np.zeros((d, b), np.int32)
+    pos = np.zeros((d, b), np.int32)
+    slots = np.full((d, b), num_slots, np.int32)
+    table = np.zeros((d, d * b, width), np.int32)
+    kv_lens = np.zeros((d, d * b), np.int32)
+    for m, members in enumerate(rank_requests):
+        for j, i in enumerate(members):
+            row = m * b + j
+            for r, pool in enumerate(pools):
+                kv_lens[r, row] = pool.tokens.get(rids[i], 0)
+                table[r, row] = pool.page_row(rids[i], width)
+            tokens[m, j], pos[m, j] = last_tokens[i], positions[i]
+            slots[m, j] = pools[m].append(rids[i], 1)[0]
+    return DecodePlan(DecodeInputs(tokens, pos, slots, table, kv_lens), b, rank_requests)
