@@ -20,9 +20,7 @@ def sampler_flags(reqs: Sequence[Request]) -> SamplerFlags:
     want = max((r.params.logprobs or 0) for r in reqs) if reqs else 0
     return SamplerFlags(
         penalties=any(r.params.uses_penalties for r in reqs),
-        filters=any(r.params.uses_filters for r in reqs),
         top_logprobs=0 if want == 0 else min(MAX_LOGPROBS, bucket(want, 4)),
-        greedy_only=all(r.params.greedy for r in reqs),
     )
 
 

@@ -26,7 +26,7 @@ from loong_jax.config import ModelConfig
 from loong_jax.executor import JaxExecutor, Pending
 from loong_jax.kv_pool import PagePool
 from loong_jax.placement import build_decode, build_prefill
-from loong_jax.policy import DecodeWork, IdleFirstPolicy, Policy, PrefillWork, SchedulerView
+from loong_jax.policy import DecodeWork, IdleFirstPolicy, Iteration, Policy, PrefillWork, SchedulerView
 from loong_jax.request import IncrementalDetokenizer, Request, Status
 from loong_jax.sampling import SamplingParams
 
@@ -188,12 +188,17 @@ class Engine:
         )
 
     def step(self) -> list[Request]:
-        """Run one iteration: every group's program is dispatched, then the sampled tokens are applied."""
-        view = self._view()
-        it = self.policy.schedule(view)
+        """One iteration: the policy decides what every group runs, then `execute` runs it."""
+        return self.execute(self.policy.schedule(self._view()))
+
+    def execute(self, it: Iteration) -> list[Request]:
+        """Dispatch every group's program of an iteration (they run concurrently), then apply the tokens.
+
+        Prefill requests must be waiting; decode requests must be running with their KV on the group.
+        """
         launched: list[tuple[list[list[Request]], Pending]] = []
         for work in it.prefills:
-            launched.append(self._launch_prefill(work, view))
+            launched.append(self._launch_prefill(work))
         for work in it.decodes:
             if work.requests:
                 launched.append(self._launch_decode(work))
@@ -210,7 +215,8 @@ class Engine:
                 self._retire(r)
         return touched
 
-    def _launch_prefill(self, work: PrefillWork, view: SchedulerView) -> tuple[list[list[Request]], Pending]:
+    def _launch_prefill(self, work: PrefillWork) -> tuple[list[list[Request]], Pending]:
+        view = self._view()
         for req in work.requests:
             self.waiting.remove(req)
             req.status = Status.RUNNING

@@ -1,8 +1,9 @@
 """Sampling parameters (validated on the host) and the on-device sampler.
 
-The sampler is a pure function over a batch of logits and per-row parameter arrays. Which optional stages
-run (penalties, top-k/top-p filtering, top logprobs) is static, so the common greedy/temperature path
-never pays for a vocabulary sort.
+The sampler is a pure function over a batch of logits and per-row parameter arrays. Penalties and top
+logprobs need extra inputs and outputs, so they are static switches (part of a program's key); whether a
+batch samples at all and whether it filters with top-k/top-p are decided at run time with `lax.cond`, so
+greedy batches skip sampling and only batches that ask for it pay for a vocabulary sort.
 """
 
 from __future__ import annotations
@@ -86,18 +87,13 @@ class SamplingParams:
     def uses_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
-    @property
-    def uses_filters(self) -> bool:
-        return not self.greedy and (self.top_k > 0 or self.top_p < 1.0)
 
 
 class SamplerFlags(NamedTuple):
     """Static switches of the sampler (part of a program's cache key)."""
 
     penalties: bool = False
-    filters: bool = False
     top_logprobs: int = 0
-    greedy_only: bool = False
 
 
 class SamplerInputs(NamedTuple):
@@ -144,11 +140,12 @@ def sample(logits: jnp.ndarray, inp: SamplerInputs, flags: SamplerFlags) -> Samp
         x = x - inp.frequency_penalty[:, None] * out_counts - inp.presence_penalty[:, None] * (out_counts > 0)
     rows = jnp.arange(r)[:, None]
     x = x.at[rows, jnp.where(inp.banned >= 0, inp.banned, vocab)].set(-jnp.inf, mode="drop")
-    greedy_tok = jnp.argmax(x, axis=-1)
-    if flags.greedy_only:
-        tokens = greedy_tok.astype(jnp.int32)
-    else:
-        tokens = jnp.where(inp.temperature > 0, _sample_tokens(x, inp, flags), greedy_tok).astype(jnp.int32)
+    greedy_tok = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    tokens = jax.lax.cond(  # an all-greedy batch skips the sampling path at run time
+        jnp.any(inp.temperature > 0),
+        lambda: jnp.where(inp.temperature > 0, _sample_tokens(x, inp), greedy_tok).astype(jnp.int32),
+        lambda: greedy_tok,
+    )
     chosen_lp = jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]
     if flags.top_logprobs:
         top_lp, top_ids = jax.lax.top_k(logprobs_all, flags.top_logprobs)
@@ -157,31 +154,31 @@ def sample(logits: jnp.ndarray, inp: SamplerInputs, flags: SamplerFlags) -> Samp
     return SamplerOutputs(tokens, chosen_lp, top_ids.astype(jnp.int32), top_lp)
 
 
-def _sample_tokens(x: jnp.ndarray, inp: SamplerInputs, flags: SamplerFlags) -> jnp.ndarray:
+def _sample_tokens(x: jnp.ndarray, inp: SamplerInputs) -> jnp.ndarray:
     """Temperature, min-p, top-k and top-p, then one inverse-CDF draw per row (one uniform, not V)."""
-    vocab = x.shape[-1]
+    r, vocab = x.shape
     temp = jnp.where(inp.temperature > 0, inp.temperature, 1.0)[:, None]
     probs = jax.nn.softmax(x / temp, axis=-1)
     probs = jnp.where(probs >= inp.min_p[:, None] * probs.max(axis=-1, keepdims=True), probs, 0.0)
-    order = None
-    if flags.filters:
-        order = jnp.argsort(-probs, axis=-1)
+    iota = jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), (r, vocab))
+
+    def top_k_top_p(probs):  # only batches that ask for it pay for the vocabulary sort
+        order = jnp.argsort(-probs, axis=-1).astype(jnp.int32)
         probs = jnp.take_along_axis(probs, order, axis=-1)
-        rank = jnp.arange(vocab)[None, :]
         k = jnp.where(inp.top_k > 0, inp.top_k, vocab)[:, None]
         before = jnp.cumsum(probs, axis=-1) - probs
         total = probs.sum(axis=-1, keepdims=True)
-        keep = (rank < k) & ((before < inp.top_p[:, None] * total) | (rank == 0))
-        probs = jnp.where(keep, probs, 0.0)
+        keep = (iota < k) & ((before < inp.top_p[:, None] * total) | (iota == 0))
+        return jnp.where(keep, probs, 0.0), order
+
+    filtered = jnp.any((inp.top_k > 0) | (inp.top_p < 1.0))
+    probs, order = jax.lax.cond(filtered, top_k_top_p, lambda p: (p, iota), probs)
     keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.wrap_key_data(s), t))(inp.seed, inp.step)
     u = jax.vmap(lambda k: jax.random.uniform(k, ()))(keys)
     cdf = jnp.cumsum(probs, axis=-1)
-    target = u[:, None] * cdf[:, -1:]
-    choice = jnp.minimum(jnp.sum(cdf <= target, axis=-1), vocab - 1)
-    choice = jnp.where(probs[jnp.arange(x.shape[0]), choice] > 0, choice, jnp.argmax(probs, axis=-1))
-    if order is not None:
-        choice = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
-    return choice
+    choice = jnp.minimum(jnp.sum(cdf <= u[:, None] * cdf[:, -1:], axis=-1), vocab - 1)
+    choice = jnp.where(probs[jnp.arange(r), choice] > 0, choice, jnp.argmax(probs, axis=-1))
+    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
 
 
 def seed_words(seed: int) -> np.ndarray:
