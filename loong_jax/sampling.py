@@ -88,7 +88,6 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
 
-
 class SamplerFlags(NamedTuple):
     """Static switches of the sampler (part of a program's cache key)."""
 

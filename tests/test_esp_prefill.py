@@ -55,7 +55,16 @@ def engine8():
     return tiny_esp_engine(num_instances=8)
 
 
-DEGREES = [(0,), (3, 4), (0, 1, 2), (4, 5, 6, 7), (1, 3, 5, 7, 0), (6, 2, 4, 0, 7, 1), (0, 1, 2, 3, 4, 5, 6), tuple(range(8))]
+DEGREES = [
+    (0,),
+    (3, 4),
+    (0, 1, 2),
+    (4, 5, 6, 7),
+    (1, 3, 5, 7, 0),
+    (6, 2, 4, 0, 7, 1),
+    (0, 1, 2, 3, 4, 5, 6),
+    tuple(range(8)),
+]
 
 
 @pytest.mark.parametrize("group", DEGREES)
