@@ -9,6 +9,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from loong_jax.batching import bucket, prefill_rows
 from loong_jax.engine import Engine, EngineConfig
 from loong_jax.outputs import RequestOutput
 from loong_jax.platform import DEFAULT_CACHE_DIR, enable_compilation_cache, parse_dtype
@@ -68,13 +69,8 @@ class LLM:
             self.warmup()
 
     def warmup(self, show_progress: bool = True) -> int:
-        """Compile the programs the policy uses most (aligned groups, default sampler); returns the count."""
-        e = self.engine
-        n = e.ecfg.num_instances
-        groups = [tuple(range(s, min(s + size, n))) for size in _powers(n) for s in range(0, n, size)]
-        tokens = _powers(max(e.ecfg.max_prefill_tokens, e.ecfg.min_prefill_bucket), e.ecfg.min_prefill_bucket)
-        rows = _powers(e.ecfg.max_num_seqs)
-        return e.executor.warmup(groups, tokens, rows, show_progress)
+        """Compile the programs the engine's policy uses (see `warmup_jobs`); returns how many compiled."""
+        return self.engine.executor.warmup(warmup_jobs(self.engine.ecfg), show_progress)
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -145,6 +141,21 @@ class LLM:
         """Apply the model's chat template to one conversation or a list of them, then generate."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         return self.generate([self.chat_prompt_ids(c) for c in convs], sampling_params, use_tqdm)
+
+
+def warmup_jobs(ecfg: EngineConfig) -> list[tuple[str, tuple[int, ...], int, int]]:
+    """The default warm set: every aligned power-of-two group of instances (the device sets the policy
+    uses, 2N - 1 of them), with each prefill token bucket up to max_prefill_tokens / degree per rank and
+    each decode batch bucket up to max_num_seqs."""
+    n, lo = ecfg.num_instances, ecfg.min_prefill_bucket
+    jobs = []
+    for size in _powers(n):
+        for start in range(0, n - size + 1, size):
+            group = tuple(range(start, start + size))
+            for t in _powers(bucket(-(-ecfg.max_prefill_tokens // size), lo), lo):  # SchedulerView.rank_token_cap
+                jobs.append(("prefill", group, t, prefill_rows(t, lo, ecfg.max_num_seqs)))
+            jobs += [("decode", group, b, b) for b in _powers(bucket(ecfg.max_num_seqs))]
+    return jobs
 
 
 def _powers(limit: int, start: int = 1) -> list[int]:

@@ -12,8 +12,17 @@ from loong_jax.sampling import MAX_BANNED, MAX_LOGPROBS, SamplerFlags, SamplerIn
 
 def bucket(n: int, minimum: int = 1) -> int:
     """Smallest power of two >= max(n, minimum): the shape a batch of n rows is padded to."""
-    n = max(n, minimum, 1)
+    n = int(max(n, minimum, 1))
     return 1 << (n - 1).bit_length()
+
+
+def prefill_rows(tokens: int, min_tokens: int, max_rows: int) -> int:
+    """Sampled rows per rank of a prefill whose ranks hold `tokens` tokens: one per `min_tokens`, capped.
+
+    Tying rows to the token bucket keeps one program per token bucket (fewer programs to warm up); a
+    batch with more requests per rank than that is padded to a larger token bucket instead.
+    """
+    return max(1, min(tokens // min_tokens, bucket(max_rows)))
 
 
 def sampler_flags(reqs: Sequence[Request]) -> SamplerFlags:

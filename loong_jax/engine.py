@@ -185,6 +185,7 @@ class Engine:
             self.ecfg.max_num_seqs,
             self.ecfg.max_prefill_tokens,
             self._reserved_pages,
+            self.ecfg.min_prefill_bucket,
         )
 
     def step(self) -> list[Request]:
@@ -230,6 +231,7 @@ class Engine:
             work.plans,
             pools,
             min_tokens=self.ecfg.min_prefill_bucket,
+            max_rows=self.ecfg.max_num_seqs,
         )
         d = len(work.group)
         ranks: list[list[Request]] = [[] for _ in range(d)]

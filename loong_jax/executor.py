@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -123,31 +123,24 @@ class JaxExecutor:
         self.migrations += 1
         self.migrated_tokens += n
 
-    def warmup(
-        self, groups: Iterable[Group], prefill_tokens: Iterable[int], decode_rows: Iterable[int], show: bool
-    ) -> int:
-        """Compile default-sampler prefill and decode programs for the groups and per-rank buckets given."""
-        groups = list(groups)
-        jobs = [(g, "prefill", t) for g in groups for t in prefill_tokens]
-        jobs += [(g, "decode", b) for g in groups for b in decode_rows]
+    def warmup(self, jobs: Sequence[tuple[str, Group, int, int]], show: bool) -> int:
+        """Compile default-sampler programs: (kind, group, tokens or rows per rank, sampled rows) each."""
         before = self.programs.compiles
         flags = SamplerFlags()
-        for group, kind, size in tqdm(jobs, desc="warming up programs", disable=not show, unit="program"):
+        for kind, group, size, rows in tqdm(jobs, desc="warming up programs", disable=not show, unit="program"):
             d = len(group)
             inst = self.instances
-            sharding = inst.sharding(group, P(SP))
+            samp = sampler_inputs([[]] * d, rows, flags)
+            z = np.zeros((d, size), np.int32)
             if kind == "prefill":
-                samp = sampler_inputs([[]] * d, 1, flags)
-                z = np.zeros((d, size), np.int32)
-                inp = PrefillInputs(z, z, z - 1, z + 1, np.full((d, d, size), self.num_slots, np.int32), z[:, :1])
+                keep = np.full((d, d, size), self.num_slots, np.int32)
+                inp = PrefillInputs(z, z, z - 1, z + 1, keep, np.zeros((d, rows), np.int32))
                 fn = functools.partial(prefill_program, *self._common(group), flags)
             else:
-                samp = sampler_inputs([[]] * d, size, flags)
-                z = np.zeros((d, size), np.int32)
                 table = np.zeros((d, d * size, self.page_table_width), np.int32)
                 inp = DecodeInputs(z, z, z + self.num_slots, table, np.zeros((d, d * size), np.int32))
                 fn = functools.partial(decode_program, *self._common(group), self.page_size, flags)
-            inp, samp = jax.device_put((inp, samp), sharding)
+            inp, samp = jax.device_put((inp, samp), inst.sharding(group, P(SP)))
             args = (inst.group_params(group), inst.group_pools(group), inp, samp)
             self.programs.get((kind, group, flags, shape_key((inp, samp))), fn, args, donate_argnums=(1,))
         return self.programs.compiles - before

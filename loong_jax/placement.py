@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from loong_jax.batching import bucket
+from loong_jax.batching import bucket, prefill_rows
 from loong_jax.kv_pool import PagePool
 from loong_jax.programs import DecodeInputs, PrefillInputs
 
@@ -72,6 +72,7 @@ def build_prefill(
     pools: Sequence[PagePool],
     *,
     min_tokens: int = 16,
+    max_rows: int = 64,
 ) -> PrefillPlan:
     """Allocate each kept token's slot in its keeper's pool and lay out the ring inputs for every rank."""
     d = len(pools)
@@ -87,7 +88,8 @@ def build_prefill(
             if len(mine):
                 slot_of[i][mine] = pools[r].append(rid, len(mine))
     stripes = stripe(lengths, d)
-    t = bucket(max(len(s[0]) for s in stripes), min_tokens)
+    samplers = np.bincount([(n - 1) % d for n in lengths], minlength=d).max()  # last tokens per rank
+    t = bucket(max(max(len(s[0]) for s in stripes), min_tokens * samplers), min_tokens)
     tokens = np.zeros((d, t), np.int32)
     positions = np.zeros((d, t), np.int32)
     seg = np.full((d, t), -1, np.int32)
@@ -114,7 +116,7 @@ def build_prefill(
         sample_rank.append(r)
         sample_row.append(len(per_rank[r]))
         per_rank[r].append(local)
-    rows = bucket(max(len(x) for x in per_rank))
+    rows = prefill_rows(t, min_tokens, max_rows)
     last_idx = np.zeros((d, rows), np.int32)
     for r, locs in enumerate(per_rank):
         last_idx[r, : len(locs)] = locs

@@ -15,6 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
+from loong_jax.batching import bucket
 from loong_jax.instances import Group
 from loong_jax.kv_pool import PagePool
 from loong_jax.placement import busiest_first_plan
@@ -54,6 +55,11 @@ class SchedulerView:
     max_num_seqs: int
     max_prefill_tokens: int
     reserved_pages: int
+    min_prefill_bucket: int = 16
+
+    def rank_token_cap(self, degree: int) -> int:
+        """Tokens per rank a prefill of this degree may hold: the largest warmed-up token bucket."""
+        return bucket(-(-self.max_prefill_tokens // degree), self.min_prefill_bucket)
 
     def pages_to_reserve(self, req: Request) -> int:
         """Pages a request may ever need: prompt and all new tokens, plus a partial page per instance."""
@@ -148,14 +154,20 @@ class IdleFirstPolicy:
     def _admit(self, view: SchedulerView, group: Group) -> PrefillWork | None:
         """FCFS admission: memory-safe (growth reserved), within the batch and sequence limits."""
         pools = [view.pools[i] for i in group]
-        page = pools[0].page_size
+        page, d = pools[0].page_size, len(group)
         free = sum(p.free_pages for p in pools)
         reserved, tokens, batch = view.reserved_pages, 0, []
+        cap = view.rank_token_cap(d)
+        stripe, samplers = np.zeros(d, np.int64), np.zeros(d, np.int64)
         for req in view.waiting:
             n = len(req.prompt_ids)
             if len(view.decoding) + len(batch) >= view.max_num_seqs:
                 break
-            if batch and tokens + n > view.max_prefill_tokens:
+            # Per rank: every d-th token of the prompt, and who samples it (the rank of its last token).
+            new_stripe = stripe + (n - np.arange(d) + d - 1).clip(min=0) // d
+            new_samplers = samplers + (np.arange(d) == (n - 1) % d)
+            over = new_stripe.max() > cap or new_samplers.max() * view.min_prefill_bucket > cap
+            if batch and (tokens + n > view.max_prefill_tokens or over):
                 break
             need = view.pages_to_reserve(req)
             prompt_pages = -(-n // page) + len(group)
@@ -163,6 +175,7 @@ class IdleFirstPolicy:
                 break
             batch.append(req)
             reserved, tokens, free = reserved + need, tokens + n, free - prompt_pages
+            stripe, samplers = new_stripe, new_samplers
         if not batch:
             return None
         plans = busiest_first_plan([len(r.prompt_ids) for r in batch], pools)

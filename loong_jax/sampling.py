@@ -9,6 +9,7 @@ greedy batches skip sampling and only batches that ask for it pay for a vocabula
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -42,6 +43,16 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("max_tokens", "top_k", "seed", "min_tokens", "logprobs"):  # numpy integers are fine
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                setattr(self, name, int(value))
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Real) and not isinstance(value, bool):
+                setattr(self, name, float(value))
+            else:
+                raise ValueError(f"{name} must be a number, got {value!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
