@@ -126,21 +126,23 @@ class JaxExecutor:
     def warmup(self, jobs: Sequence[tuple[str, Group, int, int]], show: bool) -> int:
         """Compile default-sampler programs: (kind, group, tokens or rows per rank, sampled rows) each."""
         before = self.programs.compiles
-        flags = SamplerFlags()
         for kind, group, size, rows in tqdm(jobs, desc="warming up programs", disable=not show, unit="program"):
-            d = len(group)
-            inst = self.instances
-            samp = sampler_inputs([[]] * d, rows, flags)
-            z = np.zeros((d, size), np.int32)
-            if kind == "prefill":
-                keep = np.full((d, d, size), self.num_slots, np.int32)
-                inp = PrefillInputs(z, z, z - 1, z + 1, keep, np.zeros((d, rows), np.int32))
-                fn = functools.partial(prefill_program, *self._common(group), flags)
-            else:
-                table = np.zeros((d, d * size, self.page_table_width), np.int32)
-                inp = DecodeInputs(z, z, z + self.num_slots, table, np.zeros((d, d * size), np.int32))
-                fn = functools.partial(decode_program, *self._common(group), self.page_size, flags)
-            inp, samp = jax.device_put((inp, samp), inst.sharding(group, P(SP)))
-            args = (inst.group_params(group), inst.group_pools(group), inp, samp)
-            self.programs.get((kind, group, flags, shape_key((inp, samp))), fn, args, donate_argnums=(1,))
+            self.compiled(kind, group, size, rows)
         return self.programs.compiles - before
+
+    def compiled(self, kind: str, group: Group, size: int, rows: int) -> Any:
+        """The compiled default-sampler program of a kind for a group and per-rank shape (compiles if new)."""
+        d, inst, flags = len(group), self.instances, SamplerFlags()
+        samp = sampler_inputs([[]] * d, rows, flags)
+        z = np.zeros((d, size), np.int32)
+        if kind == "prefill":
+            keep = np.full((d, d, size), self.num_slots, np.int32)
+            inp = PrefillInputs(z, z, z - 1, z + 1, keep, np.zeros((d, rows), np.int32))
+            fn = functools.partial(prefill_program, *self._common(group), flags)
+        else:
+            table = np.zeros((d, d * size, self.page_table_width), np.int32)
+            inp = DecodeInputs(z, z, z + self.num_slots, table, np.zeros((d, d * size), np.int32))
+            fn = functools.partial(decode_program, *self._common(group), self.page_size, flags)
+        inp, samp = jax.device_put((inp, samp), inst.sharding(group, P(SP)))
+        args = (inst.group_params(group), inst.group_pools(group), inp, samp)
+        return self.programs.get((kind, group, flags, shape_key((inp, samp))), fn, args, donate_argnums=(1,))

@@ -139,3 +139,21 @@ def test_no_kv_moves_between_prefill_and_decode():
         for c in collectives:  # only activations travel: nothing has the pool's slot dimension
             shapes = re.findall(r"\[([\d,]+)\]", c.split("(")[0])
             assert all(str(slots) not in s.split(",") for s in shapes), c
+
+
+@pytest.mark.parametrize("num_kv_heads", [2, 1])  # heads sharded over tp, or attention replicated
+def test_tensor_parallel_instances_decode_exactly(num_kv_heads):
+    engine = tiny_esp_engine(num_instances=4, tp=2, kv_tokens=128, num_kv_heads=num_kv_heads)
+    single = tiny_esp_engine(num_instances=1, kv_tokens=1024, num_kv_heads=num_kv_heads)
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(3, 256, n).tolist() for n in (19, 40)]
+    reqs = _prefill(engine, (3, 1), prompts, [rng.integers(0, 2, 19), [0] * 20 + [1] * 20], steps=10)
+    for step in range(9):
+        group = (3, 1) if step < 4 else (0, 1, 2, 3)  # scale up to all four instances mid-way
+        masters = [step % 2, 1] if step < 4 else [2, 0]
+        _decode(engine, group, reqs, masters)
+    for p, r in zip(prompts, reqs):
+        ref = single.add_request(p, greedy_params(10))
+        while not ref.finished:
+            single.step()
+        assert r.output_ids == ref.output_ids
