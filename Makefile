@@ -1,9 +1,11 @@
-# Two entry points: `make run` (set up, then answer a chat message with the default model) and
-# `make test` (set up with the test extras, then run the test suite). Both create .venv on first use.
+# Two entry points: `make run` (set up, then answer a chat message with the default model on several
+# virtual CPU instances) and `make test` (set up with the test extras, then run the test suite).
+# Both create .venv on first use.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PROMPT ?= What is the capital of France? Answer in one sentence.
+INSTANCES ?= 4
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +23,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 setup: $(VENV)/.installed
 
 run: $(VENV)/.installed
-	$(BIN)/loong chat "$(PROMPT)"
+	$(BIN)/loong chat --num-instances $(INSTANCES) --kv-tokens-per-instance 16384 "$(PROMPT)"
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q
@@ -31,3 +33,4 @@ lint: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/generation_cpu.py
+	$(BIN)/python benchmarks/esp_scaling.py
