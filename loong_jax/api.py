@@ -64,13 +64,25 @@ class LLM:
             max_prefill_tokens=max_prefill_tokens,
         )
         self.engine = Engine(self.config, ckpt.graphdef, ckpt.state, self.tokenizer, ecfg, self.dtype, seed)
-        log.info("loaded %s (%s) in %.1fs", ckpt.source, self.config.name, time.perf_counter() - t0)
+        log.info(
+            "loaded %s (%s) in %.1fs on %d instance(s) x tp=%d (%s), %d KV tokens per instance",
+            ckpt.source,
+            self.config.name,
+            time.perf_counter() - t0,
+            num_instances,
+            tp,
+            self.engine.executor.instances.devices[0][0].platform,
+            ecfg.num_pages * ecfg.page_size,
+        )
         if warmup:
             self.warmup()
 
     def warmup(self, show_progress: bool = True) -> int:
         """Compile the programs the engine's policy uses (see `warmup_jobs`); returns how many compiled."""
-        return self.engine.executor.warmup(warmup_jobs(self.engine.ecfg), show_progress)
+        t0 = time.perf_counter()
+        n = self.engine.executor.warmup(warmup_jobs(self.engine.ecfg), show_progress)
+        log.info("warmed up %d programs in %.1fs", n, time.perf_counter() - t0)
+        return n
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):

@@ -17,17 +17,14 @@ from pallas_kernels import block_attention
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
-def tiny_esp_engine(num_instances=8, tp=1, kv_tokens=512, page_size=4, seed=7, **cfg_overrides) -> Engine:
+def tiny_esp_engine(num_instances=8, tp=1, kv_tokens=512, page_size=4, seed=7, limits=None, **cfg_overrides) -> Engine:
+    """An engine over a tiny random model; `limits` overrides EngineConfig fields."""
     cfg = tiny_config(**cfg_overrides)
     graphdef, state = nnx.split(Llama(cfg, jnp.float32, nnx.Rngs(seed)))
+    fields = dict(max_model_len=512, max_num_seqs=16, max_prefill_tokens=512)
+    fields.update(limits or {})
     ecfg = EngineConfig(
-        max_model_len=512,
-        num_instances=num_instances,
-        tp=tp,
-        kv_tokens_per_instance=kv_tokens,
-        page_size=page_size,
-        max_num_seqs=16,
-        max_prefill_tokens=512,
+        num_instances=num_instances, tp=tp, kv_tokens_per_instance=kv_tokens, page_size=page_size, **fields
     )
     return Engine(cfg, graphdef, state, None, ecfg, jnp.float32, seed=0)
 

@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from esp_helpers import tiny_esp_engine
 
 from loong_jax import SamplingParams
-from loong_jax.config import tiny_config
-from loong_jax.engine import Engine, EngineConfig, RequestRejected
-from loong_jax.model import Llama
+from loong_jax.engine import RequestRejected
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
-def tiny_engine(kv_tokens=512, max_num_seqs=8, max_prefill_tokens=256, page_size=4, **cfg_overrides):
-    cfg = tiny_config(**cfg_overrides)
-    graphdef, state = nnx.split(Llama(cfg, jnp.float32, nnx.Rngs(7)))
-    ecfg = EngineConfig(
-        max_model_len=256,
-        kv_tokens_per_instance=kv_tokens,
-        page_size=page_size,
-        max_num_seqs=max_num_seqs,
-        max_prefill_tokens=max_prefill_tokens,
-        min_prefill_bucket=16,
-    )
-    return Engine(cfg, graphdef, state, None, ecfg, jnp.float32, seed=0)
+def tiny_engine(kv_tokens=512, max_num_seqs=8, max_prefill_tokens=256, page_size=4):
+    limits = dict(max_model_len=256, max_num_seqs=max_num_seqs, max_prefill_tokens=max_prefill_tokens)
+    return tiny_esp_engine(num_instances=1, kv_tokens=kv_tokens, page_size=page_size, limits=limits)
 
 
 def run(engine, reqs):

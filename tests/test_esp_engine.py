@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 from esp_helpers import greedy_params, tiny_esp_engine
-from flax import nnx
 
 from loong_jax import SamplingParams
 from loong_jax.api import warmup_jobs
-from loong_jax.config import tiny_config
-from loong_jax.engine import Engine, EngineConfig
-from loong_jax.model import Llama
 
 
 def _drive(engine, waves, rng):
@@ -43,17 +38,9 @@ def test_policy_serves_a_mixed_workload_exactly():
 
 
 def test_no_compile_after_warmup():
-    cfg = tiny_config()
-    graphdef, state = nnx.split(Llama(cfg, jnp.float32, nnx.Rngs(0)))
-    ecfg = EngineConfig(
-        max_model_len=512,
-        num_instances=4,
-        kv_tokens_per_instance=256,
-        page_size=8,
-        max_num_seqs=8,
-        max_prefill_tokens=256,
-    )
-    engine = Engine(cfg, graphdef, state, None, ecfg, jnp.float32, seed=0)
+    limits = dict(max_model_len=512, max_num_seqs=8, max_prefill_tokens=256)
+    engine = tiny_esp_engine(num_instances=4, kv_tokens=256, page_size=8, seed=0, limits=limits)
+    ecfg = engine.ecfg
     jobs = warmup_jobs(ecfg)
     assert engine.executor.warmup(jobs, show=False) == len(jobs)
     compiled = engine.executor.programs.compiles
