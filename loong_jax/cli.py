@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (gen, chat):
         _model_args(p)
         _sampling_args(p)
+    srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    _model_args(srv)
+    from serving.server import add_serve_args  # noqa: PLC0415
+
+    add_serve_args(srv)
     conv = sub.add_parser("convert", help="convert a checkpoint to an Orbax checkpoint (fast reloads)")
     conv.add_argument("source", help="GGUF file or Hugging Face directory ('default' for SmolLM2)")
     conv.add_argument("output", help="new directory to write")
@@ -101,12 +106,17 @@ def _convert(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    verbose = args.verbose or args.command == "serve"
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
     from checkpoints.load import CheckpointError  # noqa: PLC0415
 
     if getattr(args, "num_instances", 1) * getattr(args, "tp", 1) > 1:
         use_virtual_cpu_devices(args.num_instances * args.tp)
     try:
+        if args.command == "serve":
+            from serving.server import serve  # noqa: PLC0415
+
+            return serve(args)
         return _convert(args) if args.command == "convert" else _generate(args)
     except (CheckpointError, ValueError, NotImplementedError) as e:
         print(f"loong: error: {e}", file=sys.stderr)

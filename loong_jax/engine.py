@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import secrets
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -218,9 +219,11 @@ class Engine:
 
     def _launch_prefill(self, work: PrefillWork) -> tuple[list[list[Request]], Pending]:
         view = self._view()
+        now = time.monotonic()
         for req in work.requests:
             self.waiting.remove(req)
             req.status = Status.RUNNING
+            req.scheduled_time = now
             req.reserved_pages = view.pages_to_reserve(req)
             self._reserved_pages += req.reserved_pages
             self.running.append(req)
@@ -279,6 +282,7 @@ class Engine:
         self.stats.migrations += 1
 
     def _retire(self, req: Request) -> None:
+        self.requests.pop(req.rid, None)
         if req in self.running:
             self.running.remove(req)
             self._reserved_pages -= req.reserved_pages

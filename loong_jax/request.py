@@ -58,6 +58,7 @@ class Request:
     text: str = ""
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    scheduled_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
     reserved_pages: int = 0

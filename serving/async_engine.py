@@ -1,0 +1,185 @@
+"""The engine on its own thread, with an asyncio face for the server.
+
+The engine is not thread-safe, so every change to it (adding, aborting) is a command that its thread
+applies between iterations. Each request gets an asyncio queue on the caller's event loop; after each
+iteration the engine thread pushes what is new for every request it touched. A failing iteration fails
+only the requests it ran; the loop goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from loong_jax.engine import Engine
+from loong_jax.request import Request
+from loong_jax.sampling import SamplingParams
+
+log = logging.getLogger("loong_jax.serving")
+
+
+@dataclasses.dataclass
+class Delta:
+    """What one request produced since its previous delta."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]]
+    finished: bool
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    wants_logprobs: bool = False
+
+
+@dataclasses.dataclass
+class _Stream:
+    req: Request
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    sent: int = 0  # tokens already delivered
+
+
+class AsyncEngine:
+    """Runs `engine.step()` in a loop on a dedicated thread; `generate()` streams one request's deltas."""
+
+    def __init__(self, engine: Engine, on_iteration: Callable[[Engine, list[Request], float], None] | None = None):
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[int, _Stream] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="loong-engine", daemon=True)
+        self._on_iteration = on_iteration
+        self.iterations = 0
+        self.errors = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def call(self, fn: Callable[[Engine], Any]) -> concurrent.futures.Future:
+        """Run fn(engine) on the engine thread between iterations; returns a future of its result."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put((fn, fut))
+        self._wake.set()
+        return fut
+
+    async def add(self, prompt_ids: Sequence[int], params: SamplingParams) -> tuple[int, asyncio.Queue]:
+        """Queue a request (validated by the engine: errors raise here) and return its id and delta queue."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+
+        def add(engine: Engine) -> int:
+            req = engine.add_request(prompt_ids, params)
+            self._streams[req.rid] = _Stream(req, loop, q)
+            return req.rid
+
+        rid = await asyncio.wrap_future(self.call(add))
+        return rid, q
+
+    def abort(self, rid: int) -> None:
+        self.call(lambda engine: self._abort(engine, rid))
+
+    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        """Submit a request and yield its deltas until it finishes; leaving early aborts it."""
+        rid, q = await self.add(prompt_ids, params)
+        finished = False
+        try:
+            while not finished:
+                delta: Delta = await q.get()
+                finished = delta.finished
+                yield delta
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    # ----- the engine thread --------------------------------------------------------------------------
+
+    def _abort(self, engine: Engine, rid: int) -> None:
+        stream = self._streams.get(rid)
+        if stream is not None:
+            engine.abort(rid)
+            self._publish([stream.req])
+
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            self._drain_commands()
+            if self._stop.is_set() and not engine.has_unfinished():
+                return
+            if not engine.has_unfinished():
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            t0 = time.perf_counter()
+            try:
+                touched = engine.step()
+            except Exception:  # one bad iteration must not take the server down
+                log.exception("engine iteration failed; failing the requests it ran")
+                self.errors += 1
+                touched = self._fail_running(engine)
+            self.iterations += 1
+            if self._on_iteration is not None:
+                self._on_iteration(engine, touched, time.perf_counter() - t0)
+            self._publish(touched)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                fn, fut = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(self.engine))
+            except Exception as e:  # validation errors go back to the caller
+                fut.set_exception(e)
+
+    def _fail_running(self, engine: Engine) -> list[Request]:
+        failed = list(engine.running)
+        for req in failed:
+            engine.abort(req.rid)
+            req.finish_reason = "error"
+        return failed
+
+    def _publish(self, reqs: Sequence[Request]) -> None:
+        for req in reqs:
+            stream = self._streams.get(req.rid)
+            if stream is None:
+                continue
+            if req.finished:
+                del self._streams[req.rid]  # its last delta goes out now
+            new = slice(stream.sent, len(req.output_ids))
+            stream.sent = len(req.output_ids)
+            delta = Delta(
+                text=req.take_text_delta(),
+                token_ids=req.output_ids[new],
+                logprobs=req.logprobs[new],
+                top_logprobs=req.top_logprobs[new],
+                finished=req.finished,
+                finish_reason=req.finish_reason,
+                stop_reason=req.stop_reason,
+                prompt_tokens=len(req.prompt_ids),
+                completion_tokens=len(req.output_ids),
+                wants_logprobs=req.params.logprobs is not None,
+            )
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, delta)

@@ -1,0 +1,102 @@
+"""Prometheus metrics under the `loong:` prefix: the usual serving metrics plus the elastic ones."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from loong_jax.engine import Engine
+from loong_jax.request import Request
+
+_LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_DEGREES = (1, 2, 4, 8, 16, 32, 64)
+
+
+class Metrics:
+    """Updated by the engine thread after every iteration; rendered by GET /metrics."""
+
+    def __init__(self, num_instances: int):
+        r = self.registry = CollectorRegistry()
+        self.ttft = Histogram("loong:time_to_first_token_seconds", "Time to first token.", buckets=_LATENCY, registry=r)
+        self.itl = Histogram(
+            "loong:inter_token_latency_seconds", "Time between consecutive output tokens.", buckets=_LATENCY, registry=r
+        )
+        self.e2e = Histogram("loong:e2e_request_latency_seconds", "End-to-end latency.", buckets=_LATENCY, registry=r)
+        self.queue = Histogram(
+            "loong:request_queue_time_seconds",
+            "Time from arrival to the start of prefill.",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.running = Gauge("loong:num_requests_running", "Requests being prefilled or decoded.", registry=r)
+        self.waiting = Gauge("loong:num_requests_waiting", "Requests waiting for admission.", registry=r)
+        self.kv_usage = Gauge("loong:kv_cache_usage_perc", "Fraction of the distributed KV pool in use.", registry=r)
+        self.kv_instance = Gauge(
+            "loong:kv_cache_usage_perc_instance", "Fraction of one instance's KV pool in use.", ["instance"], registry=r
+        )
+        self.prompt_tokens = Counter("loong:prompt_tokens", "Prompt tokens prefilled.", registry=r)
+        self.generation_tokens = Counter("loong:generation_tokens", "Tokens generated.", registry=r)
+        self.finished = Counter("loong:request_success", "Finished requests.", ["finished_reason"], registry=r)
+        self.preemptions = Counter("loong:num_preemptions", "Requests preempted (recomputed later).", registry=r)
+        self.prefill_degree = Histogram(
+            "loong:prefill_group_degree", "Instances in each prefill group.", buckets=_DEGREES, registry=r
+        )
+        self.decode_degree = Histogram(
+            "loong:decode_group_degree", "Instances in each decode group.", buckets=_DEGREES, registry=r
+        )
+        self.scale_ups = Counter("loong:scale_ups", "Decode steps giving a request a new master instance.", registry=r)
+        self.scale_downs = Counter("loong:scale_downs", "Prefills keeping KV on fewer instances.", registry=r)
+        self.migrations = Counter("loong:migrations", "KV migrations between instances.", registry=r)
+        self.iteration = Histogram("loong:iteration_seconds", "Engine iteration time.", buckets=_LATENCY, registry=r)
+        for i in range(num_instances):
+            self.kv_instance.labels(instance=str(i)).set(0)
+        self._seen = {"prefills": 0, "decode_steps": 0, "scale_ups": 0, "scale_downs": 0, "migrations": 0}
+        self._last_token: dict[int, tuple[int, float]] = {}
+
+    def on_iteration(self, engine: Engine, touched: Sequence[Request], seconds: float) -> None:
+        now = time.monotonic()
+        self.iteration.observe(seconds)
+        s = engine.stats
+        for value in s.prefill_degrees[self._seen["prefills"] :]:
+            self.prefill_degree.observe(value)
+        for value in s.decode_degrees[self._seen["decode_steps"] :]:
+            self.decode_degree.observe(value)
+        self.scale_ups.inc(s.scale_ups - self._seen["scale_ups"])
+        self.scale_downs.inc(s.scale_downs - self._seen["scale_downs"])
+        self.migrations.inc(s.migrations - self._seen["migrations"])
+        self._seen = {
+            "prefills": len(s.prefill_degrees),
+            "decode_steps": len(s.decode_degrees),
+            "scale_ups": s.scale_ups,
+            "scale_downs": s.scale_downs,
+            "migrations": s.migrations,
+        }
+        for req in touched:
+            n = len(req.output_ids)
+            before = self._last_token.get(req.rid)
+            if before is None:
+                self.prompt_tokens.inc(len(req.prompt_ids))
+                if req.first_token_time is not None:
+                    self.ttft.observe(req.first_token_time - req.arrival)
+                if req.scheduled_time is not None:
+                    self.queue.observe(req.scheduled_time - req.arrival)
+            elif n > before[0]:
+                self.itl.observe((now - before[1]) / (n - before[0]))
+            self.generation_tokens.inc(n - (before[0] if before else 0))
+            self._last_token[req.rid] = (n, now)
+            if req.finished:
+                self._last_token.pop(req.rid, None)
+                self.finished.labels(finished_reason=req.finish_reason or "unknown").inc()
+                if req.finish_reason != "abort":
+                    self.e2e.observe((req.finish_time or now) - req.arrival)
+        self.running.set(len(engine.running))
+        self.waiting.set(len(engine.waiting))
+        total = sum(p.num_slots for p in engine.pools)
+        self.kv_usage.set(engine.kv_used_tokens / total)
+        for i, pool in enumerate(engine.pools):
+            self.kv_instance.labels(instance=str(i)).set(pool.used_tokens / pool.num_slots)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

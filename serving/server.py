@@ -1,0 +1,72 @@
+"""`loong serve`: load the model onto the elastic engine, warm it up, and serve the API with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+import uvicorn
+
+from serving.app import Server, build_app
+from serving.async_engine import AsyncEngine
+from serving.metrics import Metrics
+
+log = logging.getLogger("loong_jax.serving")
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("LOONG_API_KEY"), help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--served-model-name", default=None, help="the model name clients use (default: the file's)")
+    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--max-prefill-tokens", type=int, default=4096)
+    p.add_argument("--no-warmup", action="store_true", help="compile programs on first use instead of at start")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to finish running requests on SIGTERM")
+
+
+def build_server(llm, model_name: str, api_key: str | None) -> tuple[Server, AsyncEngine]:
+    """The routes' state around a loaded LLM; the engine thread is started here."""
+    metrics = Metrics(llm.engine.ecfg.num_instances)
+    engine = AsyncEngine(llm.engine, metrics.on_iteration)
+    engine.start()
+    return Server(engine, llm.tokenizer, model_name, metrics, api_key), engine
+
+
+def serve(args: argparse.Namespace) -> int:
+    from loong_jax import LLM  # noqa: PLC0415
+
+    llm = LLM(
+        args.model,
+        num_instances=args.num_instances,
+        tp=args.tp,
+        max_model_len=args.max_model_len,
+        dtype=args.dtype,
+        kv_tokens_per_instance=args.kv_tokens_per_instance,
+        max_num_seqs=args.max_num_seqs,
+        max_prefill_tokens=args.max_prefill_tokens,
+    )
+    if llm.tokenizer is None:
+        raise ValueError("the checkpoint has no tokenizer; the server needs one")
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model or "SmolLM2-135M-Instruct"))
+    e = llm.engine.ecfg
+    log.info(
+        "model %s: %s, %d instance(s) x tp=%d, max context %d tokens, %d KV tokens per instance",
+        name,
+        llm.config.name,
+        e.num_instances,
+        e.tp,
+        e.max_model_len,
+        e.kv_tokens_per_instance,
+    )
+    if not args.no_warmup:
+        log.info("warmed up %d programs", llm.warmup(show_progress=True))
+    server, engine = build_server(llm, name, args.api_key)
+    app = build_app(server, on_shutdown=lambda: engine.shutdown(args.shutdown_timeout))
+    log.info("listening on http://%s:%d (OpenAI-compatible API under /v1)", args.host, args.port)
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=int(args.shutdown_timeout)
+    )
+    uvicorn.Server(config).run()
+    return 0
