@@ -1,11 +1,12 @@
-# Two entry points: `make run` (set up, then answer a chat message with the default model on several
+# Two entry points: `make run` (set up, then serve the default model's OpenAI-compatible API on several
 # virtual CPU instances) and `make test` (set up with the test extras, then run the test suite).
-# Both create .venv on first use.
+# Both create .venv on first use. `make chat` answers one message on the command line instead.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PROMPT ?= What is the capital of France? Answer in one sentence.
 INSTANCES ?= 4
+PORT ?= 8000
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +20,14 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-.PHONY: setup run test lint bench
+.PHONY: setup run chat test lint bench
 setup: $(VENV)/.installed
 
 run: $(VENV)/.installed
+	$(BIN)/loong serve --num-instances $(INSTANCES) --kv-tokens-per-instance 16384 --max-num-seqs 16 \
+		--max-prefill-tokens 2048 --port $(PORT)
+
+chat: $(VENV)/.installed
 	$(BIN)/loong chat --num-instances $(INSTANCES) --kv-tokens-per-instance 16384 "$(PROMPT)"
 
 test: $(VENV)/.installed-test
@@ -32,5 +37,7 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 
 bench: $(VENV)/.installed-test
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/generation_cpu.py
 	$(BIN)/python benchmarks/esp_scaling.py
+	$(BIN)/python benchmarks/serving_client.py --compare-transformers

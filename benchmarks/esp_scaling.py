@@ -81,6 +81,7 @@ def main() -> None:
     }
     degrees = [d for d in args.degrees if d <= args.instances]
     for n in args.prompts:
+        n = min(n, engine.ecfg.max_model_len - 2)  # room for the sampled tokens
         prompt = rng.integers(3, llm.config.vocab_size, n).tolist()
         for d in degrees:
             group = tuple(range(d))
@@ -88,7 +89,7 @@ def main() -> None:
             row = {"prompt_tokens": n, "degree": d, "seconds": t_local}
             results["prefill"].append(row)
             print(f"prefill {n:6d} tokens, degree {d}: {t_local * 1e3:8.1f} ms", flush=True)
-            if d > 1 and n == args.prompts[0]:
+            if d > 1 and n == min(args.prompts[0], engine.ecfg.max_model_len - 2):
                 t_down = timed_prefill(prompt, group, "scale_down")
                 t_none = timed_prefill(prompt, group, "none")
                 results["scale_down_overhead"].append(
