@@ -19,7 +19,6 @@ import dataclasses
 import json
 import os
 import statistics
-import threading
 import time
 
 import httpx
@@ -168,31 +167,16 @@ def start_server(args):
     from loong_jax import LLM, use_virtual_cpu_devices
 
     use_virtual_cpu_devices(args.instances)
-    import socket
-
-    import uvicorn
-
     from serving.app import build_app
-    from serving.server import build_server
+    from serving.server import build_server, start_in_thread
 
     llm = LLM(
         num_instances=args.instances, kv_tokens_per_instance=args.kv_tokens, max_num_seqs=max(16, args.concurrency)
     )
     if args.warmup:
         llm.warmup(show_progress=False)
-    server, engine = build_server(llm, "default", api_key=None)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(build_app(server), host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=uv.run, daemon=True).start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(400):
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.05)
+    server, _ = build_server(llm, "default", api_key=None)
+    url, uv = start_in_thread(build_app(server))
     return url, llm, uv
 
 

@@ -54,8 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def load_llm(args: argparse.Namespace, **limits: int):
+    """The LLM that the model options of `generate`, `chat` and `serve` describe."""
+    from loong_jax import LLM  # noqa: PLC0415
+
+    return LLM(
+        args.model,
+        num_instances=args.num_instances,
+        tp=args.tp,
+        max_model_len=args.max_model_len,
+        dtype=args.dtype,
+        kv_tokens_per_instance=args.kv_tokens_per_instance,
+        **limits,
+    )
+
+
 def _generate(args: argparse.Namespace) -> int:
-    from loong_jax import LLM, SamplingParams  # noqa: PLC0415
+    from loong_jax import SamplingParams  # noqa: PLC0415
 
     params = SamplingParams(
         max_tokens=args.max_tokens,
@@ -67,14 +82,7 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=args.stop,
     )
-    llm = LLM(
-        args.model,
-        num_instances=args.num_instances,
-        tp=args.tp,
-        max_model_len=args.max_model_len,
-        dtype=args.dtype,
-        kv_tokens_per_instance=args.kv_tokens_per_instance,
-    )
+    llm = load_llm(args)
     if args.command == "chat":
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": args.message}
@@ -116,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from serving.server import serve  # noqa: PLC0415
 
-            return serve(args)
+            llm = load_llm(args, max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens)
+            return serve(args, llm)
         return _convert(args) if args.command == "convert" else _generate(args)
     except (CheckpointError, ValueError, NotImplementedError) as e:
         print(f"loong: error: {e}", file=sys.stderr)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
+import threading
+import time
+from typing import Any
 
+import httpx
 import uvicorn
 
 from serving.app import Server, build_app
@@ -26,6 +31,25 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to finish running requests on SIGTERM")
 
 
+def start_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0) -> tuple[str, uvicorn.Server]:
+    """Serve an app from a background thread (tests, benchmarks); returns its URL once it is healthy."""
+    if port == 0:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    threading.Thread(target=server.run, name="uvicorn", daemon=True).start()
+    url = f"http://{host}:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return url, server
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise RuntimeError(f"the server at {url} did not become healthy")
+
+
 def build_server(llm, model_name: str, api_key: str | None) -> tuple[Server, AsyncEngine]:
     """The routes' state around a loaded LLM; the engine thread is started here."""
     metrics = Metrics(llm.engine.ecfg.num_instances)
@@ -34,19 +58,8 @@ def build_server(llm, model_name: str, api_key: str | None) -> tuple[Server, Asy
     return Server(engine, llm.tokenizer, model_name, metrics, api_key), engine
 
 
-def serve(args: argparse.Namespace) -> int:
-    from loong_jax import LLM  # noqa: PLC0415
-
-    llm = LLM(
-        args.model,
-        num_instances=args.num_instances,
-        tp=args.tp,
-        max_model_len=args.max_model_len,
-        dtype=args.dtype,
-        kv_tokens_per_instance=args.kv_tokens_per_instance,
-        max_num_seqs=args.max_num_seqs,
-        max_prefill_tokens=args.max_prefill_tokens,
-    )
+def serve(args: argparse.Namespace, llm: Any) -> int:
+    """Warm the loaded model up and serve it until SIGTERM / Ctrl-C (running requests finish first)."""
     if llm.tokenizer is None:
         raise ValueError("the checkpoint has no tokenizer; the server needs one")
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model or "SmolLM2-135M-Instruct"))

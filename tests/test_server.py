@@ -4,48 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 
 import httpx
 import pytest
 
 openai = pytest.importorskip("openai")
-import uvicorn  # noqa: E402
-
 from loong_jax import LLM  # noqa: E402
 from serving.app import build_app  # noqa: E402
-from serving.server import build_server  # noqa: E402
+from serving.server import build_server, start_in_thread  # noqa: E402
 
 MODEL = "smollm2"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server():
     llm = LLM(num_instances=4, kv_tokens_per_instance=4096, max_num_seqs=64, max_model_len=2048, seed=0)
     srv, engine = build_server(llm, MODEL, api_key=None)
-    app = build_app(srv, on_shutdown=lambda: engine.shutdown(10))
-    port = _free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(f"{base}/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.05)
-    yield base, llm
+    url, uv = start_in_thread(build_app(srv, on_shutdown=lambda: engine.shutdown(10)))
+    yield url, llm
     uv.should_exit = True
-    thread.join(15)
 
 
 @pytest.fixture(scope="module")
