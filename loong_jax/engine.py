@@ -144,7 +144,8 @@ class Engine:
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
         req = Request(next(self._ids), prompt_ids, params, max_new, seed, self.eos_ids, detok)
-        if self._view().pages_to_reserve(req) > self._view().total_pages:
+        view = self._view()
+        if view.pages_to_reserve(req) > view.total_pages:
             capacity = sum(p.num_slots for p in self.pools)
             raise RequestRejected(
                 f"the request needs {n + max_new} tokens of KV cache but the whole pool holds "
