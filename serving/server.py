@@ -74,7 +74,7 @@ def serve(args: argparse.Namespace, llm: Any) -> int:
         e.kv_tokens_per_instance,
     )
     if not args.no_warmup:
-        log.info("warmed up %d programs", llm.warmup(show_progress=True))
+        llm.warmup(show_progress=True)  # logs how many programs it compiled and how long it took
     server, engine = build_server(llm, name, args.api_key)
     app = build_app(server, on_shutdown=lambda: engine.shutdown(args.shutdown_timeout))
     log.info("listening on http://%s:%d (OpenAI-compatible API under /v1)", args.host, args.port)
