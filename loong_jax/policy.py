@@ -3,8 +3,9 @@
 Each iteration partitions the instances into disjoint groups; a group runs one prefill batch (with a
 scale-down placement plan) or one decode batch (with a master per request). `IdleFirstPolicy` is the
 engine's policy until the cost-model scheduler lands: decode each request on the instances holding its
-KV, prefill on the idle instances (or, when none is idle, pause decoding for one prefill on all), place
-prompts busiest-instance-first, spread masters, and scale up when a master's pool is full.
+KV, prefill on the idle instances (or, when none is idle, pause the decode group with the fewest requests
+for one prefill on its instances), place prompts busiest-instance-first, spread masters, and scale up
+when a master's pool is full.
 """
 
 from __future__ import annotations
@@ -97,14 +98,17 @@ class IdleFirstPolicy:
         groups = self._decode_groups(view)
         busy = {i for g, _ in groups for i in g}
         idle = [i for i in range(self.n) if i not in busy]
+        it = Iteration()
         if view.waiting:
-            target = self._prefill_group(idle) if idle else tuple(range(self.n))
-            work = self._admit(view, target)
-            if work is not None and not idle:
-                return Iteration(prefills=[work])  # no idle instance: decoding pauses for this prefill
-            it = Iteration(prefills=[work] if work else [])
-        else:
-            it = Iteration()
+            if idle:
+                work = self._admit(view, self._prefill_group(idle))
+            else:  # no idle instance: pause the lightest decode group for one prefill on its instances
+                group, _ = min(groups, key=lambda g: (len(g[1]), -len(g[0])))
+                work = self._admit(view, group)
+                if work is not None:
+                    groups = [g for g in groups if g[0] != group]
+            if work is not None:
+                it.prefills.append(work)
         taken = set(it.instances())
         for group, reqs in groups:
             it.decodes.append(self._masters(view, group, reqs, taken))
