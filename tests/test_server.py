@@ -212,3 +212,11 @@ def test_metrics_report_the_elastic_engine(server, client):
         "loong:migrations_total",
     ):
         assert name in text, name
+
+
+def test_non_streaming_client_that_gives_up_frees_its_kv(server):
+    base, llm = server
+    body = {"model": MODEL, "prompt": "Write a very long story.", "max_tokens": 1000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base}/v1/completions", json=body, timeout=2.0)
+    assert _wait_idle(llm, timeout=60)
