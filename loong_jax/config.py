@@ -62,14 +62,6 @@ class ModelConfig:
             return int(self.max_position_embeddings * self.rope_scaling.factor)
         return self.max_position_embeddings
 
-    @property
-    def q_per_kv(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
-    def kv_bytes_per_token(self, itemsize: int) -> int:
-        """Bytes of K and V one token occupies across all layers."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -78,10 +78,6 @@ class JaxExecutor:
         """The model weights (instance 0's copy): for scoring, conversion and inspection."""
         return self.instances.weights[0]
 
-    @property
-    def num_instances(self) -> int:
-        return self.instances.n
-
     def _common(self, group: Group) -> tuple:
         inst = self.instances
         return (self.graphdef, inst.mesh(group), inst.param_specs, inst.pool_spec, inst.tp_plan)

@@ -54,15 +54,6 @@ class PagePool:
     def used_tokens(self) -> int:
         return sum(self.tokens.values())
 
-    @property
-    def free_tokens(self) -> int:
-        """Tokens that can still be stored: free pages plus the unused tails of partly filled pages."""
-        tails = sum(len(self.pages[r]) * self.page_size - n for r, n in self.tokens.items())
-        return self.free_pages * self.page_size + tails
-
-    def has_room(self, rid: int, extra_tokens: int) -> bool:
-        return self.pages_needed(rid, extra_tokens) <= self.free_pages
-
     def pages_needed(self, rid: int, extra_tokens: int) -> int:
         have = len(self.pages.get(rid, ()))
         need = -(-(self.tokens.get(rid, 0) + extra_tokens) // self.page_size)
@@ -107,10 +98,3 @@ class PagePool:
         """Free every page of request rid."""
         self._free.extend(reversed(self.pages.pop(rid, [])))
         self.tokens.pop(rid, None)
-
-    def page_row(self, rid: int, width: int) -> np.ndarray:
-        """Request rid's page ids padded with 0 to `width` (padding is masked by the token count)."""
-        row = np.zeros(width, np.int32)
-        pages = self.pages.get(rid, [])
-        row[: len(pages)] = pages
-        return row

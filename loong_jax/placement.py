@@ -158,8 +158,10 @@ def build_decode(
         for j, i in enumerate(members):
             row = m * b + j
             for r, pool in enumerate(pools):
-                kv_lens[r, row] = pool.tokens.get(rids[i], 0)
-                table[r, row] = pool.page_row(rids[i], width)
+                pages = pool.pages.get(rids[i])
+                if pages:  # padding entries stay page 0, masked by the token count
+                    kv_lens[r, row] = pool.tokens[rids[i]]
+                    table[r, row, : len(pages)] = pages
             tokens[m, j], pos[m, j] = last_tokens[i], positions[i]
             slots[m, j] = pools[m].append(rids[i], 1)[0]
     return DecodePlan(DecodeInputs(tokens, pos, slots, table, kv_lens), b, rank_requests)

@@ -91,10 +91,6 @@ class SamplingParams:
             raise bad("logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None")
 
     @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    @property
     def uses_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
