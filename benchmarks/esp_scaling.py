@@ -38,7 +38,7 @@ def main() -> None:
     use_virtual_cpu_devices(args.instances)  # only the CPU backend is affected; must precede any JAX work
 
     from loong_jax import LLM, SamplingParams
-    from loong_jax.policy import DecodeWork, Iteration, PrefillWork
+    from loong_jax.execution import DecodeWork, Iteration, PrefillWork
 
     max_prompt = max(args.prompts)
     llm = LLM(
@@ -146,7 +146,7 @@ def memory_analysis(tokens: int, degrees: list[int], base_cfg) -> list[dict]:
     import jax.numpy as jnp
     from flax import nnx
 
-    from loong_jax.engine import Engine, EngineConfig
+    from loong_jax.engine import EngineConfig, build_engine
     from loong_jax.model import Llama
 
     cfg = dataclasses.replace(base_cfg, max_position_embeddings=tokens)
@@ -156,7 +156,7 @@ def memory_analysis(tokens: int, degrees: list[int], base_cfg) -> list[dict]:
     for d in degrees:
         per_rank = -(-tokens // d)
         ecfg = EngineConfig(max_model_len=tokens, num_instances=d, kv_tokens_per_instance=per_rank + 64)
-        engine = Engine(cfg, graphdef, state, None, ecfg, jnp.float32, seed=0)
+        engine = build_engine(cfg, graphdef, state, None, ecfg, jnp.float32, seed=0)
         mem = engine.executor.compiled("prefill", tuple(range(d)), per_rank, 1).memory_analysis()
         row = {
             "prompt_tokens": tokens,

@@ -10,7 +10,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from loong_jax.batching import bucket, prefill_rows
-from loong_jax.engine import Engine, EngineConfig
+from loong_jax.engine import EngineConfig, build_engine
 from loong_jax.outputs import RequestOutput
 from loong_jax.platform import DEFAULT_CACHE_DIR, enable_compilation_cache, parse_dtype
 from loong_jax.sampling import SamplingParams
@@ -63,7 +63,7 @@ class LLM:
             max_num_seqs=max_num_seqs,
             max_prefill_tokens=max_prefill_tokens,
         )
-        self.engine = Engine(self.config, ckpt.graphdef, ckpt.state, self.tokenizer, ecfg, self.dtype, seed)
+        self.engine = build_engine(self.config, ckpt.graphdef, ckpt.state, self.tokenizer, ecfg, self.dtype, seed)
         log.info(
             "loaded %s (%s) in %.1fs on %d instance(s) x tp=%d (%s), %d KV tokens per instance",
             ckpt.source,

@@ -1,11 +1,11 @@
-"""The engine loop: admits requests, runs each iteration's group programs, streams tokens.
+"""The engine loop: admits requests, keeps group programs in flight on disjoint instances, streams tokens.
 
 Host-side state lives here: the queues, the requests, and one page pool per instance (together the
-unified distributed KV pool: any token of any request may live on any instance). Each iteration a
-policy partitions the instances into groups and says what every group runs; the engine builds the
-per-rank inputs, dispatches every group's program (they run at the same time on disjoint devices),
-then collects the sampled tokens. Admission is memory-safe: a request's prompt plus its maximum number
-of new tokens is reserved in the whole pool, so a running request never runs out of KV.
+unified distributed KV pool: any token of any request may live on any instance). Each step the engine
+applies the tokens of every finished launch, asks the policy what the free instances should run, and
+launches that without waiting: a long prefill on some instances never holds up decode steps on others.
+The executor is the JAX one or the simulated one; the loop is the same. Admission is memory-safe: a
+request's prompt plus its maximum number of new tokens is reserved in the whole pool.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import secrets
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,12 +21,11 @@ import numpy as np
 from flax import nnx
 
 from checkpoints.tokenizer import Tokenizer
-from loong_jax.batching import sampler_flags, sampler_inputs
 from loong_jax.config import ModelConfig
-from loong_jax.executor import JaxExecutor, Pending
+from loong_jax.execution import DecodeWork, Executor, Iteration, Launch, Migration
+from loong_jax.executor import JaxExecutor
 from loong_jax.kv_pool import PagePool
-from loong_jax.placement import build_decode, build_prefill
-from loong_jax.policy import DecodeWork, IdleFirstPolicy, Iteration, Policy, PrefillWork, SchedulerView
+from loong_jax.policy import IdleFirstPolicy, Policy, SchedulerView
 from loong_jax.request import IncrementalDetokenizer, Request, Status
 from loong_jax.sampling import SamplingParams
 
@@ -75,45 +73,33 @@ class EngineStats:
     scale_downs: int = 0  # prefills whose KV was kept on fewer instances than ran them
     scale_ups: int = 0  # decode steps in which a request got a master that held none of its KV
     migrations: int = 0
+    preemptions: int = 0
     prefill_degrees: list[int] = dataclasses.field(default_factory=list)
     decode_degrees: list[int] = dataclasses.field(default_factory=list)
 
 
 class Engine:
-    """Host-side state (queues, per-instance page pools, requests) around one JaxExecutor."""
+    """Host-side state (queues, per-instance page pools, requests, launches in flight) around an executor."""
 
     def __init__(
         self,
         cfg: ModelConfig,
-        graphdef: nnx.GraphDef,
-        state: nnx.State,
-        tokenizer: Tokenizer | None,
         ecfg: EngineConfig,
-        dtype: Any,
+        executor: Executor,
+        tokenizer: Tokenizer | None = None,
         seed: int | None = None,
         policy: Policy | None = None,
-        devices: list[jax.Device] | None = None,
     ):
         self.cfg = cfg
         self.ecfg = ecfg
         self.tokenizer = tokenizer
+        self.executor = executor
         self.pools = [PagePool(ecfg.num_pages, ecfg.page_size) for _ in range(ecfg.num_instances)]
-        self.executor = JaxExecutor(
-            cfg,
-            graphdef,
-            state,
-            num_instances=ecfg.num_instances,
-            tp=ecfg.tp,
-            num_pages=ecfg.num_pages,
-            page_size=ecfg.page_size,
-            max_pages_per_request=ecfg.pages_for(ecfg.max_model_len),
-            dtype=dtype,
-            devices=devices,
-        )
         self.policy: Policy = policy or IdleFirstPolicy(ecfg.num_instances, ecfg.aligned_groups)
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.requests: dict[int, Request] = {}
+        self.launches: list[Launch] = []  # programs in flight, oldest first
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._reserved_pages = 0
@@ -123,7 +109,7 @@ class Engine:
 
     # ----- requests -------------------------------------------------------------------------------
 
-    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> Request:
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams, priority: int = 0) -> Request:
         """Validate and queue a request; raises RequestRejected with the limit and the value given."""
         prompt_ids = [int(t) for t in prompt_ids]
         n, limit = len(prompt_ids), self.ecfg.max_model_len
@@ -144,6 +130,7 @@ class Engine:
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
         req = Request(next(self._ids), prompt_ids, params, max_new, seed, self.eos_ids, detok)
+        req.arrival, req.priority = self.executor.now(), int(priority)
         view = self._view()
         if view.pages_to_reserve(req) > view.total_pages:
             capacity = sum(p.num_slots for p in self.pools)
@@ -156,17 +143,18 @@ class Engine:
         return req
 
     def abort(self, rid: int) -> None:
-        """Stop a request at any point and free its KV."""
+        """Stop a request at any point and free its KV (a program still computing it is ignored)."""
         req = self.requests.get(rid)
         if req is None or req.finished:
             return
         if req.status is Status.WAITING:
             self.waiting.remove(req)
         req.status, req.finish_reason = Status.FINISHED, "abort"
+        req.finish_time = self.executor.now()
         self._retire(req)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.launches)
 
     @property
     def kv_used_tokens(self) -> int:
@@ -176,10 +164,19 @@ class Engine:
         """Instance -> tokens of request rid's KV held there."""
         return {i: p.tokens[rid] for i, p in enumerate(self.pools) if p.tokens.get(rid, 0)}
 
-    # ----- one iteration --------------------------------------------------------------------------
+    @property
+    def busy(self) -> set[int]:
+        """Instances running a launch."""
+        return {i for x in self.launches for i in x.group}
+
+    # ----- the loop -------------------------------------------------------------------------------
 
     def _view(self) -> SchedulerView:
-        decoding = [r for r in self.running if not r.finished]
+        busy = self.busy
+        in_flight = {r.rid for x in self.launches for r in x.requests}
+        free = [r for r in self.running if r.rid not in in_flight and not busy.intersection(self.holders(r.rid))]
+        decoding = [r for r in free if r.prefill_done]
+        prefilling = [r for r in free if not r.prefill_done]
         return SchedulerView(
             self.waiting,
             decoding,
@@ -188,104 +185,179 @@ class Engine:
             self.ecfg.max_prefill_tokens,
             self._reserved_pages,
             self.ecfg.min_prefill_bucket,
+            busy=frozenset(busy),
+            num_running=len(self.running),
+            now=self.executor.now(),
+            prefilling=prefilling,
         )
 
-    def step(self) -> list[Request]:
-        """One iteration: the policy decides what every group runs, then `execute` runs it."""
-        return self.execute(self.policy.schedule(self._view()))
+    def step(self, timeout: float | None = None) -> list[Request]:
+        """One turn of the loop: apply finished launches, launch what the policy puts on free instances.
+
+        Waits (up to `timeout`, forever if None) only when nothing new could be launched and something
+        is in flight. Returns the requests that received tokens or finished.
+        """
+        touched = self._collect()
+        launched = self.launch(self.policy.schedule(self._view()))
+        if not launched and not touched and self.launches:
+            self.executor.wait(self.launches, timeout)
+            touched = self._collect()
+        return touched
 
     def execute(self, it: Iteration) -> list[Request]:
-        """Dispatch every group's program of an iteration (they run concurrently), then apply the tokens.
-
-        Prefill requests must be waiting; decode requests must be running with their KV on the group.
-        """
-        launched: list[tuple[list[list[Request]], Pending]] = []
-        for work in it.prefills:
-            launched.append(self._launch_prefill(work))
-        for work in it.decodes:
-            if work.requests:
-                launched.append(self._launch_decode(work))
+        """Run a hand-built iteration to completion (tests use it): launch everything, wait for all."""
+        self.launch(it)
         touched = []
-        for ranks, pending in launched:
-            out = pending.result()
-            for k, reqs in enumerate(ranks):
+        while self.launches:
+            self.executor.wait(self.launches, None)
+            touched += self._collect()
+        return touched
+
+    def launch(self, it: Iteration) -> int:
+        """Start every migration, prefill and decode of an iteration; returns how many were launched."""
+        busy = self.busy
+        if busy.intersection(it.instances()):
+            raise ValueError(f"instances {sorted(busy.intersection(it.instances()))} are running a program")
+        for req in it.preempt:
+            self._preempt(req)
+        pairs: dict[tuple[int, int], list[Migration]] = {}
+        for move in it.migrations:
+            pairs.setdefault((move.src, move.dst), []).append(move)
+        for (src, dst), moves in pairs.items():
+            self.launches.append(self._migrate(src, dst, moves))
+        now = self.executor.now()
+        for work in it.prefills:
+            for i, req in enumerate(work.requests):
+                if req.status is Status.WAITING:
+                    self.waiting.remove(req)
+                    req.status = Status.RUNNING
+                    req.scheduled_time = now if req.scheduled_time is None else req.scheduled_time
+                    if not req.reserved_pages:
+                        req.reserved_pages = self._view().pages_to_reserve(req)
+                        self._reserved_pages += req.reserved_pages
+                    self.running.append(req)
+                    req.prefill_len, req.prefilled = req.num_prefill_tokens, 0
+                remaining = req.prefill_len - req.prefilled
+                if work.chunk is not None:  # the executor reads the chunk actually computed
+                    work.chunk[i] = remaining = min(work.chunk[i], remaining)
+                req.prefilled += remaining
+            pools = [self.pools[i] for i in work.group]
+            self.launches.append(self.executor.prefill(work, pools))
+            d = len(work.group)
+            self.stats.prefills += 1
+            self.stats.prefill_degrees.append(d)
+            if any(len(set(np.asarray(p).tolist())) < d for p in work.plans):
+                self.stats.scale_downs += 1
+            if work.piggyback is not None:
+                self._count_decode(work.piggyback)
+        for work in it.decodes:
+            if not work.requests:
+                continue
+            self._count_decode(work)
+            self.launches.append(self.executor.decode(work, [self.pools[i] for i in work.group]))
+        return len(it.migrations) + len(it.prefills) + sum(1 for w in it.decodes if w.requests)
+
+    def _count_decode(self, work: DecodeWork) -> None:
+        for req, m in zip(work.requests, work.masters):
+            if not self.pools[work.group[m]].tokens.get(req.rid, 0):
+                self.stats.scale_ups += 1
+        self.stats.decode_steps += 1
+        self.stats.decode_degrees.append(len(work.group))
+
+    def _collect(self) -> list[Request]:
+        """Apply the sampled tokens of every ready launch and free its instances."""
+        touched: list[Request] = []
+        still = []
+        for launch in self.launches:
+            if not launch.pending.ready():
+                still.append(launch)
+                continue
+            if not launch.ranks:
+                continue
+            out = launch.pending.result()
+            now = self.executor.now()
+            for k, reqs in enumerate(launch.ranks):
                 for i, r in enumerate(reqs):
+                    if r.finished:  # aborted while its program ran
+                        continue
                     top = list(zip(out.top_ids[k, i].tolist(), out.top_logprobs[k, i].tolist()))
-                    r.append_token(int(out.tokens[k, i]), float(out.logprob[k, i]), top[: r.params.logprobs or 0])
+                    r.append_token(int(out.tokens[k, i]), float(out.logprob[k, i]), top[: r.params.logprobs or 0], now)
                     touched.append(r)
+        self.launches = still
         for r in touched:
             if r.finished:
                 self._retire(r)
         return touched
 
-    def _launch_prefill(self, work: PrefillWork) -> tuple[list[list[Request]], Pending]:
-        view = self._view()
-        now = time.monotonic()
-        for req in work.requests:
-            self.waiting.remove(req)
-            req.status = Status.RUNNING
-            req.scheduled_time = now
-            req.reserved_pages = view.pages_to_reserve(req)
-            self._reserved_pages += req.reserved_pages
-            self.running.append(req)
-        pools = [self.pools[i] for i in work.group]
-        plan = build_prefill(
-            [r.prompt_ids for r in work.requests],
-            [r.rid for r in work.requests],
-            work.plans,
-            pools,
-            min_tokens=self.ecfg.min_prefill_bucket,
-            max_rows=self.ecfg.max_num_seqs,
-        )
-        d = len(work.group)
-        ranks: list[list[Request]] = [[] for _ in range(d)]
-        for req, rank in zip(work.requests, plan.sample_rank):
-            ranks[rank].append(req)
-        flags = sampler_flags(work.requests)
-        pending = self.executor.prefill(work.group, plan.inputs, sampler_inputs(ranks, plan.rows, flags), flags)
-        self.stats.prefills += 1
-        self.stats.prefill_degrees.append(d)
-        if any(len(set(p.tolist())) < d for p in work.plans):
-            self.stats.scale_downs += 1
-        return ranks, pending
-
-    def _launch_decode(self, work: DecodeWork) -> tuple[list[list[Request]], Pending]:
-        pools = [self.pools[i] for i in work.group]
-        for req, m in zip(work.requests, work.masters):
-            if not pools[m].tokens.get(req.rid, 0):
-                self.stats.scale_ups += 1
-        plan = build_decode(
-            [r.rid for r in work.requests],
-            [r.output_ids[-1] for r in work.requests],
-            [r.num_tokens for r in work.requests],
-            work.masters,
-            pools,
-            self.executor.page_table_width,
-        )
-        ranks = [[work.requests[i] for i in members] for members in plan.rank_requests]
-        flags = sampler_flags(work.requests)
-        pending = self.executor.decode(work.group, plan.inputs, sampler_inputs(ranks, plan.rows, flags), flags)
-        self.stats.decode_steps += 1
-        self.stats.decode_degrees.append(len(work.group))
-        return ranks, pending
-
     def migrate(self, rid: int, src: int, dst: int, n: int) -> None:
-        """Move the last n tokens of request rid that instance src holds to instance dst."""
-        have = self.pools[src].tokens.get(rid, 0)
-        if not 0 < n <= have:
-            raise ValueError(f"instance {src} holds {have} tokens of request {rid}; cannot move {n}")
+        """Move the last n tokens of request rid that instance src holds to instance dst (and wait)."""
+        self.launch(Iteration(migrations=[Migration(rid, src, dst, n)]))
+        while self.launches:
+            self.executor.wait(self.launches, None)
+            self._collect()
+
+    def _migrate(self, src: int, dst: int, moves: list[Migration]) -> Launch:
+        """One transfer from src to dst carrying the last tokens of several requests."""
         if src == dst:
             raise ValueError("source and destination instance are the same")
-        src_slots = self.pools[src].slots(rid)[have - n :]
-        dst_slots = self.pools[dst].append(rid, n)
-        self.executor.migrate(src, dst, src_slots, dst_slots)
-        self.pools[src].truncate(rid, n)
-        self.stats.migrations += 1
+        src_slots, dst_slots = [], []
+        for move in moves:
+            have = self.pools[src].tokens.get(move.rid, 0)
+            if not 0 < move.tokens <= have:
+                raise ValueError(f"instance {src} holds {have} tokens of request {move.rid}; cannot move {move.tokens}")
+            src_slots.append(self.pools[src].slots(move.rid)[have - move.tokens :])
+            dst_slots.append(self.pools[dst].append(move.rid, move.tokens))
+            self.pools[src].truncate(move.rid, move.tokens)
+            self.stats.migrations += 1
+        launch = self.executor.migrate(src, dst, np.concatenate(src_slots), np.concatenate(dst_slots))
+        launch.requests.extend(self.requests[m.rid] for m in moves)
+        return launch
+
+    def _preempt(self, req: Request) -> None:
+        """Drop a running request's KV; it waits at the head of the queue to be recomputed."""
+        for pool in self.pools:
+            pool.release(req.rid)
+        self.running.remove(req)
+        req.status = Status.WAITING
+        req.prefilled = 0
+        req.preemptions += 1
+        self.stats.preemptions += 1
+        self.waiting.insert(0, req)
 
     def _retire(self, req: Request) -> None:
         self.requests.pop(req.rid, None)
         if req in self.running:
             self.running.remove(req)
-            self._reserved_pages -= req.reserved_pages
+        self._reserved_pages -= req.reserved_pages
+        req.reserved_pages = 0
         for pool in self.pools:
             pool.release(req.rid)
+
+
+def build_engine(
+    cfg: ModelConfig,
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    tokenizer: Tokenizer | None,
+    ecfg: EngineConfig,
+    dtype: Any,
+    seed: int | None = None,
+    policy: Policy | None = None,
+    devices: list[jax.Device] | None = None,
+) -> Engine:
+    """An engine on real devices: the model's weights on every instance, run by the JAX executor."""
+    executor = JaxExecutor(
+        cfg,
+        graphdef,
+        state,
+        num_instances=ecfg.num_instances,
+        tp=ecfg.tp,
+        num_pages=ecfg.num_pages,
+        page_size=ecfg.page_size,
+        max_pages_per_request=ecfg.pages_for(ecfg.max_model_len),
+        dtype=dtype,
+        devices=devices,
+        min_prefill_bucket=ecfg.min_prefill_bucket,
+        max_rows=ecfg.max_num_seqs,
+    )
+    return Engine(cfg, ecfg, executor, tokenizer, seed, policy)

@@ -1,22 +1,23 @@
-"""What runs where in one iteration: the interface the scheduler implements, and the interim policy.
+"""What runs where: the interface every scheduling policy implements, the helpers they share, and a
+simple cost-free policy.
 
-Each iteration partitions the instances into disjoint groups; a group runs one prefill batch (with a
-scale-down placement plan) or one decode batch (with a master per request). `IdleFirstPolicy` is the
-engine's policy until the cost-model scheduler lands: decode each request on the instances holding its
-KV, prefill on the idle instances (or, when none is idle, pause the decode group with the fewest requests
-for one prefill on its instances), place prompts busiest-instance-first, spread masters, and scale up
-when a master's pool is full.
+Each call partitions the free instances into disjoint groups; a group runs one prefill batch (with a
+scale-down placement plan) or one decode step (with a master per request). `IdleFirstPolicy` decodes each
+request on the instances holding its KV, prefills on the idle instances (or, when none is idle, pauses
+the decode group with the fewest requests for one prefill on its instances), places prompts
+busiest-instance-first, spreads masters, and scales up when a master's pool is full.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
 
 from loong_jax.batching import bucket
+from loong_jax.execution import DecodeWork, Iteration, PrefillWork
 from loong_jax.instances import Group
 from loong_jax.kv_pool import PagePool
 from loong_jax.placement import busiest_first_plan
@@ -24,31 +25,12 @@ from loong_jax.request import Request
 
 
 @dataclasses.dataclass
-class PrefillWork:
-    group: Group
-    requests: list[Request]
-    plans: list[np.ndarray]  # per request: the group rank that keeps each token
-
-
-@dataclasses.dataclass
-class DecodeWork:
-    group: Group
-    requests: list[Request]
-    masters: list[int]  # per request: the group rank of its master this step
-
-
-@dataclasses.dataclass
-class Iteration:
-    prefills: list[PrefillWork] = dataclasses.field(default_factory=list)
-    decodes: list[DecodeWork] = dataclasses.field(default_factory=list)
-
-    def instances(self) -> list[int]:
-        return [i for w in [*self.prefills, *self.decodes] for i in w.group]
-
-
-@dataclasses.dataclass
 class SchedulerView:
-    """What a policy may look at: queues, per-instance pools and the admission budget."""
+    """What a policy may look at: queues, per-instance pools, instances in use and the admission budget.
+
+    `decoding` holds the running requests that may decode now (not in a program, no KV on a busy
+    instance); `busy` instances are running a program and must not be used.
+    """
 
     waiting: Sequence[Request]
     decoding: Sequence[Request]
@@ -57,6 +39,10 @@ class SchedulerView:
     max_prefill_tokens: int
     reserved_pages: int
     min_prefill_bucket: int = 16
+    busy: frozenset[int] = frozenset()
+    num_running: int = 0
+    now: float = 0.0
+    prefilling: Sequence[Request] = ()  # running requests whose chunked prefill is not complete
 
     def rank_token_cap(self, degree: int) -> int:
         """Tokens per rank a prefill of this degree may hold: the largest warmed-up token bucket."""
@@ -64,6 +50,8 @@ class SchedulerView:
 
     def pages_to_reserve(self, req: Request) -> int:
         """Pages a request may ever need: prompt and all new tokens, plus a partial page per instance."""
+        if req.reserved_pages:  # a preempted request keeps its reservation
+            return 0
         page = self.pools[0].page_size
         return -(-(len(req.prompt_ids) + req.max_new_tokens) // page) + len(self.pools)
 
@@ -76,6 +64,10 @@ class Policy(Protocol):
     def schedule(self, view: SchedulerView) -> Iteration: ...
 
 
+def holders(view: SchedulerView, req: Request) -> set[int]:
+    return {i for i, p in enumerate(view.pools) if p.tokens.get(req.rid, 0)}
+
+
 def aligned_block(members: Sequence[int], n: int) -> Group:
     """Smallest aligned power-of-two block of instances containing all members (clipped to n)."""
     lo, hi = min(members), max(members)
@@ -86,61 +78,145 @@ def aligned_block(members: Sequence[int], n: int) -> Group:
     return tuple(range(start, min(start + size, n)))
 
 
+def decode_groups(view: SchedulerView, n: int, aligned: bool) -> list[tuple[Group, list[Request]]]:
+    """Connected sets of instances holding the decoding requests' KV (grown to aligned blocks if asked);
+    groups touching a busy instance are left out (they wait for it)."""
+    comps: list[tuple[set[int], list[Request]]] = []
+    for req in view.decoding:
+        merged, reqs = holders(view, req) or {0}, [req]
+        for comp in [c for c in comps if c[0] & merged]:
+            comps.remove(comp)
+            merged |= comp[0]
+            reqs += comp[1]
+        comps.append((merged, reqs))
+    changed = aligned
+    while changed:
+        changed = False
+        comps = [(set(aligned_block(sorted(c), n)), r) for c, r in comps]
+        for a in range(len(comps)):
+            for b in range(a + 1, len(comps)):
+                if comps[a][0] & comps[b][0]:
+                    comps[a] = (comps[a][0] | comps[b][0], comps[a][1] + comps[b][1])
+                    del comps[b]
+                    changed = True
+                    break
+            if changed:
+                break
+    groups = [(tuple(sorted(c)), sorted(r, key=lambda q: q.rid)) for c, r in comps]
+    return [g for g in groups if not view.busy.intersection(g[0])]
+
+
+def assign_masters(
+    view: SchedulerView, n: int, group: Group, reqs: list[Request], taken: set[int], aligned: bool
+) -> tuple[DecodeWork, list[Request]]:
+    """Pick each request's master: a holder with room, else any group instance with room (scale-up), else
+    a free instance that joins the group. Masters are spread: fewest assigned first. Returns the decode
+    work and the requests that found no room anywhere this step."""
+    free = {i: view.pools[i].free_pages for i in range(n)}
+    load = {i: 0 for i in range(n)}
+    members = list(group)
+    masters: list[int] = []
+    kept: list[Request] = []
+    stuck: list[Request] = []
+
+    def room(i: int, req: Request) -> bool:
+        return view.pools[i].pages_needed(req.rid, 1) <= free[i]
+
+    for req in reqs:
+        have = [i for i in members if view.pools[i].tokens.get(req.rid, 0)]
+        options = [i for i in have if room(i, req)] or [i for i in members if room(i, req)]
+        if not options:
+            spare = [i for i in range(n) if i not in taken and i not in members and room(i, req)]
+            if spare:
+                grown = set(members) | {spare[0]}
+                if aligned:
+                    grown = set(aligned_block(sorted(grown), n))
+                if not grown & (taken - set(members)):
+                    members = sorted(grown)
+                    options = [i for i in members if room(i, req)]
+        if not options:
+            stuck.append(req)  # nowhere to put its next token this step: it waits
+            continue
+        best = min(options, key=lambda i: (load[i], -free[i], i))
+        load[best] += 1
+        free[best] -= view.pools[best].pages_needed(req.rid, 1)
+        masters.append(best)
+        kept.append(req)
+    return DecodeWork(tuple(members), kept, [members.index(m) for m in masters]), stuck
+
+
+def fits_rank_cap(view: SchedulerView, lengths: Sequence[int], d: int) -> bool:
+    """Whether a batch's striped tokens, and its sampled rows, stay within the largest warmed bucket."""
+    cap = view.rank_token_cap(d)
+    ranks = np.arange(d)
+    stripe = sum((n - ranks + d - 1).clip(min=0) // d for n in lengths)
+    samplers = sum((ranks == (n - 1) % d).astype(np.int64) for n in lengths)
+    return bool(np.max(stripe) <= cap and np.max(samplers) * view.min_prefill_bucket <= cap)
+
+
+def admit_fcfs(
+    view: SchedulerView,
+    group: Group,
+    plan: Callable[[Sequence[int], Sequence[PagePool]], list[np.ndarray]],
+    reserve: Callable[[Request], int] | None = None,
+    budget: int | None = None,
+) -> PrefillWork | None:
+    """The longest FCFS prefix of the queue that fits: sequences, prefill tokens, memory (growth reserved
+    against `budget` pages, the whole pool by default) and the group's free pages."""
+    pools = [view.pools[i] for i in group]
+    page = pools[0].page_size
+    free = sum(p.free_pages for p in pools)
+    reserve = reserve or view.pages_to_reserve
+    reserved = view.reserved_pages if budget is None else 0
+    budget = view.total_pages if budget is None else budget
+    tokens, batch = 0, []
+    for req in view.waiting:
+        n = req.num_prefill_tokens
+        if view.num_running + len(batch) >= view.max_num_seqs:
+            break
+        lengths = [r.num_prefill_tokens for r in batch] + [n]
+        if batch and (tokens + n > view.max_prefill_tokens or not fits_rank_cap(view, lengths, len(group))):
+            break
+        need = reserve(req)
+        prompt_pages = -(-n // page) + len(group)
+        if reserved + need > budget or prompt_pages > free:
+            break
+        batch.append(req)
+        reserved, tokens, free = reserved + need, tokens + n, free - prompt_pages
+    if not batch:
+        return None
+    return PrefillWork(group, batch, plan([r.num_prefill_tokens for r in batch], pools))
+
+
 class IdleFirstPolicy:
-    """The interim policy (see module docstring). With `aligned_groups`, every group is an aligned
-    power-of-two block of instances, which bounds the device sets to compile for (2N - 1)."""
+    """A simple policy (see module docstring), kept as a baseline. With `aligned_groups`, every group is an
+    aligned power-of-two block of instances, which bounds the device sets to compile for (2N - 1)."""
 
     def __init__(self, num_instances: int, aligned_groups: bool = True):
         self.n = num_instances
         self.aligned = aligned_groups
 
     def schedule(self, view: SchedulerView) -> Iteration:
-        groups = self._decode_groups(view)
-        busy = {i for g, _ in groups for i in g}
+        groups = decode_groups(view, self.n, self.aligned)
+        busy = {i for g, _ in groups for i in g} | view.busy
         idle = [i for i in range(self.n) if i not in busy]
         it = Iteration()
+        work = None
         if view.waiting:
             if idle:
-                work = self._admit(view, self._prefill_group(idle))
-            else:  # no idle instance: pause the lightest decode group for one prefill on its instances
+                work = admit_fcfs(view, self._prefill_group(idle), busiest_first_plan)
+            elif groups:  # no idle instance: pause the lightest decode group for one prefill on its instances
                 group, _ = min(groups, key=lambda g: (len(g[1]), -len(g[0])))
-                work = self._admit(view, group)
+                work = admit_fcfs(view, group, busiest_first_plan)
                 if work is not None:
                     groups = [g for g in groups if g[0] != group]
             if work is not None:
                 it.prefills.append(work)
-        taken = set(it.instances())
+        taken = set(it.instances()) | set(view.busy)
         for group, reqs in groups:
-            it.decodes.append(self._masters(view, group, reqs, taken))
+            it.decodes.append(assign_masters(view, self.n, group, reqs, taken, self.aligned)[0])
             taken |= set(it.decodes[-1].group)
         return it
-
-    def _decode_groups(self, view: SchedulerView) -> list[tuple[Group, list[Request]]]:
-        """Connected sets of instances holding the decoding requests' KV (aligned blocks if asked)."""
-        comps: list[tuple[set[int], list[Request]]] = []
-        for req in view.decoding:
-            holders = {i for i, p in enumerate(view.pools) if p.tokens.get(req.rid, 0)}
-            holders = holders or {0}
-            merged, reqs = set(holders), [req]
-            for comp in [c for c in comps if c[0] & merged]:
-                comps.remove(comp)
-                merged |= comp[0]
-                reqs += comp[1]
-            comps.append((merged, reqs))
-        changed = self.aligned
-        while changed:
-            changed = False
-            comps = [(set(aligned_block(sorted(c), self.n)), r) for c, r in comps]
-            for a in range(len(comps)):
-                for b in range(a + 1, len(comps)):
-                    if comps[a][0] & comps[b][0]:
-                        comps[a] = (comps[a][0] | comps[b][0], comps[a][1] + comps[b][1])
-                        del comps[b]
-                        changed = True
-                        break
-                if changed:
-                    break
-        return [(tuple(sorted(c)), sorted(r, key=lambda q: q.rid)) for c, r in comps]
 
     def _prefill_group(self, idle: list[int]) -> Group:
         if not self.aligned:
@@ -154,66 +230,3 @@ class IdleFirstPolicy:
                     return block
             size //= 2
         return (idle[0],)
-
-    def _admit(self, view: SchedulerView, group: Group) -> PrefillWork | None:
-        """FCFS admission: memory-safe (growth reserved), within the batch and sequence limits."""
-        pools = [view.pools[i] for i in group]
-        page, d = pools[0].page_size, len(group)
-        free = sum(p.free_pages for p in pools)
-        reserved, tokens, batch = view.reserved_pages, 0, []
-        cap = view.rank_token_cap(d)
-        stripe, samplers = np.zeros(d, np.int64), np.zeros(d, np.int64)
-        for req in view.waiting:
-            n = len(req.prompt_ids)
-            if len(view.decoding) + len(batch) >= view.max_num_seqs:
-                break
-            # Per rank: every d-th token of the prompt, and who samples it (the rank of its last token).
-            new_stripe = stripe + (n - np.arange(d) + d - 1).clip(min=0) // d
-            new_samplers = samplers + (np.arange(d) == (n - 1) % d)
-            over = new_stripe.max() > cap or new_samplers.max() * view.min_prefill_bucket > cap
-            if batch and (tokens + n > view.max_prefill_tokens or over):
-                break
-            need = view.pages_to_reserve(req)
-            prompt_pages = -(-n // page) + len(group)
-            if reserved + need > view.total_pages or prompt_pages > free:
-                break
-            batch.append(req)
-            reserved, tokens, free = reserved + need, tokens + n, free - prompt_pages
-            stripe, samplers = new_stripe, new_samplers
-        if not batch:
-            return None
-        plans = busiest_first_plan([len(r.prompt_ids) for r in batch], pools)
-        return PrefillWork(group, batch, plans)
-
-    def _masters(self, view: SchedulerView, group: Group, reqs: list[Request], taken: set[int]) -> DecodeWork:
-        """Pick each request's master: a holder with room, else any group instance with room (scale-up),
-        else an idle instance that joins the group. Masters are spread: fewest assigned first."""
-        free = {i: view.pools[i].free_pages for i in range(self.n)}
-        load = {i: 0 for i in range(self.n)}
-        members = list(group)
-        masters: list[int] = []
-        kept: list[Request] = []
-
-        def room(i: int, req: Request) -> bool:
-            return view.pools[i].pages_needed(req.rid, 1) <= free[i]
-
-        for req in reqs:
-            holders = [i for i in members if view.pools[i].tokens.get(req.rid, 0)]
-            options = [i for i in holders if room(i, req)] or [i for i in members if room(i, req)]
-            if not options:
-                spare = [i for i in range(self.n) if i not in taken and i not in members and room(i, req)]
-                if spare:
-                    grown = set(members) | {spare[0]}
-                    if self.aligned:
-                        grown = set(aligned_block(sorted(grown), self.n))
-                    if not grown & (taken - set(members)):
-                        members = sorted(grown)
-                        options = [i for i in members if room(i, req)]
-            if not options:
-                continue  # nowhere to put its next token this iteration: it waits one step
-            best = min(options, key=lambda i: (load[i], -free[i], i))
-            load[best] += 1
-            free[best] -= view.pools[best].pages_needed(req.rid, 1)
-            masters.append(best)
-            kept.append(req)
-        return DecodeWork(tuple(members), kept, [members.index(m) for m in masters])

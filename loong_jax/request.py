@@ -62,6 +62,11 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     reserved_pages: int = 0
+    priority: int = 0  # higher is dispatched first
+    prefilled: int = 0  # tokens of its prefill whose KV is computed or being computed
+    prefill_len: int = 0  # tokens its prefill computes, fixed when it is dispatched
+    preemptions: int = 0  # times its KV was dropped to be recomputed
+    skipped: int = 0  # times later requests were dispatched ahead of it
     _emitted_text: int = 0
     _stop_checked: int = 0
 
@@ -71,12 +76,26 @@ class Request:
         return len(self.prompt_ids) + max(0, len(self.output_ids) - 1)
 
     @property
+    def prefill_ids(self) -> list[int]:
+        """Tokens a prefill computes: the prompt, plus the tokens sampled so far when it is recomputed."""
+        return self.prompt_ids + self.output_ids if self.output_ids else self.prompt_ids
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        """len(prefill_ids), without building the list."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def prefill_done(self) -> bool:
+        return self.prefill_len > 0 and self.prefilled >= self.prefill_len
+
+    @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
 
-    def append_token(self, token: int, logprob: float, top: list[tuple[int, float]]) -> None:
+    def append_token(self, token: int, logprob: float, top: list[tuple[int, float]], now: float | None = None) -> None:
         """Record one sampled token and apply the stop rules (EOS, stop ids, stop strings, length)."""
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
         if self.first_token_time is None:
             self.first_token_time = now
         self.output_ids.append(token)

@@ -131,7 +131,7 @@ class AsyncEngine:
                 continue
             t0 = time.perf_counter()
             try:
-                touched = engine.step()
+                touched = engine.step(timeout=0.005)
             except Exception:  # one bad iteration must not take the server down
                 log.exception("engine iteration failed; failing the requests it ran")
                 self.errors += 1

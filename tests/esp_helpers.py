@@ -9,7 +9,7 @@ from flax import nnx
 
 from loong_jax import SamplingParams
 from loong_jax.config import tiny_config
-from loong_jax.engine import Engine, EngineConfig
+from loong_jax.engine import Engine, EngineConfig, build_engine
 from loong_jax.model import Llama
 from loong_jax.programs import score_program
 from pallas_kernels import block_attention
@@ -26,7 +26,7 @@ def tiny_esp_engine(num_instances=8, tp=1, kv_tokens=512, page_size=4, seed=7, l
     ecfg = EngineConfig(
         num_instances=num_instances, tp=tp, kv_tokens_per_instance=kv_tokens, page_size=page_size, **fields
     )
-    return Engine(cfg, graphdef, state, None, ecfg, jnp.float32, seed=0)
+    return build_engine(cfg, graphdef, state, None, ecfg, jnp.float32, seed=0)
 
 
 def reference_logprobs(engine: Engine, prompt: list[int]) -> np.ndarray:

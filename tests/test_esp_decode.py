@@ -10,7 +10,7 @@ from esp_helpers import greedy_params, pool_tokens, tiny_esp_engine
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loong_jax.policy import DecodeWork, Iteration, PrefillWork
+from loong_jax.execution import DecodeWork, Iteration, PrefillWork
 
 
 def _run_alone(prompt, steps):

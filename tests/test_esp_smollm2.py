@@ -7,7 +7,7 @@ import pytest
 from esp_helpers import greedy_params
 
 from loong_jax import LLM
-from loong_jax.policy import DecodeWork, Iteration, PrefillWork
+from loong_jax.execution import DecodeWork, Iteration, PrefillWork
 
 STEPS = 64
 QUESTIONS = [

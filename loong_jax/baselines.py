@@ -1,0 +1,159 @@
+"""The systems elastic sequence parallelism is compared with, each as a policy over the same engine.
+
+* `StaticGroupPolicy`: one fixed group of all instances (static sequence parallelism, TP2 x SP4), KV kept
+  where it is computed (even striping), prefill-first.
+* `IdleFirstPolicy` on one instance of TP=8 is vLLM-style prefill-first continuous batching.
+* `ChunkedPrefillPolicy`: one instance, every pass fuses the running decodes with up to `chunk` prompt
+  tokens (Sarathi-Serve / SplitFuse).
+* `DisaggregatedPolicy`: instance 0 prefills, instance 1 decodes, KV moves between them (DistServe).
+* `ReplicaPolicy`: independent instances, each request served by one of them (data parallel).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from loong_jax.execution import DecodeWork, Iteration, Migration, PrefillWork
+from loong_jax.kv_pool import PagePool
+from loong_jax.policy import SchedulerView, admit_fcfs, assign_masters, holders
+from loong_jax.request import Request
+
+
+def even_plan(lengths: Sequence[int], pools: Sequence[PagePool]) -> list[np.ndarray]:
+    """Keep every token on the rank that computed it (no scale-down): token t on rank t mod d."""
+    return [np.arange(n, dtype=np.int32) % len(pools) for n in lengths]
+
+
+def local_plan(lengths: Sequence[int], pools: Sequence[PagePool]) -> list[np.ndarray]:
+    return [np.zeros(n, np.int32) for n in lengths]
+
+
+class StaticGroupPolicy:
+    """All instances always form one group; prefill-first; KV stays evenly striped."""
+
+    def __init__(self, num_instances: int):
+        self.group = tuple(range(num_instances))
+
+    def schedule(self, view: SchedulerView) -> Iteration:
+        if view.busy:
+            return Iteration()
+        work = admit_fcfs(view, self.group, even_plan) if view.waiting else None
+        if work is not None:
+            return Iteration(prefills=[work])
+        if not view.decoding:
+            return Iteration()
+        decode, _ = assign_masters(view, len(self.group), self.group, list(view.decoding), set(), aligned=False)
+        return Iteration(decodes=[decode])
+
+
+class ChunkedPrefillPolicy:
+    """One instance; each pass runs every decode plus prompt chunks up to `chunk` tokens in total."""
+
+    def __init__(self, chunk: int):
+        self.chunk = chunk
+
+    def schedule(self, view: SchedulerView) -> Iteration:
+        if view.busy:
+            return Iteration()
+        decoding = list(view.decoding)
+        budget = self.chunk - len(decoding)
+        reqs: list[Request] = []
+        sizes: list[int] = []
+        for req in view.prefilling:  # continue prompts already started
+            if budget <= 0:
+                break
+            take = min(budget, req.prefill_len - req.prefilled)
+            reqs.append(req)
+            sizes.append(take)
+            budget -= take
+        if budget > 0 and view.waiting:
+            page = view.pools[0].page_size
+            reserved, free = view.reserved_pages, view.pools[0].free_pages
+            for req in view.waiting:
+                if budget <= 0 or view.num_running + len(reqs) >= view.max_num_seqs:
+                    break
+                need = view.pages_to_reserve(req)
+                if reserved + need > view.total_pages or -(-req.num_prefill_tokens // page) + 1 > free:
+                    break
+                take = min(budget, req.num_prefill_tokens)
+                reqs.append(req)
+                sizes.append(take)
+                reserved, free, budget = reserved + need, free - need, budget - take
+        decode = DecodeWork((0,), decoding, [0] * len(decoding)) if decoding else None
+        if not reqs:
+            return Iteration(decodes=[decode] if decode else [])
+        plans = [np.zeros(r.prefill_len if r.prefill_len else r.num_prefill_tokens, np.int32) for r in reqs]
+        return Iteration(prefills=[PrefillWork((0,), reqs, plans, chunk=sizes, piggyback=decode)])
+
+
+class DisaggregatedPolicy:
+    """Instance 0 prefills, instance 1 decodes; a prefilled request's KV moves to instance 1 as a whole."""
+
+    def schedule(self, view: SchedulerView) -> Iteration:
+        it = Iteration()
+        on_prefill = [r for r in view.decoding if holders(view, r) == {0}]
+        on_decode = [r for r in view.decoding if 0 not in holders(view, r)]
+        free = {0, 1} - view.busy
+        decode_pages = view.pools[1].num_pages
+
+        def reserve(req: Request) -> int:
+            return -(-(req.num_prefill_tokens + req.max_new_tokens) // view.pools[1].page_size) + 1
+
+        if on_prefill and free == {0, 1}:  # move finished prefills to the decode instance first
+            room = view.pools[1].free_pages * view.pools[1].page_size
+            for r in on_prefill:
+                n = view.pools[0].tokens[r.rid]
+                if n + view.pools[1].page_size <= room:
+                    it.migrations.append(Migration(r.rid, 0, 1, n))
+                    room -= n + view.pools[1].page_size
+            if it.migrations:
+                return it
+        if 0 in free and view.waiting:
+            committed = sum(reserve(r) for r in view.decoding) + sum(
+                reserve(r) for r in view.prefilling
+            )  # requests in flight are counted through the pool in use
+            committed = max(committed, view.pools[1].num_pages - view.pools[1].free_pages)
+            work = admit_fcfs(view, (0,), local_plan, reserve, decode_pages - committed)
+            if work is not None:
+                it.prefills.append(work)
+        if 1 in free and on_decode:
+            it.decodes.append(DecodeWork((1,), on_decode, [0] * len(on_decode)))
+        return it
+
+
+class ReplicaPolicy:
+    """Independent instances: a request is prefilled and decoded on one instance, prefill-first there."""
+
+    def __init__(self, num_instances: int):
+        self.n = num_instances
+
+    def schedule(self, view: SchedulerView) -> Iteration:
+        it = Iteration()
+        mine: dict[int, list[Request]] = {i: [] for i in range(self.n)}
+        for r in view.decoding:
+            mine[min(holders(view, r))].append(r)
+        free = [i for i in range(self.n) if i not in view.busy]
+        page = view.pools[0].page_size
+
+        def reserve(req: Request) -> int:
+            return -(-(req.num_prefill_tokens + req.max_new_tokens) // page) + 1
+
+        queue = list(view.waiting)
+        for i in sorted(free, key=lambda i: -view.pools[i].free_pages):
+            if queue:
+                pool = view.pools[i]
+                committed = max(sum(reserve(r) for r in mine[i]), pool.num_pages - pool.free_pages)
+                sub = SchedulerView(
+                    queue, mine[i], view.pools, view.max_num_seqs, view.max_prefill_tokens, 0,
+                    view.min_prefill_bucket, view.busy, view.num_running + len(it.prefills), view.now,
+                )  # fmt: skip
+                work = admit_fcfs(sub, (i,), local_plan, reserve, pool.num_pages - committed)
+                if work is not None:
+                    it.prefills.append(work)
+                    queue = [r for r in queue if r not in work.requests]
+                    continue
+            if mine[i]:
+                it.decodes.append(DecodeWork((i,), mine[i], [0] * len(mine[i])))
+        return it

@@ -1,0 +1,107 @@
+"""The scheduler's cost model: predicted prefill, decode-step and migration times, fitted from measurements.
+
+Per degree of parallelism d (instances in the group):
+* prefill of a batch with lengths l: `a + b * sum(l) + c * sum(l^2)` (linear layers, then causal attention);
+* one decode step: `a + b * batch + c * context` (weights and per-step overhead, per-request work, KV read);
+* migration of n tokens: `latency + n / tokens_per_s`.
+Coefficients are fitted by least squares on relative error, saved as JSON keyed by model and hardware.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class CostModel:
+    """Fitted coefficients per degree; degrees not profiled are scaled from the nearest profiled one."""
+
+    key: str  # model and hardware the coefficients belong to
+    prefill: dict[int, tuple[float, float, float]]  # degree -> (a, b, c)
+    decode: dict[int, tuple[float, float, float]]  # degree -> (a, b, c)
+    migrate_latency: float = 0.0
+    migrate_tokens_per_s: float = math.inf
+
+    def _coeffs(self, table: dict[int, tuple[float, float, float]], degree: int) -> tuple[float, float, float]:
+        if degree in table:
+            return table[degree]
+        near = min(table, key=lambda d: (abs(math.log2(d / degree)), d))
+        a, b, c = table[near]
+        return a, b * near / degree, c * near / degree  # work per token spreads over the group
+
+    def prefill_time(self, degree: int, lengths: Sequence[int]) -> float:
+        a, b, c = self._coeffs(self.prefill, degree)
+        s1 = float(sum(lengths))
+        s2 = float(sum(n * n for n in lengths))
+        return a + b * s1 + c * s2
+
+    def decode_time(self, degree: int, batch: int, context: int) -> float:
+        a, b, c = self._coeffs(self.decode, degree)
+        return a + b * batch + c * context
+
+    def migrate_time(self, tokens: int) -> float:
+        return self.migrate_latency + tokens / self.migrate_tokens_per_s
+
+    def to_json(self) -> dict:
+        return {
+            "key": self.key,
+            "prefill": {str(d): list(v) for d, v in self.prefill.items()},
+            "decode": {str(d): list(v) for d, v in self.decode.items()},
+            "migrate_latency": self.migrate_latency,
+            "migrate_tokens_per_s": self.migrate_tokens_per_s if math.isfinite(self.migrate_tokens_per_s) else None,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> CostModel:
+        rate = data.get("migrate_tokens_per_s")
+        return cls(
+            data["key"],
+            {int(d): tuple(v) for d, v in data["prefill"].items()},
+            {int(d): tuple(v) for d, v in data["decode"].items()},
+            float(data.get("migrate_latency", 0.0)),
+            math.inf if rate is None else float(rate),
+        )
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(self.to_json(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> CostModel:
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+
+def fit_linear(features: np.ndarray, times: np.ndarray) -> tuple[float, ...]:
+    """Non-negative coefficients x minimising the relative error |features @ x - times| / times."""
+    w = 1.0 / np.maximum(times, 1e-12)
+    a = features * w[:, None]
+    y = times * w
+    active = list(range(features.shape[1]))
+    while True:  # drop coefficients that come out negative and refit the rest
+        x = np.zeros(features.shape[1])
+        if active:
+            x[active] = np.linalg.lstsq(a[:, active], y, rcond=None)[0]
+        neg = [i for i in active if x[i] < 0]
+        if not neg:
+            return tuple(float(v) for v in x)
+        active.remove(min(neg, key=lambda i: x[i]))
+
+
+def prefill_features(batches: Sequence[Sequence[int]]) -> np.ndarray:
+    return np.array([[1.0, sum(b), sum(n * n for n in b)] for b in batches], np.float64)
+
+
+def decode_features(points: Sequence[tuple[int, int]]) -> np.ndarray:
+    """points: (batch size, total context tokens)."""
+    return np.array([[1.0, b, c] for b, c in points], np.float64)
+
+
+def relative_errors(predicted: Sequence[float], measured: Sequence[float]) -> np.ndarray:
+    p, m = np.asarray(predicted, np.float64), np.asarray(measured, np.float64)
+    return np.abs(p - m) / m

@@ -1,0 +1,104 @@
+"""The executor interface the engine loop drives, shared by the JAX executor and the simulated one.
+
+An executor launches one group's program at a time and returns at once with a `Launch`; the engine keeps
+launches in flight on disjoint instances, asks which are done, and applies their sampled tokens. Time is
+the executor's: wall-clock for real programs, a virtual clock for the simulator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+from loong_jax.instances import Group
+from loong_jax.kv_pool import PagePool
+from loong_jax.request import Request
+from loong_jax.sampling import SamplerOutputs
+
+
+class Pending(Protocol):
+    """The outputs of a dispatched program."""
+
+    def ready(self) -> bool: ...
+
+    def result(self) -> SamplerOutputs: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Migration:
+    """Move the last `tokens` tokens of a request's KV from instance src to instance dst."""
+
+    rid: int
+    src: int
+    dst: int
+    tokens: int
+
+
+@dataclasses.dataclass
+class DecodeWork:
+    """One decode step of a group: a master (group rank) per request, where its new token's KV goes."""
+
+    group: Group
+    requests: list[Request]
+    masters: list[int]
+
+
+@dataclasses.dataclass
+class PrefillWork:
+    """One striped ring prefill of a group; plans[i][t] is the group rank that keeps request i's token t.
+
+    `chunk` (simulated executor only, for the chunked-prefill baseline): tokens of each request to
+    compute in this pass, continuing where its last chunk ended, with `piggyback` decodes fused in.
+    """
+
+    group: Group
+    requests: list[Request]
+    plans: list[np.ndarray]
+    chunk: list[int] | None = None
+    piggyback: DecodeWork | None = None
+
+
+@dataclasses.dataclass
+class Iteration:
+    """What to start now on free instances: preemptions and migrations first, then prefills and decodes."""
+
+    prefills: list[PrefillWork] = dataclasses.field(default_factory=list)
+    decodes: list[DecodeWork] = dataclasses.field(default_factory=list)
+    migrations: list[Migration] = dataclasses.field(default_factory=list)
+    preempt: list[Request] = dataclasses.field(default_factory=list)  # running requests to recompute later
+
+    def instances(self) -> list[int]:
+        moved = [i for m in self.migrations for i in (m.src, m.dst)]
+        return [i for w in [*self.prefills, *self.decodes] for i in w.group] + moved
+
+
+@dataclasses.dataclass
+class Launch:
+    """One program in flight: its kind, the instances it occupies, and who samples what."""
+
+    kind: str  # "prefill", "decode" or "migrate"
+    group: Group
+    ranks: list[list[Request]]  # per rank: the requests it samples, in row order (none for migrations)
+    pending: Pending
+    requests: list[Request] = dataclasses.field(default_factory=list)  # every request the program touches
+
+
+class Executor(Protocol):
+    """Runs group programs; pools are the host allocators of the group's instances, in group order."""
+
+    def now(self) -> float: ...
+
+    def prefill(self, group: Group, requests: list[Request], plans: list, pools: Sequence[PagePool]) -> Launch: ...
+
+    def decode(
+        self, group: Group, requests: list[Request], masters: list[int], pools: Sequence[PagePool]
+    ) -> Launch: ...
+
+    def migrate(self, move: Migration, src_slots, dst_slots) -> Launch: ...
+
+    def wait(self, launches: Sequence[Launch], timeout: float | None) -> None:
+        """Return when one of the launches is ready, or after `timeout` seconds of this executor's clock."""
+        ...

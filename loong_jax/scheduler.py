@@ -1,0 +1,296 @@
+"""The elastic scheduler (the global manager): every call decides what the free instances run next.
+
+Four steps (DESIGN.md 2.4), all priced by the cost model:
+1. Dispatch: waiting requests by priority then arrival, with bounded skipping ahead of a request that does
+   not fit, admitted only if their KV including growth to max_tokens fits the pool (memory-safe).
+2. Instance allocation: the admitted requests get the idle instances; a decode group is paused for them
+   when the latency the new requests save (normalised by input length) exceeds the latency the paused
+   decodes lose (normalised by output length), or packed onto fewer instances by migrating KV when the
+   faster prefill is worth the migration time.
+3. Batching: a dynamic program over the admitted requests sorted by length and the free instances sorted
+   by free memory splits them into prefill batches with a degree each, minimising the sum of
+   input-length-normalised prefill latencies subject to memory.
+4. Scaling plan: busiest-first scale-down placement for every prefill batch; masters and scale-up for
+   every decode group. Running out of memory anyway (admission without growth) preempts the newest
+   lowest-priority request for recomputation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from loong_jax.cost_model import CostModel
+from loong_jax.execution import Iteration, Migration, PrefillWork
+from loong_jax.instances import Group
+from loong_jax.placement import busiest_first_plan
+from loong_jax.policy import SchedulerView, assign_masters, decode_groups, fits_rank_cap, holders
+from loong_jax.request import Request
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    window: int = 64  # waiting requests looked at per decision
+    max_batch_requests: int = 16  # requests admitted per decision
+    max_skips: int = 8  # times a request may be passed by later ones before it blocks the queue
+    aligned_groups: bool = True  # groups are aligned power-of-two blocks (bounded programs to compile)
+    pack_decodes: bool = False  # allow migrating decode KV to free instances for prefill
+    pause_decodes: bool = True
+
+
+def _pages(tokens: int, page: int) -> int:
+    return -(-tokens // page)
+
+
+class ElasticScheduler:
+    """Implements the `Policy` interface with the cost model's predictions."""
+
+    def __init__(self, num_instances: int, cost: CostModel, config: SchedulerConfig | None = None):
+        self.n = num_instances
+        self.cost = cost
+        self.cfg = config or SchedulerConfig()
+
+    # ----- the decision ----------------------------------------------------------------------------
+
+    def schedule(self, view: SchedulerView) -> Iteration:
+        aligned = self.cfg.aligned_groups
+        groups = decode_groups(view, self.n, aligned)
+        in_decode = {i for g, _ in groups for i in g}
+        idle = [i for i in range(self.n) if i not in view.busy and i not in in_decode]
+        it = Iteration()
+        admitted, blocked = self._dispatch(view, idle + sorted(in_decode))
+        if admitted:
+            paused, packed = self._allocate(view, admitted, idle, groups)
+            if packed:  # migrations this turn; the freed instance takes the prefill next turn
+                it.migrations = packed
+                moved = {i for m in packed for i in (m.src, m.dst)}
+                groups = [g for g in groups if not moved.intersection(g[0])]
+            else:
+                free = idle + [i for g in paused for i in g[0]]
+                batches = self._batch(view, admitted, free)
+                for group, reqs in batches:
+                    pools = [view.pools[i] for i in group]
+                    plans = busiest_first_plan([r.num_prefill_tokens for r in reqs], pools)
+                    it.prefills.append(PrefillWork(group, reqs, plans))
+                used = {i for w in it.prefills for i in w.group}
+                groups = [g for g in groups if not used.intersection(g[0])]
+                self._count_skips(blocked, [r for w in it.prefills for r in w.requests])
+        taken = set(it.instances()) | set(view.busy)
+        for group, reqs in groups:
+            work, stuck = assign_masters(view, self.n, group, reqs, taken, aligned)
+            if stuck and self._out_of_memory(view, stuck):
+                victim = min(work.requests or reqs, key=lambda r: (r.priority, -r.arrival, -r.rid))
+                it.preempt.append(victim)
+                if victim in work.requests:
+                    k = work.requests.index(victim)
+                    del work.requests[k], work.masters[k]
+            if work.requests:
+                it.decodes.append(work)
+                taken |= set(work.group)
+        return it
+
+    # ----- step 1: dispatch --------------------------------------------------------------------------
+
+    def _dispatch(self, view: SchedulerView, usable: Sequence[int]) -> tuple[list[Request], list[Request]]:
+        """Admissible waiting requests in order, and the ones passed over (for bounded skipping)."""
+        cfg = self.cfg
+        page = view.pools[0].page_size
+        order = sorted(view.waiting[: cfg.window * 4], key=lambda r: (-r.priority, r.arrival, r.rid))
+        reserved, total = view.reserved_pages, view.total_pages
+        free = sum(view.pools[i].free_pages for i in usable)
+        room = view.max_num_seqs - view.num_running
+        admitted: list[Request] = []
+        blocked: list[Request] = []
+        for req in order[: cfg.window]:
+            if len(admitted) >= min(room, cfg.max_batch_requests):
+                break
+            need = view.pages_to_reserve(req)
+            prompt = _pages(req.num_prefill_tokens, page) + 1
+            if reserved + need <= total and prompt <= free:
+                admitted.append(req)
+                reserved, free = reserved + need, free - prompt
+            else:
+                blocked.append(req)
+                if req.skipped >= cfg.max_skips:
+                    break  # it has waited long enough: nobody passes it any more
+        return admitted, blocked
+
+    @staticmethod
+    def _count_skips(blocked: list[Request], launched: list[Request]) -> None:
+        for b in blocked:
+            if any((r.priority, -r.arrival) < (b.priority, -b.arrival) for r in launched):
+                b.skipped += 1
+
+    # ----- step 2: instance allocation ------------------------------------------------------------
+
+    def _norm(self, reqs: Sequence[Request], inputs: bool) -> float:
+        if inputs:
+            return sum(1.0 / max(1, r.num_prefill_tokens) for r in reqs)
+        return sum(1.0 / max(1, r.max_new_tokens) for r in reqs)
+
+    def _step_time(self, view: SchedulerView, group: Group, reqs: Sequence[Request]) -> float:
+        return self.cost.decode_time(len(group), len(reqs), sum(r.num_tokens for r in reqs))
+
+    def _allocate(
+        self, view: SchedulerView, admitted: list[Request], idle: list[int], groups: list
+    ) -> tuple[list, list[Migration]]:
+        """Decode groups to pause for the prefill, or migrations that pack one group onto fewer instances."""
+        lengths = [r.num_prefill_tokens for r in admitted]
+        gain_w = self._norm(admitted, inputs=True)
+        if idle:
+            latency = self.cost.prefill_time(len(idle), lengths)
+        elif groups:  # no idle instance: the new requests wait for the first decode group to drain
+            drain = min(
+                max(r.max_new_tokens - len(r.output_ids) for r in reqs) * self._step_time(view, g, reqs)
+                for g, reqs in groups
+            )
+            latency = drain + self.cost.prefill_time(1, lengths)
+        else:
+            return [], []
+        paused: list = []
+        if self.cfg.pause_decodes:
+            size = len(idle)
+            for g in sorted(groups, key=lambda g: (self._norm(g[1], inputs=False), -len(g[0]))):
+                with_g = self.cost.prefill_time(size + len(g[0]), lengths)
+                gain = (latency - with_g) * gain_w
+                cost = with_g * self._norm(g[1], inputs=False)
+                if gain > cost:
+                    paused.append(g)
+                    size, latency = size + len(g[0]), with_g
+        if paused or not self.cfg.pack_decodes or not idle:
+            return paused, []
+        return [], self._pack(view, lengths, gain_w, latency, len(idle), groups)
+
+    def _pack(self, view, lengths, gain_w, latency, n_idle, groups) -> list[Migration]:
+        """Free the instance holding the least KV of a multi-instance decode group if worth it."""
+        for group, reqs in groups:
+            if len(group) < 2:
+                continue
+            src = min(group, key=lambda i: view.pools[i].used_tokens)
+            held = {r.rid: view.pools[src].tokens.get(r.rid, 0) for r in reqs}
+            tokens = sum(held.values())
+            others = [i for i in group if i != src]
+            room = {i: view.pools[i].free_pages * view.pools[i].page_size for i in others}
+            if tokens == 0 or tokens > sum(room.values()) // 2:
+                continue
+            move = self.cost.migrate_time(tokens)
+            faster = move + self.cost.prefill_time(n_idle + 1, lengths)
+            if (latency - faster) * gain_w <= move * self._norm(reqs, inputs=False):
+                continue
+            plan = []
+            for req in reqs:
+                n = held[req.rid]
+                if not n:
+                    continue
+                dst = max(others, key=lambda i: (i in holders(view, req), room[i]))
+                if room[dst] < n + view.pools[dst].page_size:
+                    return []
+                room[dst] -= n + view.pools[dst].page_size
+                plan.append(Migration(req.rid, src, dst, n))
+            return plan
+        return []
+
+    # ----- step 3: batching ------------------------------------------------------------------------
+
+    def _degrees(self, e: int) -> list[int]:
+        ds = {1 << k for k in range(e.bit_length()) if 1 << k <= e}
+        if not self.cfg.aligned_groups:
+            ds.add(e)
+        return sorted(ds)
+
+    def _batch(self, view: SchedulerView, admitted: list[Request], free: list[int]) -> list[tuple[Group, list]]:
+        """Split the admitted requests into prefill batches with a degree each (dynamic program), then
+        place every batch on concrete instances."""
+        if not free:
+            return []
+        page = view.pools[0].page_size
+        order = sorted(free, key=lambda i: (view.pools[i].free_pages, i))  # least free memory first
+        reqs = sorted(admitted, key=lambda r: r.num_prefill_tokens)
+        lens = np.array([r.num_prefill_tokens for r in reqs], np.float64)
+        r_n, e_n = len(reqs), len(order)
+        degrees = np.array(self._degrees(e_n))
+        coeffs = np.array([self.cost._coeffs(self.cost.prefill, int(k)) for k in degrees])  # [K, 3]
+        caps = np.array([view.rank_token_cap(int(k)) for k in degrees], np.float64)
+        p1 = np.concatenate([[0.0], np.cumsum(lens)])
+        p2 = np.concatenate([[0.0], np.cumsum(lens**2)])
+        pw = np.concatenate([[0.0], np.cumsum(1.0 / lens)])
+        pp = np.concatenate([[0.0], np.cumsum(np.ceil(lens / page))])
+        cap_pages = np.concatenate([[0.0], np.cumsum([view.pools[i].free_pages for i in order])])
+        e_idx = np.arange(e_n + 1)
+        src = e_idx[None, :] - degrees[:, None]  # [K, E+1]: instances used before this batch
+        ok_e = src >= 0
+        src_c = np.clip(src, 0, None)
+        window_pages = cap_pages[e_idx][None, :] - cap_pages[src_c]  # free pages of the batch's instances
+        f = np.full((r_n + 1, e_n + 1), np.inf)
+        f[0, 0] = 0.0
+        back = np.zeros((r_n + 1, e_n + 1, 2), np.int64)
+        for i in range(1, r_n + 1):
+            j = np.arange(i)
+            s1, s2, w = p1[i] - p1[j], p2[i] - p2[j], pw[i] - pw[j]  # [J]
+            cnt = i - j
+            t = coeffs[None, :, 0] + coeffs[None, :, 1] * s1[:, None] + coeffs[None, :, 2] * s2[:, None]  # [J, K]
+            cost = t * w[:, None]
+            fits = (np.ceil(s1[:, None] / degrees[None, :]) + cnt[:, None] <= caps[None, :]) & (
+                cnt[:, None] <= view.max_num_seqs
+            )
+            need = (pp[i] - pp[j])[:, None, None] + cnt[:, None, None] + degrees[None, :, None]  # [J, K, 1]
+            cand = f[j][:, src_c] + cost[:, :, None]  # [J, K, E+1]
+            ok = ok_e[None] & fits[:, :, None] & (need <= window_pages[None])
+            cand = np.where(ok, cand, np.inf)
+            flat = cand.reshape(-1, e_n + 1)
+            best = flat.argmin(axis=0)
+            f[i] = flat[best, e_idx]
+            back[i, :, 0], back[i, :, 1] = best // len(degrees), best % len(degrees)
+        end = int(np.argmin(f[r_n]))
+        if not np.isfinite(f[r_n, end]):
+            return self._batch(view, admitted[:-1], free) if len(admitted) > 1 else []
+        splits = []
+        i, e = r_n, end
+        while i > 0:
+            j, k = int(back[i, e, 0]), int(degrees[back[i, e, 1]])
+            splits.append((reqs[j:i], order[e - k : e]))
+            i, e = j, e - k
+        return self._place(view, splits, free)
+
+    def _place(self, view: SchedulerView, splits: list, free: list[int]) -> list[tuple[Group, list]]:
+        """Concrete instances for each batch: its share of the sorted order, or aligned blocks of the free set."""
+        out = []
+        if not self.cfg.aligned_groups:
+            for reqs, inst in splits:
+                out.append((tuple(sorted(inst)), list(reqs)))
+            return out
+        left = set(free)
+        for reqs, inst in sorted(splits, key=lambda s: -len(s[1])):
+            k = len(inst)
+            block = None
+            while k >= 1 and block is None:
+                for start in range(0, self.n, k):
+                    cand = tuple(range(start, start + k))
+                    if left.issuperset(cand):
+                        block = cand
+                        break
+                else:
+                    k //= 2
+            if block is None:
+                continue
+            reqs = list(reqs)
+            page = view.pools[0].page_size
+            room = sum(view.pools[i].free_pages for i in block)
+            while reqs and (
+                sum(_pages(r.num_prefill_tokens, page) + len(block) for r in reqs) > room
+                or not fits_rank_cap(view, [r.num_prefill_tokens for r in reqs], len(block))
+            ):
+                reqs.pop()
+            if reqs:
+                left -= set(block)
+                out.append((block, reqs))
+        return out
+
+    # ----- step 4 helpers ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _out_of_memory(view: SchedulerView, stuck: list[Request]) -> bool:
+        """No instance anywhere has a page for a stuck request's next token."""
+        return all(p.free_pages == 0 for p in view.pools)

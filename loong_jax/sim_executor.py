@@ -1,0 +1,134 @@
+"""The simulated executor: the engine loop and scheduler run unchanged while a virtual clock advances.
+
+Each launch keeps the host pools exactly as the JAX executor would (same slot allocation), takes the time
+its timing model predicts (the analytical cluster model or a fitted cost model), and "samples" token 0.
+Requests are expected to ignore EOS (the paper's workloads fix output lengths).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+from loong_jax.execution import DecodeWork, Launch, PrefillWork
+from loong_jax.kv_pool import PagePool
+from loong_jax.request import Request
+from loong_jax.sampling import SamplerOutputs
+
+
+class Timing(Protocol):
+    def prefill_time(self, degree: int, lengths: Sequence[int]) -> float: ...
+
+    def decode_time(self, degree: int, batch: int, context: int) -> float: ...
+
+    def migrate_time(self, tokens: int) -> float: ...
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+
+@dataclasses.dataclass
+class SimPending:
+    clock: Clock
+    finish: float
+    rows: int
+
+    def ready(self) -> bool:
+        return self.clock.now >= self.finish
+
+    def result(self) -> SamplerOutputs:
+        z = np.zeros((1, self.rows))
+        return SamplerOutputs(z.astype(np.int32), z.astype(np.float32), z[..., None].astype(np.int32), z[..., None])
+
+
+@dataclasses.dataclass
+class Span:
+    """One launch on the timeline: what ran on which instances, when."""
+
+    kind: str
+    group: tuple[int, ...]
+    start: float
+    end: float
+    requests: int
+    tokens: int
+
+
+class SimExecutor:
+    """Advances a virtual clock by `timing`; records every launch as a `Span` for timeline plots."""
+
+    def __init__(self, timing: Timing, record: bool = False):
+        self.timing = timing
+        self.clock = Clock()
+        self.record = record
+        self.spans: list[Span] = []
+        self.migrations = 0
+
+    def now(self) -> float:
+        return self.clock.now
+
+    def advance(self, t: float) -> None:
+        """Move the clock forward to t (never back): time passing with nothing launched."""
+        self.clock.now = max(self.clock.now, t)
+
+    def wait(self, launches: Sequence[Launch], timeout: float | None) -> None:
+        first = min(x.pending.finish for x in launches)  # type: ignore[attr-defined]
+        self.advance(first if timeout is None else min(first, self.clock.now + timeout))
+
+    def _launch(self, kind, group, ranks, requests, seconds, tokens) -> Launch:
+        start = self.clock.now
+        if self.record:
+            self.spans.append(Span(kind, tuple(group), start, start + seconds, len(requests), tokens))
+        rows = max([len(r) for r in ranks] + [1])
+        return Launch(kind, group, ranks, SimPending(self.clock, start + seconds, rows), list(requests))
+
+    def prefill(self, work: PrefillWork, pools: Sequence[PagePool]) -> Launch:
+        d = len(work.group)
+        lengths, done = [], []
+        for i, req in enumerate(work.requests):
+            total = req.prefill_len
+            n = total if work.chunk is None else work.chunk[i]
+            start = req.prefilled - n  # the engine already counted this pass
+            counts = np.bincount(np.asarray(work.plans[i])[start : start + n], minlength=d)
+            for r, c in enumerate(counts):
+                if c:
+                    pools[r].append(req.rid, int(c))
+            lengths.append((start, n))
+            if start + n >= total:
+                done.append(req)
+        if work.chunk is None:
+            seconds = self.timing.prefill_time(d, [n for _, n in lengths])
+        else:  # a chunk attends to the chunks before it: the difference of two causal prefills
+            seconds = sum(
+                self.timing.prefill_time(d, [s + n]) - self.timing.prefill_time(d, [s]) for s, n in lengths if n
+            )
+        requests: list[Request] = list(work.requests)
+        ranks = [done]
+        if work.piggyback is not None:
+            dec = work.piggyback
+            self._reserve_decode(dec, pools)
+            context = sum(r.num_tokens for r in dec.requests)
+            seconds += self.timing.decode_time(d, len(dec.requests), context) - self.timing.decode_time(d, 0, 0)
+            ranks = [done + list(dec.requests)]
+            requests += dec.requests
+        return self._launch("prefill", work.group, ranks, requests, seconds, sum(n for _, n in lengths))
+
+    @staticmethod
+    def _reserve_decode(work: DecodeWork, pools: Sequence[PagePool]) -> None:
+        for req, m in zip(work.requests, work.masters):
+            pools[m].append(req.rid, 1)
+
+    def decode(self, work: DecodeWork, pools: Sequence[PagePool]) -> Launch:
+        self._reserve_decode(work, pools)
+        context = sum(r.num_tokens for r in work.requests)
+        seconds = self.timing.decode_time(len(work.group), len(work.requests), context)
+        return self._launch("decode", work.group, [list(work.requests)], work.requests, seconds, len(work.requests))
+
+    def migrate(self, src: int, dst: int, src_slots: np.ndarray, dst_slots: np.ndarray) -> Launch:
+        self.migrations += 1
+        seconds = self.timing.migrate_time(len(src_slots))
+        return self._launch("migrate", (src, dst), [], [], seconds, len(src_slots))
