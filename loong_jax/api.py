@@ -10,10 +10,13 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from loong_jax.batching import bucket, prefill_rows
+from loong_jax.cost_model import CostModel
 from loong_jax.engine import EngineConfig, build_engine
 from loong_jax.outputs import RequestOutput
 from loong_jax.platform import DEFAULT_CACHE_DIR, enable_compilation_cache, parse_dtype
+from loong_jax.profiling import DEFAULT_PROFILE_DIR, profile_key, profile_path
 from loong_jax.sampling import SamplingParams
+from loong_jax.scheduler import ElasticScheduler, SchedulerConfig
 
 log = logging.getLogger("loong_jax")
 Prompt = str | Sequence[int]
@@ -42,6 +45,7 @@ class LLM:
         seed: int | None = None,
         warmup: bool = False,
         compilation_cache_dir: str | None = DEFAULT_CACHE_DIR,
+        profile_dir: str | None = DEFAULT_PROFILE_DIR,
     ):
         from checkpoints import load_checkpoint  # noqa: PLC0415 (checkpoints imports loong_jax.config)
 
@@ -74,8 +78,20 @@ class LLM:
             self.engine.executor.instances.devices[0][0].platform,
             ecfg.num_pages * ecfg.page_size,
         )
+        self.cost_model_source = "uncalibrated (run `loong profile` to fit one)"
+        path = profile_path(profile_key(self.engine), profile_dir) if profile_dir else None
+        if path is not None and path.exists():
+            self.use_cost_model(CostModel.load(path))
+            self.cost_model_source = str(path)
+        log.info("scheduler cost model: %s", self.cost_model_source)
         if warmup:
             self.warmup()
+
+    def use_cost_model(self, cost: CostModel) -> None:
+        """Schedule with this cost model from now on (e.g. one `profile()` just fitted)."""
+        ecfg = self.engine.ecfg
+        config = SchedulerConfig(aligned_groups=ecfg.aligned_groups)
+        self.engine.policy = ElasticScheduler(ecfg.num_instances, cost, config)
 
     def warmup(self, show_progress: bool = True) -> int:
         """Compile the programs the engine's policy uses (see `warmup_jobs`); returns how many compiled."""

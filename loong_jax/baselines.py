@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -111,10 +112,7 @@ class DisaggregatedPolicy:
             if it.migrations:
                 return it
         if 0 in free and view.waiting:
-            committed = sum(reserve(r) for r in view.decoding) + sum(
-                reserve(r) for r in view.prefilling
-            )  # requests in flight are counted through the pool in use
-            committed = max(committed, view.pools[1].num_pages - view.pools[1].free_pages)
+            committed = sum(reserve(r) for r in view.running)  # every running request ends on instance 1
             work = admit_fcfs(view, (0,), local_plan, reserve, decode_pages - committed)
             if work is not None:
                 it.prefills.append(work)
@@ -124,35 +122,54 @@ class DisaggregatedPolicy:
 
 
 class ReplicaPolicy:
-    """Independent instances: a request is prefilled and decoded on one instance, prefill-first there."""
+    """Independent instances behind a load balancer: each request is assigned to one instance when it
+    arrives (round robin, or the instance with the most free memory) and is prefilled and decoded there,
+    prefill-first, in that instance's own queue."""
 
-    def __init__(self, num_instances: int):
+    def __init__(self, num_instances: int, balance: str = "round_robin"):
+        if balance not in ("round_robin", "most_free"):
+            raise ValueError(f"balance must be 'round_robin' or 'most_free', got {balance!r}")
         self.n = num_instances
+        self.balance = balance
+        self.assigned: dict[int, int] = {}
+        self._next = 0
+
+    def _assign(self, view: SchedulerView) -> None:
+        for req in view.waiting:
+            if req.rid not in self.assigned:
+                if self.balance == "round_robin":
+                    self.assigned[req.rid] = self._next % self.n
+                    self._next += 1
+                else:
+                    self.assigned[req.rid] = max(range(self.n), key=lambda i: (view.pools[i].free_pages, -i))
 
     def schedule(self, view: SchedulerView) -> Iteration:
+        self._assign(view)
         it = Iteration()
         mine: dict[int, list[Request]] = {i: [] for i in range(self.n)}
         for r in view.decoding:
             mine[min(holders(view, r))].append(r)
-        free = [i for i in range(self.n) if i not in view.busy]
         page = view.pools[0].page_size
 
         def reserve(req: Request) -> int:
             return -(-(req.num_prefill_tokens + req.max_new_tokens) // page) + 1
 
-        queue = list(view.waiting)
-        for i in sorted(free, key=lambda i: -view.pools[i].free_pages):
+        launched = 0
+        for i in range(self.n):
+            if i in view.busy:
+                continue
+            queue = [r for r in view.waiting if self.assigned.get(r.rid) == i]
             if queue:
                 pool = view.pools[i]
                 committed = max(sum(reserve(r) for r in mine[i]), pool.num_pages - pool.free_pages)
-                sub = SchedulerView(
-                    queue, mine[i], view.pools, view.max_num_seqs, view.max_prefill_tokens, 0,
-                    view.min_prefill_bucket, view.busy, view.num_running + len(it.prefills), view.now,
-                )  # fmt: skip
+                sub = dataclasses.replace(view, waiting=queue, decoding=mine[i], reserved_pages=0,
+                                          num_running=view.num_running + launched)  # fmt: skip
                 work = admit_fcfs(sub, (i,), local_plan, reserve, pool.num_pages - committed)
                 if work is not None:
                     it.prefills.append(work)
-                    queue = [r for r in queue if r not in work.requests]
+                    launched += len(work.requests)
+                    for r in work.requests:
+                        self.assigned.pop(r.rid)
                     continue
             if mine[i]:
                 it.decodes.append(DecodeWork((i,), mine[i], [0] * len(mine[i])))

@@ -1,4 +1,4 @@
-"""The `loong` command line: generate, chat and convert."""
+"""The `loong` command line: generate, chat, serve, profile and convert."""
 
 from __future__ import annotations
 
@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     from serving.server import add_serve_args  # noqa: PLC0415
 
     add_serve_args(srv)
+    prof = sub.add_parser("profile", help="fit the scheduler's cost model on this machine and save it")
+    _model_args(prof)
+    prof.add_argument("--max-num-seqs", type=int, default=16)
+    prof.add_argument("--max-prefill-tokens", type=int, default=2048)
+    prof.add_argument("--repeats", type=int, default=2, help="timed runs per shape (after one warm run)")
+    prof.add_argument("--output", default=None, help="file to write (default: the per-model-and-hardware cache)")
     conv = sub.add_parser("convert", help="convert a checkpoint to an Orbax checkpoint (fast reloads)")
     conv.add_argument("source", help="GGUF file or Hugging Face directory ('default' for SmolLM2)")
     conv.add_argument("output", help="new directory to write")
@@ -112,6 +118,17 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(args: argparse.Namespace) -> int:
+    from loong_jax.profiling import profile, profile_path  # noqa: PLC0415
+
+    llm = load_llm(args, max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens)
+    report = profile(llm.engine, repeats=args.repeats)
+    path = args.output or profile_path(report.cost.key)
+    report.cost.save(path)
+    print(f"wrote {path} (key {report.cost.key})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     verbose = args.verbose or args.command == "serve"
@@ -126,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
 
             llm = load_llm(args, max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens)
             return serve(args, llm)
+        if args.command == "profile":
+            return _profile(args)
         return _convert(args) if args.command == "convert" else _generate(args)
     except (CheckpointError, ValueError, NotImplementedError) as e:
         print(f"loong: error: {e}", file=sys.stderr)

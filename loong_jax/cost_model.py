@@ -27,6 +27,18 @@ class CostModel:
     decode: dict[int, tuple[float, float, float]]  # degree -> (a, b, c)
     migrate_latency: float = 0.0
     migrate_tokens_per_s: float = math.inf
+    prefill_bucket: int = 0  # > 0: each rank's tokens are padded to a power-of-two bucket of at least this
+
+    def prefill_tokens(self, degree: int, total: float | np.ndarray) -> float | np.ndarray:
+        """Tokens a prefill of `total` tokens really computes at this degree (after shape padding)."""
+        if not self.prefill_bucket:
+            return total
+        per_rank = np.maximum(np.ceil(np.asarray(total, np.float64) / degree), self.prefill_bucket)
+        return degree * 2.0 ** np.ceil(np.log2(per_rank))
+
+    def prefill_terms(self, degree: int, lengths: Sequence[int]) -> list[float]:
+        """The features the prefill coefficients multiply: [1, tokens, sum of squared lengths]."""
+        return [1.0, float(self.prefill_tokens(degree, sum(lengths))), float(sum(n * n for n in lengths))]
 
     def _coeffs(self, table: dict[int, tuple[float, float, float]], degree: int) -> tuple[float, float, float]:
         if degree in table:
@@ -37,8 +49,7 @@ class CostModel:
 
     def prefill_time(self, degree: int, lengths: Sequence[int]) -> float:
         a, b, c = self._coeffs(self.prefill, degree)
-        s1 = float(sum(lengths))
-        s2 = float(sum(n * n for n in lengths))
+        _, s1, s2 = self.prefill_terms(degree, lengths)
         return a + b * s1 + c * s2
 
     def decode_time(self, degree: int, batch: int, context: int) -> float:
@@ -55,6 +66,7 @@ class CostModel:
             "decode": {str(d): list(v) for d, v in self.decode.items()},
             "migrate_latency": self.migrate_latency,
             "migrate_tokens_per_s": self.migrate_tokens_per_s if math.isfinite(self.migrate_tokens_per_s) else None,
+            "prefill_bucket": self.prefill_bucket,
         }
 
     @classmethod
@@ -66,6 +78,7 @@ class CostModel:
             {int(d): tuple(v) for d, v in data["decode"].items()},
             float(data.get("migrate_latency", 0.0)),
             math.inf if rate is None else float(rate),
+            int(data.get("prefill_bucket", 0)),
         )
 
     def save(self, path: str | Path) -> None:
@@ -93,8 +106,10 @@ def fit_linear(features: np.ndarray, times: np.ndarray) -> tuple[float, ...]:
         active.remove(min(neg, key=lambda i: x[i]))
 
 
-def prefill_features(batches: Sequence[Sequence[int]]) -> np.ndarray:
-    return np.array([[1.0, sum(b), sum(n * n for n in b)] for b in batches], np.float64)
+def prefill_features(batches: Sequence[Sequence[int]], degree: int = 1, bucket: int = 0) -> np.ndarray:
+    """Feature rows [1, tokens computed, sum of l^2] of prefill batches (see CostModel.prefill_terms)."""
+    shape = CostModel("features", {}, {}, prefill_bucket=bucket)
+    return np.array([shape.prefill_terms(degree, b) for b in batches], np.float64)
 
 
 def decode_features(points: Sequence[tuple[int, int]]) -> np.ndarray:
@@ -105,3 +120,11 @@ def decode_features(points: Sequence[tuple[int, int]]) -> np.ndarray:
 def relative_errors(predicted: Sequence[float], measured: Sequence[float]) -> np.ndarray:
     p, m = np.asarray(predicted, np.float64), np.asarray(measured, np.float64)
     return np.abs(p - m) / m
+
+
+def rough_cost_model(key: str = "uncalibrated") -> CostModel:
+    """A stand-in until `loong profile` has run: prefill work spread over the group, decode cost per request
+    and per context token. Only the relative sizes matter to most decisions."""
+    prefill = {1: (5e-3, 1e-3, 1e-8)}
+    decode = {1: (2e-2, 3e-3, 1e-5)}
+    return CostModel(key, prefill, decode, 1e-3, 1e6)

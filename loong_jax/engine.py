@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import secrets
 from collections.abc import Sequence
 from typing import Any
@@ -22,12 +23,16 @@ from flax import nnx
 
 from checkpoints.tokenizer import Tokenizer
 from loong_jax.config import ModelConfig
+from loong_jax.cost_model import CostModel, rough_cost_model
 from loong_jax.execution import DecodeWork, Executor, Iteration, Launch, Migration
 from loong_jax.executor import JaxExecutor
 from loong_jax.kv_pool import PagePool
-from loong_jax.policy import IdleFirstPolicy, Policy, SchedulerView
+from loong_jax.policy import Policy, SchedulerView
 from loong_jax.request import IncrementalDetokenizer, Request, Status
 from loong_jax.sampling import SamplingParams
+from loong_jax.scheduler import ElasticScheduler, SchedulerConfig
+
+log = logging.getLogger("loong_jax")
 
 
 class RequestRejected(ValueError):
@@ -95,7 +100,10 @@ class Engine:
         self.tokenizer = tokenizer
         self.executor = executor
         self.pools = [PagePool(ecfg.num_pages, ecfg.page_size) for _ in range(ecfg.num_instances)]
-        self.policy: Policy = policy or IdleFirstPolicy(ecfg.num_instances, ecfg.aligned_groups)
+        if policy is None:
+            config = SchedulerConfig(aligned_groups=ecfg.aligned_groups)
+            policy = ElasticScheduler(ecfg.num_instances, rough_cost_model(), config)
+        self.policy: Policy = policy
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.requests: dict[int, Request] = {}
@@ -189,6 +197,7 @@ class Engine:
             num_running=len(self.running),
             now=self.executor.now(),
             prefilling=prefilling,
+            running=tuple(self.running),
         )
 
     def step(self, timeout: float | None = None) -> list[Request]:
@@ -202,7 +211,18 @@ class Engine:
         if not launched and not touched and self.launches:
             self.executor.wait(self.launches, timeout)
             touched = self._collect()
+        elif not launched and not self.launches and self.waiting and not self.running:
+            touched = [self._reject_head()]  # an idle engine that cannot start its oldest request never will
         return touched
+
+    def _reject_head(self) -> Request:
+        req = self.waiting[0]
+        log.error(
+            "request %d (%d tokens) cannot be scheduled on an idle engine; rejecting it", req.rid, len(req.prompt_ids)
+        )
+        self.abort(req.rid)
+        req.finish_reason = "error"
+        return req
 
     def execute(self, it: Iteration) -> list[Request]:
         """Run a hand-built iteration to completion (tests use it): launch everything, wait for all."""
@@ -344,8 +364,10 @@ def build_engine(
     seed: int | None = None,
     policy: Policy | None = None,
     devices: list[jax.Device] | None = None,
+    cost_model: CostModel | None = None,
 ) -> Engine:
-    """An engine on real devices: the model's weights on every instance, run by the JAX executor."""
+    """An engine on real devices: the model's weights on every instance, run by the JAX executor, scheduled
+    by the elastic scheduler with `cost_model` (a rough stand-in if none) unless a policy is given."""
     executor = JaxExecutor(
         cfg,
         graphdef,
@@ -360,4 +382,7 @@ def build_engine(
         min_prefill_bucket=ecfg.min_prefill_bucket,
         max_rows=ecfg.max_num_seqs,
     )
+    if policy is None and cost_model is not None:
+        config = SchedulerConfig(aligned_groups=ecfg.aligned_groups)
+        policy = ElasticScheduler(ecfg.num_instances, cost_model, config)
     return Engine(cfg, ecfg, executor, tokenizer, seed, policy)

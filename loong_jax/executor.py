@@ -72,6 +72,7 @@ class JaxExecutor:
         max_rows: int = 32,
     ):
         self.cfg = cfg
+        self.dtype = dtype
         self.min_prefill_bucket = min_prefill_bucket
         self.max_rows = max_rows
         self.graphdef = graphdef

@@ -15,17 +15,14 @@ from loong_jax.kv_pool import PagePool
 from loong_jax.programs import DecodeInputs, PrefillInputs
 
 
-def busiest_first_plan(lengths: Sequence[int], pools: Sequence[PagePool]) -> list[np.ndarray]:
-    """The paper's default scale-down plan: fill the group's busiest instances first, up to their free pages.
-
-    Returns, per request, the group rank that keeps each token (tokens in position order). A request thus
-    lands on the fewest instances that can hold it. Raises if the group cannot hold the batch.
-    """
-    order = sorted(range(len(pools)), key=lambda r: (-pools[r].used_tokens, r))
+def _fill_plan(lengths: Sequence[int], pools: Sequence[PagePool], busiest: bool) -> list[np.ndarray]:
+    """Per request, the group rank keeping each token: ranks filled in load order up to their free pages."""
+    load = [p.used_tokens for p in pools]
     free = [p.free_pages for p in pools]
     page = pools[0].page_size
     plans = []
     for n in lengths:
+        order = sorted(range(len(pools)), key=lambda r: (-load[r] if busiest else load[r], r))
         plan = np.empty(n, np.int32)
         at = 0
         for r in order:
@@ -35,11 +32,27 @@ def busiest_first_plan(lengths: Sequence[int], pools: Sequence[PagePool]) -> lis
             if take:
                 plan[at : at + take] = r
                 free[r] -= -(-take // page)
+                load[r] += take
                 at += take
         if at < n:
             raise ValueError(f"the group cannot hold a {n}-token prompt ({sum(free)} free pages left)")
         plans.append(plan)
     return plans
+
+
+def busiest_first_plan(lengths: Sequence[int], pools: Sequence[PagePool]) -> list[np.ndarray]:
+    """The paper's default scale-down plan: fill the group's busiest instances first, up to their free pages.
+
+    A request thus lands on the fewest instances that can hold it, leaving the others idle for the next
+    prefill. Raises if the group cannot hold the batch.
+    """
+    return _fill_plan(lengths, pools, busiest=True)
+
+
+def least_loaded_plan(lengths: Sequence[int], pools: Sequence[PagePool]) -> list[np.ndarray]:
+    """Scale-down onto the group's least-loaded instances: spreads decode work (shorter decode steps) at
+    the price of fewer idle instances later."""
+    return _fill_plan(lengths, pools, busiest=False)
 
 
 @dataclasses.dataclass

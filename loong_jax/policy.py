@@ -43,6 +43,7 @@ class SchedulerView:
     num_running: int = 0
     now: float = 0.0
     prefilling: Sequence[Request] = ()  # running requests whose chunked prefill is not complete
+    running: Sequence[Request] = ()  # every running request, in a program or not
 
     def rank_token_cap(self, degree: int) -> int:
         """Tokens per rank a prefill of this degree may hold: the largest warmed-up token bucket."""
@@ -212,7 +213,7 @@ class IdleFirstPolicy:
                     groups = [g for g in groups if g[0] != group]
             if work is not None:
                 it.prefills.append(work)
-        taken = set(it.instances()) | set(view.busy)
+        taken = set(it.instances()) | set(view.busy) | {i for g, _ in groups for i in g}
         for group, reqs in groups:
             it.decodes.append(assign_masters(view, self.n, group, reqs, taken, self.aligned)[0])
             taken |= set(it.decodes[-1].group)

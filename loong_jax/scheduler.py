@@ -25,7 +25,7 @@ import numpy as np
 from loong_jax.cost_model import CostModel
 from loong_jax.execution import Iteration, Migration, PrefillWork
 from loong_jax.instances import Group
-from loong_jax.placement import busiest_first_plan
+from loong_jax.placement import busiest_first_plan, least_loaded_plan
 from loong_jax.policy import SchedulerView, assign_masters, decode_groups, fits_rank_cap, holders
 from loong_jax.request import Request
 
@@ -38,6 +38,12 @@ class SchedulerConfig:
     aligned_groups: bool = True  # groups are aligned power-of-two blocks (bounded programs to compile)
     pack_decodes: bool = False  # allow migrating decode KV to free instances for prefill
     pause_decodes: bool = True
+    pause_weight: float = 1.0  # pause when the saved latency exceeds this times the added latency
+    placement: str = "busiest"  # scale-down plan: "busiest" (paper default) or "least_loaded"
+    decode_step_target: float | None = None  # seconds: spread a request's KV until its decode steps meet this
+
+
+PLANS = {"busiest": busiest_first_plan, "least_loaded": least_loaded_plan}
 
 
 def _pages(tokens: int, page: int) -> int:
@@ -72,12 +78,12 @@ class ElasticScheduler:
                 batches = self._batch(view, admitted, free)
                 for group, reqs in batches:
                     pools = [view.pools[i] for i in group]
-                    plans = busiest_first_plan([r.num_prefill_tokens for r in reqs], pools)
+                    plans = self._plan([r.num_prefill_tokens for r in reqs], pools)
                     it.prefills.append(PrefillWork(group, reqs, plans))
                 used = {i for w in it.prefills for i in w.group}
                 groups = [g for g in groups if not used.intersection(g[0])]
                 self._count_skips(blocked, [r for w in it.prefills for r in w.requests])
-        taken = set(it.instances()) | set(view.busy)
+        taken = set(it.instances()) | set(view.busy) | {i for g, _ in groups for i in g}
         for group, reqs in groups:
             work, stuck = assign_masters(view, self.n, group, reqs, taken, aligned)
             if stuck and self._out_of_memory(view, stuck):
@@ -156,7 +162,7 @@ class ElasticScheduler:
                 with_g = self.cost.prefill_time(size + len(g[0]), lengths)
                 gain = (latency - with_g) * gain_w
                 cost = with_g * self._norm(g[1], inputs=False)
-                if gain > cost:
+                if gain > cost * self.cfg.pause_weight:
                     paused.append(g)
                     size, latency = size + len(g[0]), with_g
         if paused or not self.cfg.pack_decodes or not idle:
@@ -230,11 +236,11 @@ class ElasticScheduler:
             j = np.arange(i)
             s1, s2, w = p1[i] - p1[j], p2[i] - p2[j], pw[i] - pw[j]  # [J]
             cnt = i - j
-            t = coeffs[None, :, 0] + coeffs[None, :, 1] * s1[:, None] + coeffs[None, :, 2] * s2[:, None]  # [J, K]
+            padded = np.stack([self.cost.prefill_tokens(int(k), s1) for k in degrees], axis=1)  # [J, K]
+            t = coeffs[None, :, 0] + coeffs[None, :, 1] * padded + coeffs[None, :, 2] * s2[:, None]
             cost = t * w[:, None]
-            fits = (np.ceil(s1[:, None] / degrees[None, :]) + cnt[:, None] <= caps[None, :]) & (
-                cnt[:, None] <= view.max_num_seqs
-            )
+            within = np.ceil(s1[:, None] / degrees[None, :]) + cnt[:, None] <= caps[None, :]
+            fits = (within | (cnt[:, None] == 1)) & (cnt[:, None] <= view.max_num_seqs)  # one alone may exceed
             need = (pp[i] - pp[j])[:, None, None] + cnt[:, None, None] + degrees[None, :, None]  # [J, K, 1]
             cand = f[j][:, src_c] + cost[:, :, None]  # [J, K, E+1]
             ok = ok_e[None] & fits[:, :, None] & (need <= window_pages[None])
@@ -280,7 +286,7 @@ class ElasticScheduler:
             room = sum(view.pools[i].free_pages for i in block)
             while reqs and (
                 sum(_pages(r.num_prefill_tokens, page) + len(block) for r in reqs) > room
-                or not fits_rank_cap(view, [r.num_prefill_tokens for r in reqs], len(block))
+                or (len(reqs) > 1 and not fits_rank_cap(view, [r.num_prefill_tokens for r in reqs], len(block)))
             ):
                 reqs.pop()
             if reqs:
@@ -288,7 +294,43 @@ class ElasticScheduler:
                 out.append((block, reqs))
         return out
 
-    # ----- step 4 helpers ----------------------------------------------------------------------------
+    # ----- step 4: scaling plan --------------------------------------------------------------------
+
+    def _plan(self, lengths: list[int], pools: list) -> list[np.ndarray]:
+        """Scale-down placement. With a decode step target, each request keeps its KV on the fewest of the
+        group's instances (busiest first) whose predicted decode step, with the KV they already hold,
+        stays within the target; its tokens are split evenly between them."""
+        target = self.cfg.decode_step_target
+        if target is None:
+            return PLANS[self.cfg.placement](lengths, pools)
+        page = pools[0].page_size
+        load = [p.used_tokens for p in pools]
+        count = [len(p.tokens) for p in pools]
+        free = [p.free_pages * page for p in pools]
+        order = sorted(range(len(pools)), key=lambda r: (-load[r], r))
+        plans = []
+        for n in lengths:
+            for k in range(1, len(pools) + 1):
+                share = -(-n // k)
+                keep = [r for r in order if free[r] >= share + page][:k]
+                if len(keep) < k:
+                    continue
+                step = max(self.cost.decode_time(1, count[r] + 1, load[r] + share) for r in keep)
+                if step <= target or k == len(pools):
+                    break
+            if len(keep) < k:  # cannot split evenly: fall back to filling in load order
+                plans.append(busiest_first_plan([n], pools)[0])
+                continue
+            plan = np.repeat(np.asarray(sorted(keep), np.int32), share)[:n]
+            for r in keep:
+                got = int((plan == r).sum())
+                load[r] += got
+                free[r] -= -(-got // page) * page
+                count[r] += 1
+            plans.append(plan)
+        return plans
+
+    # ----- helpers -----------------------------------------------------------------------------------
 
     @staticmethod
     def _out_of_memory(view: SchedulerView, stuck: list[Request]) -> bool:

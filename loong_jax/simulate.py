@@ -103,8 +103,9 @@ def simulate(
             k = order[i]
             w, rec = workload[k], records[k]
             i += 1
-            if cluster.max_request_tokens is not None and w.input_len + w.output_len > cluster.max_request_tokens:
-                rec.rejected = f"needs {w.input_len + w.output_len} tokens; an instance holds {cluster.max_request_tokens}"
+            limit, need = cluster.max_request_tokens, w.input_len + w.output_len
+            if limit is not None and need > limit:
+                rec.rejected = f"needs {need} tokens of KV; one instance of this system holds {limit}"
                 continue
             params = SamplingParams(max_tokens=w.output_len, ignore_eos=True, temperature=0.0)
             try:
@@ -120,6 +121,8 @@ def simulate(
             if req.finished:
                 _, rec = live.pop(req.rid)
                 rec.first_token, rec.finish, rec.preemptions = req.first_token_time, req.finish_time, req.preemptions
+                if req.finish_reason == "error":
+                    rec.rejected = "the policy could not place it even on an idle cluster"
         if not engine.launches and not touched and ex.now() == now:  # nothing ran, nothing is running
             if nxt is not None:
                 ex.advance(nxt)

@@ -92,7 +92,7 @@ class Server:
     async def _submit(self, prompt: list[int], body: Any, index: int, max_tokens: int | None, logprobs: int | None):
         try:
             params = body.sampling_params(index, max_tokens, logprobs)
-            return await self.engine.add(prompt, params)
+            return await self.engine.add(prompt, params, body.priority)
         except (ValueError, RequestRejected) as e:
             raise APIError(str(e)) from None
 

@@ -82,13 +82,15 @@ class AsyncEngine:
         self._wake.set()
         return fut
 
-    async def add(self, prompt_ids: Sequence[int], params: SamplingParams) -> tuple[int, asyncio.Queue]:
+    async def add(
+        self, prompt_ids: Sequence[int], params: SamplingParams, priority: int = 0
+    ) -> tuple[int, asyncio.Queue]:
         """Queue a request (validated by the engine: errors raise here) and return its id and delta queue."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
 
         def add(engine: Engine) -> int:
-            req = engine.add_request(prompt_ids, params)
+            req = engine.add_request(prompt_ids, params, priority)
             self._streams[req.rid] = _Stream(req, loop, q)
             return req.rid
 

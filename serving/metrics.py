@@ -52,7 +52,8 @@ class Metrics:
         self.iteration = Histogram("loong:iteration_seconds", "Engine iteration time.", buckets=_LATENCY, registry=r)
         for i in range(num_instances):
             self.kv_instance.labels(instance=str(i)).set(0)
-        self._seen = {"prefills": 0, "decode_steps": 0, "scale_ups": 0, "scale_downs": 0, "migrations": 0}
+        counters = ("prefills", "decode_steps", "scale_ups", "scale_downs", "migrations", "preemptions")
+        self._seen = dict.fromkeys(counters, 0)
         self._last_token: dict[int, tuple[int, float]] = {}
 
     def on_iteration(self, engine: Engine, touched: Sequence[Request], seconds: float) -> None:
@@ -66,12 +67,14 @@ class Metrics:
         self.scale_ups.inc(s.scale_ups - self._seen["scale_ups"])
         self.scale_downs.inc(s.scale_downs - self._seen["scale_downs"])
         self.migrations.inc(s.migrations - self._seen["migrations"])
+        self.preemptions.inc(s.preemptions - self._seen["preemptions"])
         self._seen = {
             "prefills": len(s.prefill_degrees),
             "decode_steps": len(s.decode_degrees),
             "scale_ups": s.scale_ups,
             "scale_downs": s.scale_downs,
             "migrations": s.migrations,
+            "preemptions": s.preemptions,
         }
         for req in touched:
             n = len(req.output_ids)

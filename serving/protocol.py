@@ -39,6 +39,7 @@ class _Common(BaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    priority: int = 0  # higher is scheduled first
 
     def sampling_params(self, index: int, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """Parameters of the index-th of n choices (seeded choices get distinct, reproducible seeds)."""

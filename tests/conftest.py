@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import jax
 import pytest
+
+# Tests schedule with the built-in rough cost model, not a profile fitted on the machine running them.
+os.environ["LOONG_PROFILE_DIR"] = tempfile.mkdtemp(prefix="loong-profiles-")
 
 jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_num_cpu_devices", 8)  # virtual instances for the elastic runtime

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loong_jax.execution import DecodeWork, Iteration, PrefillWork
+from loong_jax.policy import IdleFirstPolicy
 
 
 def _run_alone(prompt, steps):
@@ -118,6 +119,7 @@ def test_random_spreads_and_masters_decode_exactly(engine8, d, lengths, seed):
 def test_no_kv_moves_between_prefill_and_decode():
     """The policy-driven engine never migrates, and no collective of a program carries pool-sized data."""
     engine = tiny_esp_engine(num_instances=4, kv_tokens=48)  # small pools: prompts spread over instances
+    engine.policy = IdleFirstPolicy(4)  # one group for all three prompts: scale-down is certain
     rng = np.random.default_rng(3)
     prompts = [rng.integers(3, 256, n).tolist() for n in (50, 7, 23)]
     reqs = [engine.add_request(p, greedy_params(8)) for p in prompts]

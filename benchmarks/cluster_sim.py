@@ -1,0 +1,266 @@
+"""Elastic sequence parallelism against the systems users would pick instead, on a simulated GPU cluster.
+
+Every system is a policy over the same engine loop, simulated executor and analytical cluster model
+(default: 8 x A800 serving the 7B LWM-Text-1M / Llama-2 architecture). For each workload the request
+rate is swept; the script reports the paper's metrics (normalised per-token, input and output latency,
+throughput at the SLO, P90 goodput for the Zipf workloads) and writes JSON, latency-versus-rate plots and
+a timeline of which instances ran which group.
+
+    .venv/bin/python benchmarks/cluster_sim.py                    # all workloads, all systems
+    .venv/bin/python benchmarks/cluster_sim.py --workloads zipf1.0 --requests 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from loong_jax.baselines import ChunkedPrefillPolicy, DisaggregatedPolicy, ReplicaPolicy, StaticGroupPolicy
+from loong_jax.cluster_model import GPUS, LLAMA2_7B, ClusterModel
+from loong_jax.policy import IdleFirstPolicy
+from loong_jax.scheduler import ElasticScheduler, SchedulerConfig
+from loong_jax.simulate import SimCluster, SimResult, simulate
+from loong_jax.workloads import WORKLOADS, mooncake, synthetic, trace_rate
+
+MAX_LEN = 1 << 20  # LWM-Text-1M
+PLACEMENT = "busiest"
+REPLICA_BALANCE = "round_robin"  # independent replicas behind a round-robin load balancer
+TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mooncake_conversation_trace.jsonl"
+
+# Paper SLOs in ms per token: [per-token, input, output]; chunk sizes of the chunked-prefill baseline.
+SLO_MS = {
+    "sharegpt": (92, 20, 320),
+    "leval": (3.5, 1.8, 320),
+    "lveval": (2.5, 2.5, 365),
+    "mixed": (70, 90, 360),
+}
+CHUNK = {"sharegpt": 256, "leval": 2048, "lveval": 16384, "mixed": 2048}
+# Rate grids centred on the paper's elastic-SP throughput (requests/s); the Mooncake grid is a speed-up.
+CENTRE = {
+    "sharegpt": 29.47,
+    "leval": 2.416,
+    "lveval": 0.201,
+    "mixed": 0.553,
+    "zipf1.0": 1.122,
+    "zipf1.2": 2.925,
+    "zipf1.4": 8.757,
+    "mooncake": 1.0,
+}
+FACTORS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
+PAPER = {  # DESIGN.md section 5
+    "sharegpt": {"esp": 29.47, "vllm_tp8": 6.35, "disagg_4p4d": 10.37, "chunked_tp8": 23.13},
+    "leval": {"esp": 2.416, "vllm_tp8": 1.144, "disagg_4p4d": 0.415, "chunked_tp8": 1.231},
+    "lveval": {"esp": 0.201, "vllm_tp8": 0.090, "chunked_tp8": 0.082},
+    "mixed": {"esp": 0.553, "vllm_tp8": 0.208, "chunked_tp8": 0.144},
+    "zipf1.0": {"esp": 1.122, "vllm_tp8": 0.405, "static_sp_tp2x4": 0.481, "replicas_4xtp2": 0.360},
+    "zipf1.2": {"esp": 2.925, "vllm_tp8": 1.355, "static_sp_tp2x4": 1.478, "replicas_4xtp2": 1.289},
+    "zipf1.4": {"esp": 8.757, "vllm_tp8": 5.723, "static_sp_tp2x4": 5.447, "replicas_4xtp2": 5.000},
+}
+SYSTEMS = ("esp", "static_sp_tp2x4", "chunked_tp8", "disagg_4p4d", "vllm_tp8", "replicas_4xtp2")
+STATIC = ("static_sp_tp2x4", "vllm_tp8", "replicas_4xtp2")
+
+
+def system(name: str, gpu: str, workload: str) -> tuple[SimCluster, object]:
+    """The simulated deployment and policy of a named system on 8 GPUs."""
+    g = GPUS[gpu]
+    if name in ("esp", "static_sp_tp2x4", "replicas_4xtp2"):
+        c = ClusterModel(g, LLAMA2_7B, 4, 2)
+        limit = c.kv_tokens_per_instance if name == "replicas_4xtp2" else None
+        cluster = SimCluster(c, 4, c.kv_tokens_per_instance, MAX_LEN, max_request_tokens=limit)
+        if name == "esp":
+            config = SchedulerConfig(aligned_groups=False, placement=PLACEMENT)
+            return cluster, ElasticScheduler(4, c.fitted_cost_model(), config)
+        return cluster, StaticGroupPolicy(4) if name == "static_sp_tp2x4" else ReplicaPolicy(4, REPLICA_BALANCE)
+    if name in ("vllm_tp8", "chunked_tp8"):
+        c = ClusterModel(g, LLAMA2_7B, 1, 8)
+        cluster = SimCluster(c, 1, c.kv_tokens_per_instance, MAX_LEN)
+        if name == "vllm_tp8":
+            return cluster, IdleFirstPolicy(1, aligned_groups=False)
+        return cluster, ChunkedPrefillPolicy(CHUNK.get(workload, 2048))
+    if name == "disagg_4p4d":
+        c = ClusterModel(g, LLAMA2_7B, 2, 4)
+        return SimCluster(c, 2, c.kv_tokens_per_instance, MAX_LEN, max_request_tokens=c.kv_tokens_per_instance), (
+            DisaggregatedPolicy()
+        )
+    raise ValueError(f"unknown system {name!r}; known: {', '.join(SYSTEMS)}")
+
+
+def requests_for(workload: str, rate: float, n: int, seed: int) -> list:
+    if workload == "mooncake":
+        if not TRACE.exists():
+            raise FileNotFoundError(f"the Mooncake trace is not at {TRACE}")
+        return mooncake(TRACE, n=n, speedup=rate, max_len=MAX_LEN)
+    return synthetic(workload, rate, n, seed)
+
+
+def slo_attainment(res: SimResult, gpu: str) -> float:
+    """Share of requests meeting the Zipf ablation's SLO: TTFT <= max(25 x isolated prefill, 15 s) and
+    TPOT <= 50 ms (isolated prefill: the request alone on 8 GPUs as one TP=8 instance)."""
+    ref = ClusterModel(GPUS[gpu], LLAMA2_7B, 1, 8)
+    ok = [
+        r.rejected is None and r.ttft <= max(25 * ref.prefill_time(1, [r.input_len]), 15.0) and r.tpot <= 0.050
+        for r in res.records
+    ]
+    return float(np.mean(ok))
+
+
+def crossing(rates: list[float], values: list[float], limit: float) -> float:
+    """Highest rate whose value stays within the limit, interpolated (log-linear) to the crossing point."""
+    best = 0.0
+    for k, (r, v) in enumerate(zip(rates, values)):
+        if v <= limit:
+            best = r
+            continue
+        if k > 0 and values[k - 1] <= limit:
+            lo, hi = math.log(max(values[k - 1], 1e-9)), math.log(v)
+            frac = (math.log(limit) - lo) / (hi - lo) if hi > lo else 0.0
+            best = rates[k - 1] + frac * (r - rates[k - 1])
+        break
+    return best
+
+
+def run_workload(workload: str, systems: list[str], n: int, gpu: str, seed: int, timeline: dict) -> dict:
+    out = {}
+    for name in systems:
+        points = []
+        for f in FACTORS:
+            rate = CENTRE[workload] * f
+            wl = requests_for(workload, rate, n, seed)
+            cluster, policy = system(name, gpu, workload)
+            t0 = time.perf_counter()
+            res = simulate(cluster, policy, wl, record=(name == "esp" and f == 1.0))
+            lat = res.latencies()
+            point = {
+                "rate": rate if workload != "mooncake" else trace_rate(wl),
+                "latency_ms": {k: v * 1000 for k, v in lat.items()},
+                "rejected": sum(r.rejected is not None for r in res.records),
+                "slo_attainment": slo_attainment(res, gpu),
+                "stats": res.stats,
+                "sim_seconds": time.perf_counter() - t0,
+            }
+            points.append(point)
+            if res.spans:
+                timeline[workload] = [(s.kind, list(s.group), s.start, s.end) for s in res.spans]
+            if lat["per_token"] * 1000 > 20 * SLO_MS.get(workload, (200,))[0] and len(points) >= 3:
+                break  # far past saturation; higher rates only get worse
+        rates = [p["rate"] for p in points]
+        slo = SLO_MS.get(workload)
+        summary: dict = {"points": points}
+        if slo:
+            for k, metric in enumerate(("per_token", "input", "output")):
+                summary[f"throughput_{metric}"] = crossing(rates, [p["latency_ms"][metric] for p in points], slo[k])
+        summary["p90_goodput"] = crossing(rates, [1.0 - p["slo_attainment"] for p in points], 0.1)
+        out[name] = summary
+        key = "throughput_per_token" if slo else "p90_goodput"
+        print(f"  {workload:9s} {name:16s} {key} = {summary[key]:.3f} req/s ({len(points)} rates)", flush=True)
+    return out
+
+
+def ratios(results: dict) -> dict:
+    """ESP's figure over each other system's, next to the paper's ratios where it has them."""
+    table = {}
+    for workload, per_system in results.items():
+        key = "throughput_per_token" if workload in SLO_MS else "p90_goodput"
+        esp = per_system.get("esp", {}).get(key, 0.0)
+        row = {}
+        for name, s in per_system.items():
+            if name == "esp":
+                continue
+            ours = esp / s[key] if s[key] > 0 else math.inf
+            paper = PAPER.get(workload, {})
+            theirs = paper["esp"] / paper[name] if name in paper else None
+            row[name] = {"ours": ours, "paper": theirs}
+        static = [per_system[s][key] for s in STATIC if s in per_system]
+        if static:
+            row["best_static"] = {"ours": esp / max(static) if max(static) > 0 else math.inf}
+        table[workload] = row
+    return table
+
+
+def plot(results: dict, timeline: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.4), squeeze=False)
+    for ax, workload in zip(axes[0], names):
+        for name, s in results[workload].items():
+            rates = [p["rate"] for p in s["points"]]
+            ax.plot(rates, [p["latency_ms"]["per_token"] for p in s["points"]], marker="o", ms=3, label=name)
+        if workload in SLO_MS:
+            ax.axhline(SLO_MS[workload][0], color="grey", ls="--", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_title(workload)
+        ax.set_xlabel("request rate (req/s)")
+    axes[0][0].set_ylabel("normalised per-token latency (ms)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "cluster_sim_latency.png", dpi=120)
+    plt.close(fig)
+    if not timeline:
+        return
+    workload, spans = next(iter(timeline.items()))
+    t_end = min(max(s[3] for s in spans), min(s[2] for s in spans) + 120.0)
+    colours = {"prefill": "tab:orange", "decode": "tab:blue", "migrate": "tab:red"}
+    fig, ax = plt.subplots(figsize=(12, 3))
+    for kind, group, start, end in spans:
+        if start > t_end:
+            continue
+        for i in group:
+            ax.barh(i, min(end, t_end) - start, left=start, color=colours[kind], height=0.8, lw=0)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("instance")
+    ax.set_title(f"elastic SP on {workload}: prefill (orange), decode (blue), migration (red)")
+    fig.tight_layout()
+    fig.savefig(out / "cluster_sim_timeline.png", dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    ap.add_argument("--requests", type=int, default=200, help="requests per simulated run")
+    ap.add_argument("--gpu", default="A800-80GB", choices=sorted(GPUS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results, timeline = {}, {}
+    t0 = time.perf_counter()
+    for workload in args.workloads:
+        if workload == "mooncake" and not TRACE.exists():
+            print(f"  skipping mooncake: no trace at {TRACE}")
+            continue
+        results[workload] = run_workload(workload, args.systems, args.requests, args.gpu, args.seed, timeline)
+    table = ratios(results)
+    print("\nelastic SP over each system (ours | paper):")
+    for workload, row in table.items():
+        cells = []
+        for name, v in row.items():
+            paper = v.get("paper")
+            cells.append(f"{name} {v['ours']:.2f}x" + (f" | {paper:.2f}x" if paper else ""))
+        print(f"  {workload:9s} " + "; ".join(cells))
+    doc = {
+        "gpu": args.gpu,
+        "model": LLAMA2_7B.name,
+        "requests_per_run": args.requests,
+        "seed": args.seed,
+        "results": results,
+        "ratios": table,
+        "wall_seconds": time.perf_counter() - t0,
+    }
+    (args.out / "cluster_sim.json").write_text(json.dumps(doc, indent=1))
+    plot(results, timeline, args.out)
+    print(f"\nwrote {args.out / 'cluster_sim.json'} and plots in {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
