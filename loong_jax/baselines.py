@@ -100,7 +100,7 @@ class DisaggregatedPolicy:
         decode_pages = view.pools[1].num_pages
 
         def reserve(req: Request) -> int:
-            return -(-(req.num_prefill_tokens + req.max_new_tokens) // view.pools[1].page_size) + 1
+            return -(-(req.num_prefill_tokens + req.max_new_tokens) // view.pools[1].page_size)
 
         if on_prefill and free == {0, 1}:  # move finished prefills to the decode instance first
             room = view.pools[1].free_pages * view.pools[1].page_size
@@ -152,7 +152,7 @@ class ReplicaPolicy:
         page = view.pools[0].page_size
 
         def reserve(req: Request) -> int:
-            return -(-(req.num_prefill_tokens + req.max_new_tokens) // page) + 1
+            return -(-(req.num_prefill_tokens + req.max_new_tokens) // page)  # all of it on one instance
 
         launched = 0
         for i in range(self.n):

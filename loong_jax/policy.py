@@ -107,6 +107,33 @@ def decode_groups(view: SchedulerView, n: int, aligned: bool) -> list[tuple[Grou
     return [g for g in groups if not view.busy.intersection(g[0])]
 
 
+def grow_full_groups(view: SchedulerView, groups: list, n: int) -> list:
+    """Aligned groups grow by whole blocks: a group with a request that has no room on its instances takes
+    the aligned block that adds a free instance, absorbing the decode groups inside that block."""
+
+    def full(group: Group, req: Request) -> bool:
+        return all(view.pools[i].pages_needed(req.rid, 1) > view.pools[i].free_pages for i in group)
+
+    changed = True
+    while changed:
+        changed = False
+        used = {i for g, _ in groups for i in g} | set(view.busy)
+        free = [i for i in range(n) if i not in used and view.pools[i].free_pages > 0]
+        for g, reqs in groups:
+            if not free or not any(full(g, r) for r in reqs):
+                continue
+            near = min(free, key=lambda i: min(abs(i - j) for j in g))
+            block = set(aligned_block(sorted(set(g) | {near}), n))
+            if block & set(view.busy):
+                continue
+            inside = [x for x in groups if block & set(x[0])]
+            merged = sorted((r for _, rs in inside for r in rs), key=lambda q: q.rid)
+            groups = [x for x in groups if x not in inside] + [(tuple(sorted(block)), merged)]
+            changed = True
+            break
+    return groups
+
+
 def assign_masters(
     view: SchedulerView, n: int, group: Group, reqs: list[Request], taken: set[int], aligned: bool
 ) -> tuple[DecodeWork, list[Request]]:
@@ -199,6 +226,8 @@ class IdleFirstPolicy:
 
     def schedule(self, view: SchedulerView) -> Iteration:
         groups = decode_groups(view, self.n, self.aligned)
+        if self.aligned:
+            groups = grow_full_groups(view, groups, self.n)
         busy = {i for g, _ in groups for i in g} | view.busy
         idle = [i for i in range(self.n) if i not in busy]
         it = Iteration()

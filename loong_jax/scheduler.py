@@ -26,7 +26,14 @@ from loong_jax.cost_model import CostModel
 from loong_jax.execution import Iteration, Migration, PrefillWork
 from loong_jax.instances import Group
 from loong_jax.placement import busiest_first_plan, least_loaded_plan
-from loong_jax.policy import SchedulerView, assign_masters, decode_groups, fits_rank_cap, holders
+from loong_jax.policy import (
+    SchedulerView,
+    assign_masters,
+    decode_groups,
+    fits_rank_cap,
+    grow_full_groups,
+    holders,
+)
 from loong_jax.request import Request
 
 
@@ -63,6 +70,8 @@ class ElasticScheduler:
     def schedule(self, view: SchedulerView) -> Iteration:
         aligned = self.cfg.aligned_groups
         groups = decode_groups(view, self.n, aligned)
+        if aligned:
+            groups = grow_full_groups(view, groups, self.n)
         in_decode = {i for g, _ in groups for i in g}
         idle = [i for i in range(self.n) if i not in view.busy and i not in in_decode]
         it = Iteration()
@@ -87,7 +96,7 @@ class ElasticScheduler:
         for group, reqs in groups:
             work, stuck = assign_masters(view, self.n, group, reqs, taken, aligned)
             if stuck and self._out_of_memory(view, stuck):
-                victim = min(work.requests or reqs, key=lambda r: (r.priority, -r.arrival, -r.rid))
+                victim = min(reqs, key=lambda r: (r.priority, -r.arrival, -r.rid))
                 it.preempt.append(victim)
                 if victim in work.requests:
                     k = work.requests.index(victim)
@@ -126,7 +135,7 @@ class ElasticScheduler:
     @staticmethod
     def _count_skips(blocked: list[Request], launched: list[Request]) -> None:
         for b in blocked:
-            if any((r.priority, -r.arrival) < (b.priority, -b.arrival) for r in launched):
+            if any((-r.priority, r.arrival, r.rid) > (-b.priority, b.arrival, b.rid) for r in launched):
                 b.skipped += 1
 
     # ----- step 2: instance allocation ------------------------------------------------------------

@@ -103,7 +103,7 @@ class SimExecutor:
         if work.chunk is None:
             seconds = self.timing.prefill_time(d, [n for _, n in lengths])
         else:  # a chunk attends to the chunks before it: the difference of two causal prefills
-            seconds = sum(
+            seconds = self.timing.prefill_time(d, [0]) + sum(  # one launch, then each chunk's own work
                 self.timing.prefill_time(d, [s + n]) - self.timing.prefill_time(d, [s]) for s, n in lengths if n
             )
         requests: list[Request] = list(work.requests)
