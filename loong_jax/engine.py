@@ -108,6 +108,7 @@ class Engine:
         self.running: list[Request] = []
         self.requests: dict[int, Request] = {}
         self.launches: list[Launch] = []  # programs in flight, oldest first
+        self._changed = True  # queues or instances changed since the policy last decided
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._reserved_pages = 0
@@ -148,6 +149,7 @@ class Engine:
             )
         self.requests[req.rid] = req
         self.waiting.append(req)
+        self._changed = True
         return req
 
     def abort(self, rid: int) -> None:
@@ -158,6 +160,7 @@ class Engine:
         if req.status is Status.WAITING:
             self.waiting.remove(req)
         req.status, req.finish_reason = Status.FINISHED, "abort"
+        self._changed = True
         req.finish_time = self.executor.now()
         self._retire(req)
 
@@ -207,7 +210,10 @@ class Engine:
         is in flight. Returns the requests that received tokens or finished.
         """
         touched = self._collect()
-        launched = self.launch(self.policy.schedule(self._view()))
+        launched = 0
+        if self._changed:  # otherwise the policy would see what it saw last time
+            self._changed = False
+            launched = self.launch(self.policy.schedule(self._view()))
         if not launched and not touched and self.launches:
             self.executor.wait(self.launches, timeout)
             touched = self._collect()
@@ -292,6 +298,7 @@ class Engine:
             if not launch.pending.ready():
                 still.append(launch)
                 continue
+            self._changed = True
             if not launch.ranks:
                 continue
             out = launch.pending.result()
