@@ -281,6 +281,22 @@ def test_elastic_uses_elasticity():
     assert all(len(s.group) == 4 for s in static.spans)
 
 
+def test_prefills_and_decodes_of_different_groups_overlap_in_time():
+    """The engine loop never holds a group back for another: a prefill runs while other instances decode."""
+    res, _, _ = run("elastic", "normal", 1)
+    prefills = [s for s in res.spans if s.kind == "prefill"]
+    decodes = [s for s in res.spans if s.kind == "decode"]
+    overlapping = [
+        (p, d)
+        for p in prefills
+        for d in decodes
+        if d.start < p.end and p.start < d.end and not set(p.group) & set(d.group)
+    ]
+    assert overlapping, "no decode step ran during any prefill"
+    # and decode steps are not aligned to prefill boundaries: some start strictly inside a prefill
+    assert any(p.start < d.start < p.end for p, d in overlapping)
+
+
 def test_disaggregated_moves_every_prefilled_request():
     res, _, wl = run("disaggregated", "normal", 0)
     served = [r for r in res.records if r.rejected is None]
