@@ -40,4 +40,6 @@ bench: $(VENV)/.installed-test
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/generation_cpu.py
 	$(BIN)/python benchmarks/esp_scaling.py
-	$(BIN)/python benchmarks/serving_client.py --compare-transformers
+	$(BIN)/python benchmarks/serving_client.py --compare-transformers --num-requests 32 --warmup
+	$(BIN)/python benchmarks/scheduler_overhead.py
+	$(BIN)/python benchmarks/cluster_sim.py

@@ -162,8 +162,9 @@ def run_workload(workload: str, systems: list[str], n: int, gpu: str, seed: int,
         slo = SLO_MS.get(workload)
         summary: dict = {"points": points}
         if slo:
-            for k, metric in enumerate(("per_token", "input", "output")):
-                summary[f"throughput_{metric}"] = crossing(rates, [p["latency_ms"][metric] for p in points], slo[k])
+            for k, metric in enumerate(("per_token", "input", "output")):  # a rate with rejections is not served
+                values = [p["latency_ms"][metric] if not p["rejected"] else math.inf for p in points]
+                summary[f"throughput_{metric}"] = crossing(rates, values, slo[k])
         summary["p90_goodput"] = crossing(rates, [1.0 - p["slo_attainment"] for p in points], 0.1)
         out[name] = summary
         key = "throughput_per_token" if slo else "p90_goodput"
