@@ -32,7 +32,6 @@ from loong_jax.policy import (
     decode_groups,
     fits_rank_cap,
     grow_full_groups,
-    holders,
 )
 from loong_jax.request import Request
 
@@ -178,33 +177,26 @@ class ElasticScheduler:
             return paused, []
         return [], self._pack(view, lengths, gain_w, latency, len(idle), groups)
 
-    def _pack(self, view, lengths, gain_w, latency, n_idle, groups) -> list[Migration]:
-        """Free the instance holding the least KV of a multi-instance decode group if worth it."""
+    def _pack(
+        self, view: SchedulerView, lengths: list[int], gain_w: float, latency: float, n_idle: int, groups: list
+    ) -> list[Migration]:
+        """Free the instance holding the least KV of a multi-instance decode group by moving that KV to the
+        group instance with the most room (one transfer), if the faster prefill is worth the move."""
         for group, reqs in groups:
             if len(group) < 2:
                 continue
             src = min(group, key=lambda i: view.pools[i].used_tokens)
+            dst = max((i for i in group if i != src), key=lambda i: view.pools[i].free_pages)
             held = {r.rid: view.pools[src].tokens.get(r.rid, 0) for r in reqs}
+            moving = [r for r in reqs if held[r.rid]]
             tokens = sum(held.values())
-            others = [i for i in group if i != src]
-            room = {i: view.pools[i].free_pages * view.pools[i].page_size for i in others}
-            if tokens == 0 or tokens > sum(room.values()) // 2:
+            pool = view.pools[dst]
+            if not moving or sum(pool.pages_needed(r.rid, held[r.rid]) for r in moving) > pool.free_pages:
                 continue
             move = self.cost.migrate_time(tokens)
             faster = move + self.cost.prefill_time(n_idle + 1, lengths)
-            if (latency - faster) * gain_w <= move * self._norm(reqs, inputs=False):
-                continue
-            plan = []
-            for req in reqs:
-                n = held[req.rid]
-                if not n:
-                    continue
-                dst = max(others, key=lambda i: (i in holders(view, req), room[i]))
-                if room[dst] < n + view.pools[dst].page_size:
-                    return []
-                room[dst] -= n + view.pools[dst].page_size
-                plan.append(Migration(req.rid, src, dst, n))
-            return plan
+            if (latency - faster) * gain_w > move * self._norm(reqs, inputs=False):
+                return [Migration(r.rid, src, dst, held[r.rid]) for r in moving]
         return []
 
     # ----- step 3: batching ------------------------------------------------------------------------
