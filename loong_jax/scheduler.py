@@ -90,7 +90,9 @@ class ElasticScheduler:
                     it.prefills.append(PrefillWork(group, reqs, plans))
                 used = {i for w in it.prefills for i in w.group}
                 groups = [g for g in groups if not used.intersection(g[0])]
-                self._count_skips(blocked, [r for w in it.prefills for r in w.requests])
+                launched = [r for w in it.prefills for r in w.requests]
+                left = [r for r in admitted if all(r is not x for x in launched)]
+                self._count_skips(blocked + left, launched)
         taken = set(it.instances()) | set(view.busy) | {i for g, _ in groups for i in g}
         for group, reqs in groups:
             work, stuck = assign_masters(view, self.n, group, reqs, taken, aligned)
@@ -250,16 +252,33 @@ class ElasticScheduler:
             best = flat.argmin(axis=0)
             f[i] = flat[best, e_idx]
             back[i, :, 0], back[i, :, 1] = best // len(degrees), best % len(degrees)
-        end = int(np.argmin(f[r_n]))
-        if not np.isfinite(f[r_n, end]):
+
+        def trace(i: int, e: int) -> list:
+            splits = []
+            while i > 0:
+                j, k = int(back[i, e, 0]), int(degrees[back[i, e, 1]])
+                splits.append((reqs[j:i], order[e - k : e]))
+                i, e = j, e - k
+            return splits
+
+        # Prefill the i shortest now; each longer one waits until these batches end, then prefills alone on
+        # all these instances (priced the same way, per input token). Requests at the skip bound must be in.
+        must = max([k + 1 for k, r in enumerate(reqs) if r.skipped >= self.cfg.max_skips] + [1])
+        alone = [self.cost.prefill_time(e_n, [int(n)]) / n for n in lens]
+        later = np.concatenate([np.cumsum(alone[::-1])[::-1], [0.0]])  # later[i]: sum over requests >= i
+        best, best_cost = None, np.inf
+        for i in range(must, r_n + 1):
+            e = int(np.argmin(f[i]))
+            if not np.isfinite(f[i, e]):
+                continue
+            splits = trace(i, e)
+            wait = max(self.cost.prefill_time(len(inst), [r.num_prefill_tokens for r in rs]) for rs, inst in splits)
+            total = f[i, e] + wait * (pw[r_n] - pw[i]) + later[i]
+            if total < best_cost:
+                best, best_cost = splits, total
+        if best is None:
             return self._batch(view, admitted[:-1], free) if len(admitted) > 1 else []
-        splits = []
-        i, e = r_n, end
-        while i > 0:
-            j, k = int(back[i, e, 0]), int(degrees[back[i, e, 1]])
-            splits.append((reqs[j:i], order[e - k : e]))
-            i, e = j, e - k
-        return self._place(view, splits, free)
+        return self._place(view, best, free)
 
     def _place(self, view: SchedulerView, splits: list, free: list[int]) -> list[tuple[Group, list]]:
         """Concrete instances for each batch: its share of the sorted order, or aligned blocks of the free set."""
