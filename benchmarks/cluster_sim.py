@@ -75,7 +75,7 @@ def system(name: str, gpu: str, workload: str) -> tuple[SimCluster, object]:
         limit = c.kv_tokens_per_instance if name == "replicas_4xtp2" else None
         cluster = SimCluster(c, 4, c.kv_tokens_per_instance, MAX_LEN, max_request_tokens=limit)
         if name == "esp":
-            config = SchedulerConfig(aligned_groups=False, placement=PLACEMENT)
+            config = SchedulerConfig(aligned_groups=False, placement=PLACEMENT, defer_long=True)
             return cluster, ElasticScheduler(4, c.fitted_cost_model(), config)
         return cluster, StaticGroupPolicy(4) if name == "static_sp_tp2x4" else ReplicaPolicy(4, REPLICA_BALANCE)
     if name in ("vllm_tp8", "chunked_tp8"):

@@ -47,6 +47,7 @@ class SchedulerConfig:
     pause_weight: float = 1.0  # pause when the saved latency exceeds this times the added latency
     placement: str = "busiest"  # scale-down plan: "busiest" (paper default) or "least_loaded"
     decode_step_target: float | None = None  # seconds: spread a request's KV until its decode steps meet this
+    defer_long: bool = False  # the batching may leave the longest admitted requests for the next batches
 
 
 PLANS = {"busiest": busiest_first_plan, "least_loaded": least_loaded_plan}
@@ -267,7 +268,7 @@ class ElasticScheduler:
         alone = [self.cost.prefill_time(e_n, [int(n)]) / n for n in lens]
         later = np.concatenate([np.cumsum(alone[::-1])[::-1], [0.0]])  # later[i]: sum over requests >= i
         best, best_cost = None, np.inf
-        for i in range(must, r_n + 1):
+        for i in range(must if self.cfg.defer_long else r_n, r_n + 1):
             e = int(np.argmin(f[i]))
             if not np.isfinite(f[i, e]):
                 continue
