@@ -16,7 +16,6 @@ from loong_jax.outputs import RequestOutput
 from loong_jax.platform import DEFAULT_CACHE_DIR, enable_compilation_cache, parse_dtype
 from loong_jax.profiling import DEFAULT_PROFILE_DIR, profile_key, profile_path
 from loong_jax.sampling import SamplingParams
-from loong_jax.scheduler import ElasticScheduler, SchedulerConfig
 
 log = logging.getLogger("loong_jax")
 Prompt = str | Sequence[int]
@@ -89,9 +88,7 @@ class LLM:
 
     def use_cost_model(self, cost: CostModel) -> None:
         """Schedule with this cost model from now on (e.g. one `profile()` just fitted)."""
-        ecfg = self.engine.ecfg
-        config = SchedulerConfig(aligned_groups=ecfg.aligned_groups)
-        self.engine.policy = ElasticScheduler(ecfg.num_instances, cost, config)
+        self.engine.policy = self.engine.elastic_policy(cost)
 
     def warmup(self, show_progress: bool = True) -> int:
         """Compile the programs the engine's policy uses (see `warmup_jobs`); returns how many compiled."""

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -29,6 +30,11 @@ def even_plan(lengths: Sequence[int], pools: Sequence[PagePool]) -> list[np.ndar
 
 def local_plan(lengths: Sequence[int], pools: Sequence[PagePool]) -> list[np.ndarray]:
     return [np.zeros(n, np.int32) for n in lengths]
+
+
+def whole_on_one_instance(req: Request, page_size: int) -> int:
+    """Pages a request may ever need when all its KV stays on one instance."""
+    return -(-(req.num_prefill_tokens + req.max_new_tokens) // page_size)
 
 
 class StaticGroupPolicy:
@@ -98,9 +104,7 @@ class DisaggregatedPolicy:
         on_decode = [r for r in view.decoding if 0 not in holders(view, r)]
         free = {0, 1} - view.busy
         decode_pages = view.pools[1].num_pages
-
-        def reserve(req: Request) -> int:
-            return -(-(req.num_prefill_tokens + req.max_new_tokens) // view.pools[1].page_size)
+        reserve = functools.partial(whole_on_one_instance, page_size=view.pools[1].page_size)
 
         if on_prefill and free == {0, 1}:  # move finished prefills to the decode instance first
             room = view.pools[1].free_pages * view.pools[1].page_size
@@ -149,10 +153,7 @@ class ReplicaPolicy:
         mine: dict[int, list[Request]] = {i: [] for i in range(self.n)}
         for r in view.decoding:
             mine[min(holders(view, r))].append(r)
-        page = view.pools[0].page_size
-
-        def reserve(req: Request) -> int:
-            return -(-(req.num_prefill_tokens + req.max_new_tokens) // page)  # all of it on one instance
+        reserve = functools.partial(whole_on_one_instance, page_size=view.pools[0].page_size)
 
         launched = 0
         for i in range(self.n):

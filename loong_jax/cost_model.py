@@ -40,7 +40,7 @@ class CostModel:
         """The features the prefill coefficients multiply: [1, tokens, sum of squared lengths]."""
         return [1.0, float(self.prefill_tokens(degree, sum(lengths))), float(sum(n * n for n in lengths))]
 
-    def _coeffs(self, table: dict[int, tuple[float, float, float]], degree: int) -> tuple[float, float, float]:
+    def coefficients(self, table: dict[int, tuple[float, float, float]], degree: int) -> tuple[float, float, float]:
         if degree in table:
             return table[degree]
         near = min(table, key=lambda d: (abs(math.log2(d / degree)), d))
@@ -48,12 +48,12 @@ class CostModel:
         return a, b * near / degree, c * near / degree  # work per token spreads over the group
 
     def prefill_time(self, degree: int, lengths: Sequence[int]) -> float:
-        a, b, c = self._coeffs(self.prefill, degree)
+        a, b, c = self.coefficients(self.prefill, degree)
         _, s1, s2 = self.prefill_terms(degree, lengths)
         return a + b * s1 + c * s2
 
     def decode_time(self, degree: int, batch: int, context: int) -> float:
-        a, b, c = self._coeffs(self.decode, degree)
+        a, b, c = self.coefficients(self.decode, degree)
         return a + b * batch + c * context
 
     def migrate_time(self, tokens: int) -> float:

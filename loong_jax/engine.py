@@ -27,7 +27,7 @@ from loong_jax.cost_model import CostModel, rough_cost_model
 from loong_jax.execution import DecodeWork, Executor, Iteration, Launch, Migration
 from loong_jax.executor import JaxExecutor
 from loong_jax.kv_pool import PagePool
-from loong_jax.policy import Policy, SchedulerView
+from loong_jax.policy import Policy, SchedulerView, pages_to_reserve
 from loong_jax.request import IncrementalDetokenizer, Request, Status
 from loong_jax.sampling import SamplingParams
 from loong_jax.scheduler import ElasticScheduler, SchedulerConfig
@@ -100,10 +100,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.executor = executor
         self.pools = [PagePool(ecfg.num_pages, ecfg.page_size) for _ in range(ecfg.num_instances)]
-        if policy is None:
-            config = SchedulerConfig(aligned_groups=ecfg.aligned_groups)
-            policy = ElasticScheduler(ecfg.num_instances, rough_cost_model(), config)
-        self.policy: Policy = policy
+        self.policy: Policy = policy or self.elastic_policy(rough_cost_model())
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.requests: dict[int, Request] = {}
@@ -140,8 +137,7 @@ class Engine:
             detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
         req = Request(next(self._ids), prompt_ids, params, max_new, seed, self.eos_ids, detok)
         req.arrival, req.priority = self.executor.now(), int(priority)
-        view = self._view()
-        if view.pages_to_reserve(req) > view.total_pages:
+        if pages_to_reserve(req, self.pools) > sum(p.num_pages for p in self.pools):
             capacity = sum(p.num_slots for p in self.pools)
             raise RequestRejected(
                 f"the request needs {n + max_new} tokens of KV cache but the whole pool holds "
@@ -163,6 +159,11 @@ class Engine:
         self._changed = True
         req.finish_time = self.executor.now()
         self._retire(req)
+
+    def elastic_policy(self, cost: CostModel) -> ElasticScheduler:
+        """The elastic scheduler for this engine's instances, priced by `cost`."""
+        config = SchedulerConfig(aligned_groups=self.ecfg.aligned_groups)
+        return ElasticScheduler(self.ecfg.num_instances, cost, config)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.launches)
@@ -259,7 +260,7 @@ class Engine:
                     req.status = Status.RUNNING
                     req.scheduled_time = now if req.scheduled_time is None else req.scheduled_time
                     if not req.reserved_pages:
-                        req.reserved_pages = self._view().pages_to_reserve(req)
+                        req.reserved_pages = pages_to_reserve(req, self.pools)
                         self._reserved_pages += req.reserved_pages
                     self.running.append(req)
                     req.prefill_len, req.prefilled = req.num_prefill_tokens, 0
@@ -272,7 +273,7 @@ class Engine:
             d = len(work.group)
             self.stats.prefills += 1
             self.stats.prefill_degrees.append(d)
-            if any(len(set(np.asarray(p).tolist())) < d for p in work.plans):
+            if any(np.unique(p).size < d for p in work.plans):
                 self.stats.scale_downs += 1
             if work.piggyback is not None:
                 self._count_decode(work.piggyback)
@@ -318,10 +319,7 @@ class Engine:
 
     def migrate(self, rid: int, src: int, dst: int, n: int) -> None:
         """Move the last n tokens of request rid that instance src holds to instance dst (and wait)."""
-        self.launch(Iteration(migrations=[Migration(rid, src, dst, n)]))
-        while self.launches:
-            self.executor.wait(self.launches, None)
-            self._collect()
+        self.execute(Iteration(migrations=[Migration(rid, src, dst, n)]))
 
     def _migrate(self, src: int, dst: int, moves: list[Migration]) -> Launch:
         """One transfer from src to dst carrying the last tokens of several requests."""
@@ -389,7 +387,7 @@ def build_engine(
         min_prefill_bucket=ecfg.min_prefill_bucket,
         max_rows=ecfg.max_num_seqs,
     )
+    engine = Engine(cfg, ecfg, executor, tokenizer, seed, policy)
     if policy is None and cost_model is not None:
-        config = SchedulerConfig(aligned_groups=ecfg.aligned_groups)
-        policy = ElasticScheduler(ecfg.num_instances, cost_model, config)
-    return Engine(cfg, ecfg, executor, tokenizer, seed, policy)
+        engine.policy = engine.elastic_policy(cost_model)
+    return engine

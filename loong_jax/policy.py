@@ -50,15 +50,18 @@ class SchedulerView:
         return bucket(-(-self.max_prefill_tokens // degree), self.min_prefill_bucket)
 
     def pages_to_reserve(self, req: Request) -> int:
-        """Pages a request may ever need: prompt and all new tokens, plus a partial page per instance."""
-        if req.reserved_pages:  # a preempted request keeps its reservation
-            return 0
-        page = self.pools[0].page_size
-        return -(-(len(req.prompt_ids) + req.max_new_tokens) // page) + len(self.pools)
+        return pages_to_reserve(req, self.pools)
 
     @property
     def total_pages(self) -> int:
         return sum(p.num_pages for p in self.pools)
+
+
+def pages_to_reserve(req: Request, pools: Sequence[PagePool]) -> int:
+    """Pages a request may ever need: prompt and all new tokens, plus a partial page per instance."""
+    if req.reserved_pages:  # a preempted request keeps its reservation
+        return 0
+    return -(-(len(req.prompt_ids) + req.max_new_tokens) // pools[0].page_size) + len(pools)
 
 
 class Policy(Protocol):

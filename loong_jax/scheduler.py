@@ -97,7 +97,7 @@ class ElasticScheduler:
         taken = set(it.instances()) | set(view.busy) | {i for g, _ in groups for i in g}
         for group, reqs in groups:
             work, stuck = assign_masters(view, self.n, group, reqs, taken, aligned)
-            if stuck and self._out_of_memory(view, stuck):
+            if stuck and all(p.free_pages == 0 for p in view.pools):  # out of memory anyway
                 victim = min(reqs, key=lambda r: (r.priority, -r.arrival, -r.rid))
                 it.preempt.append(victim)
                 if victim in work.requests:
@@ -147,7 +147,7 @@ class ElasticScheduler:
             return sum(1.0 / max(1, r.num_prefill_tokens) for r in reqs)
         return sum(1.0 / max(1, r.max_new_tokens) for r in reqs)
 
-    def _step_time(self, view: SchedulerView, group: Group, reqs: Sequence[Request]) -> float:
+    def _step_time(self, group: Group, reqs: Sequence[Request]) -> float:
         return self.cost.decode_time(len(group), len(reqs), sum(r.num_tokens for r in reqs))
 
     def _allocate(
@@ -160,8 +160,7 @@ class ElasticScheduler:
             latency = self.cost.prefill_time(len(idle), lengths)
         elif groups:  # no idle instance: the new requests wait for the first decode group to drain
             drain = min(
-                max(r.max_new_tokens - len(r.output_ids) for r in reqs) * self._step_time(view, g, reqs)
-                for g, reqs in groups
+                max(r.max_new_tokens - len(r.output_ids) for r in reqs) * self._step_time(g, reqs) for g, reqs in groups
             )
             latency = drain + self.cost.prefill_time(1, lengths)
         else:
@@ -221,7 +220,7 @@ class ElasticScheduler:
         lens = np.array([r.num_prefill_tokens for r in reqs], np.float64)
         r_n, e_n = len(reqs), len(order)
         degrees = np.array(self._degrees(e_n))
-        coeffs = np.array([self.cost._coeffs(self.cost.prefill, int(k)) for k in degrees])  # [K, 3]
+        coeffs = np.array([self.cost.coefficients(self.cost.prefill, int(k)) for k in degrees])  # [K, 3]
         caps = np.array([view.rank_token_cap(int(k)) for k in degrees], np.float64)
         p1 = np.concatenate([[0.0], np.cumsum(lens)])
         p2 = np.concatenate([[0.0], np.cumsum(lens**2)])
@@ -350,10 +349,3 @@ class ElasticScheduler:
                 count[r] += 1
             plans.append(plan)
         return plans
-
-    # ----- helpers -----------------------------------------------------------------------------------
-
-    @staticmethod
-    def _out_of_memory(view: SchedulerView, stuck: list[Request]) -> bool:
-        """No instance anywhere has a page for a stuck request's next token."""
-        return all(p.free_pages == 0 for p in view.pools)
