@@ -202,6 +202,7 @@ class Engine:
             now=self.executor.now(),
             prefilling=prefilling,
             running=tuple(self.running),
+            stepping=[(x.group, x.requests) for x in self.launches if x.kind == "decode"],
         )
 
     def step(self, timeout: float | None = None) -> list[Request]:

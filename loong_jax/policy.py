@@ -44,6 +44,7 @@ class SchedulerView:
     now: float = 0.0
     prefilling: Sequence[Request] = ()  # running requests whose chunked prefill is not complete
     running: Sequence[Request] = ()  # every running request, in a program or not
+    stepping: Sequence[tuple[Group, Sequence[Request]]] = ()  # decode steps in flight: group and requests
 
     def rank_token_cap(self, degree: int) -> int:
         """Tokens per rank a prefill of this degree may hold: the largest warmed-up token bucket."""

@@ -5,8 +5,10 @@ Four steps (DESIGN.md 2.4), all priced by the cost model:
    not fit, admitted only if their KV including growth to max_tokens fits the pool (memory-safe).
 2. Instance allocation: the admitted requests get the idle instances; a decode group is paused for them
    when the latency the new requests save (normalised by input length) exceeds the latency the paused
-   decodes lose (normalised by output length), or packed onto fewer instances by migrating KV when the
-   faster prefill is worth the migration time.
+   decodes lose (normalised by output length), or, with latency targets (`SLO`), when the pause lets a
+   new request meet its time to first token while every paused decode keeps its time per output token;
+   or a group is packed onto fewer instances by migrating KV when the faster prefill is worth the
+   migration time.
 3. Batching: a dynamic program over the admitted requests sorted by length and the free instances sorted
    by free memory splits them into prefill batches with a degree each, minimising the sum of
    input-length-normalised prefill latencies subject to memory.
@@ -37,6 +39,16 @@ from loong_jax.request import Request
 
 
 @dataclasses.dataclass(frozen=True)
+class SLO:
+    """Latency targets: TTFT <= max(ttft_scale x the request's prefill alone on every instance, ttft_floor)
+    seconds and TPOT <= tpot seconds."""
+
+    ttft_scale: float
+    ttft_floor: float
+    tpot: float
+
+
+@dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
     window: int = 64  # waiting requests looked at per decision
     max_batch_requests: int = 16  # requests admitted per decision
@@ -48,6 +60,8 @@ class SchedulerConfig:
     placement: str = "busiest"  # scale-down plan: "busiest" (paper default) or "least_loaded"
     decode_step_target: float | None = None  # seconds: spread a request's KV until its decode steps meet this
     defer_long: bool = False  # the batching may leave the longest admitted requests for the next batches
+    slo: SLO | None = None  # also pause decodes when that saves a time to first token within these targets
+    wait_for_steps: bool = False  # a prefill may wait for decode steps in flight to end and pause those groups
 
 
 PLANS = {"busiest": busiest_first_plan, "least_loaded": least_loaded_plan}
@@ -77,14 +91,17 @@ class ElasticScheduler:
         it = Iteration()
         admitted, blocked = self._dispatch(view, idle + sorted(in_decode))
         if admitted:
-            paused, packed = self._allocate(view, admitted, idle, groups)
-            if packed:  # migrations this turn; the freed instance takes the prefill next turn
+            paused, packed, hold, now = self._allocate(view, admitted, idle, groups)
+            if hold:  # the prefill waits for decode steps in flight; the groups it pauses stay still
+                held = {i for g in paused for i in g[0]}
+                groups = [g for g in groups if not held.intersection(g[0])]
+            elif packed:  # migrations this turn; the freed instance takes the prefill next turn
                 it.migrations = packed
                 moved = {i for m in packed for i in (m.src, m.dst)}
                 groups = [g for g in groups if not moved.intersection(g[0])]
             else:
                 free = idle + [i for g in paused for i in g[0]]
-                batches = self._batch(view, admitted, free)
+                batches = self._batch(view, now, free)
                 for group, reqs in batches:
                     pools = [view.pools[i] for i in group]
                     plans = self._plan([r.num_prefill_tokens for r in reqs], pools)
@@ -152,10 +169,13 @@ class ElasticScheduler:
 
     def _allocate(
         self, view: SchedulerView, admitted: list[Request], idle: list[int], groups: list
-    ) -> tuple[list, list[Migration]]:
-        """Decode groups to pause for the prefill, or migrations that pack one group onto fewer instances."""
+    ) -> tuple[list, list[Migration], bool, list[Request]]:
+        """Decode groups to pause for the prefill, or migrations that free one decode instance for it; whether
+        the prefill waits for paused groups whose decode step is still in flight (hold); and the admitted
+        requests to prefill now (with latency targets, a pause may be for the shortest of them only)."""
         lengths = [r.num_prefill_tokens for r in admitted]
         gain_w = self._norm(admitted, inputs=True)
+        drain = 0.0
         if idle:
             latency = self.cost.prefill_time(len(idle), lengths)
         elif groups:  # no idle instance: the new requests wait for the first decode group to drain
@@ -164,20 +184,61 @@ class ElasticScheduler:
             )
             latency = drain + self.cost.prefill_time(1, lengths)
         else:
-            return [], []
+            return [], [], False, admitted
         paused: list = []
+        hold = False
+        now = sorted(admitted, key=lambda r: r.num_prefill_tokens) if self.cfg.slo else admitted
         if self.cfg.pause_decodes:
-            size = len(idle)
-            for g in sorted(groups, key=lambda g: (self._norm(g[1], inputs=False), -len(g[0]))):
-                with_g = self.cost.prefill_time(size + len(g[0]), lengths)
+            options = [(g, reqs, 0.0) for g, reqs in groups]
+            if self.cfg.wait_for_steps:
+                options += [(tuple(g), list(reqs), self._step_time(g, reqs)) for g, reqs in view.stepping]
+            size, wait = len(idle), 0.0
+            for g, reqs, ends in sorted(options, key=lambda o: (o[2] > 0, self._norm(o[1], inputs=False), -len(o[0]))):
+                with_g = max(wait, ends) + self.cost.prefill_time(size + len(g), lengths)
                 gain = (latency - with_g) * gain_w
-                cost = with_g * self._norm(g[1], inputs=False)
-                if gain > cost * self.cfg.pause_weight:
-                    paused.append(g)
-                    size, latency = size + len(g[0]), with_g
+                cost = with_g * self._norm(reqs, inputs=False)
+                k = len(now) if gain > cost * self.cfg.pause_weight else 0
+                step = self._step_time(g, reqs)
+                for j in range(len(now) if self.cfg.slo and not k else 0, 0, -1):  # the most requests it can be for
+                    ls = [r.num_prefill_tokens for r in now[:j]]
+                    base = wait + self.cost.prefill_time(size, ls) if size else drain + self.cost.prefill_time(1, ls)
+                    with_j = max(wait, ends) + self.cost.prefill_time(size + len(g), ls)
+                    if self._ttft_helped(view, now[:j], base, with_j) and self._tpot_kept(view, reqs, with_j, step):
+                        k, with_g = j, with_j
+                        break
+                if k:
+                    paused.append((g, reqs))
+                    now = now[:k]
+                    lengths = [r.num_prefill_tokens for r in now]
+                    size, latency, wait = size + len(g), with_g, max(wait, ends)
+                    hold = hold or ends > 0
         if paused or not self.cfg.pack_decodes or not idle:
-            return paused, []
-        return [], self._pack(view, lengths, gain_w, latency, len(idle), groups)
+            return paused, [], hold, now
+        return [], self._pack(view, lengths, gain_w, latency, len(idle), groups), False, admitted
+
+    def _ttft_helped(self, view: SchedulerView, admitted: list[Request], latency: float, faster: float) -> bool:
+        """With latency targets: the faster start lets an admitted request still meet its TTFT target."""
+        slo = self.cfg.slo
+        if slo is None or faster >= latency:
+            return False
+        for r in admitted:
+            target = max(slo.ttft_scale * self.cost.prefill_time(self.n, [r.num_prefill_tokens]), slo.ttft_floor)
+            if view.now - r.arrival + faster <= target:
+                return True
+        return False
+
+    def _tpot_kept(self, view: SchedulerView, reqs: Sequence[Request], delay: float, step: float) -> bool:
+        """With latency targets: every request still meets its TPOT target after waiting `delay` seconds and
+        decoding its remaining tokens at `step` seconds each."""
+        slo = self.cfg.slo
+        if slo is None:
+            return False
+        for r in reqs:
+            left = r.max_new_tokens - len(r.output_ids)
+            elapsed = view.now - (r.first_token_time if r.first_token_time is not None else view.now)
+            if (elapsed + delay + left * step) / max(1, r.max_new_tokens - 1) > slo.tpot:
+                return False
+        return True
 
     def _pack(
         self, view: SchedulerView, lengths: list[int], gain_w: float, latency: float, n_idle: int, groups: list
