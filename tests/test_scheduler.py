@@ -15,7 +15,7 @@ from loong_jax.kv_pool import PagePool
 from loong_jax.policy import SchedulerView
 from loong_jax.request import Request, Status
 from loong_jax.sampling import SamplingParams
-from loong_jax.scheduler import ElasticScheduler, SchedulerConfig
+from loong_jax.scheduler import SLO, ElasticScheduler, SchedulerConfig
 from loong_jax.sim_executor import SimExecutor
 
 PAGE = 16
@@ -294,6 +294,66 @@ def test_pause_can_be_disabled():
     assert not it.prefills and len(it.decodes) == 4
 
 
+def _slo_view(waited: float, decoding_for: float, busy: tuple[int, ...] = ()):
+    """Four single-instance decode groups (8 requests each, 390 tokens still to generate, decoding for
+    `decoding_for` seconds) and a 30K-token prompt that has waited `waited` seconds; `busy` instances are
+    in the middle of their decode step."""
+    pools = [PagePool(65536, PAGE) for _ in range(4)]
+    now = 100.0
+    dec = [make_decoding(1 + 8 * i + k, 4000, 400, pools, i, outputs=10) for i in range(4) for k in range(8)]
+    for r in dec:
+        r.first_token_time = now - decoding_for
+    new = make_request(0, 30_000, 16, arrival=now - waited)
+    stepping = [((i,), [r for r in dec if r.rid in pools[i].tokens]) for i in busy]
+    free = [r for r in dec if all(r not in reqs for _, reqs in stepping)]
+    view = make_view(pools, waiting=[new], decoding=free, now=now, busy=frozenset(busy), stepping=stepping)
+    view.num_running = len(dec)
+    return view
+
+
+SLO_TARGETS = SLO(ttft_scale=25, ttft_floor=15.0, tpot=0.050)
+
+
+def test_slo_pauses_decodes_that_keep_their_tpot_for_a_prompt_the_normalised_test_leaves_waiting():
+    view = _slo_view(waited=5.0, decoding_for=0.1)
+    it = elastic().schedule(view)  # input-normalised: 1/30000 per second saved is worth little
+    assert not it.prefills and len(it.decodes) == 4
+    it = elastic(slo=SLO_TARGETS).schedule(view)
+    check_valid(view, it, 4)
+    assert admitted(it) == [0]
+    paused = {i for w in it.prefills for i in w.group}
+    assert paused and not paused & {i for w in it.decodes for i in w.group}
+
+
+@pytest.mark.parametrize(
+    "waited,decoding_for,why",
+    [(5.0, 18.0, "the paused decodes would miss their TPOT"), (30.0, 0.1, "the prompt cannot meet its TTFT anyway")],
+)
+def test_slo_does_not_pause_when_it_cannot_help(waited, decoding_for, why):
+    view = _slo_view(waited=waited, decoding_for=decoding_for)
+    it = elastic(slo=SLO_TARGETS).schedule(view)
+    check_valid(view, it, 4)
+    assert not it.prefills and len(it.decodes) == 4, why
+
+
+def test_slo_pause_is_for_the_shortest_prompts_it_can_serve_in_time():
+    """A long prompt would keep the decodes paused past their TPOT; the short ones get the paused instances."""
+    view = _slo_view(waited=5.0, decoding_for=5.0)
+    view.waiting = [make_request(0, 150_000, 16, arrival=95.0), make_request(50, 2_000, 16, arrival=95.0)]
+    it = elastic(slo=SLO_TARGETS).schedule(view)
+    check_valid(view, it, 4)
+    assert admitted(it) == [50]
+
+
+def test_a_prefill_waits_for_decode_steps_in_flight_to_pause_those_groups_too():
+    view = _slo_view(waited=5.0, decoding_for=0.1, busy=(1, 2, 3))
+    it = elastic(slo=SLO_TARGETS).schedule(view)
+    assert [w.group for w in it.prefills] == [(0,)]  # without waiting: the one free group is paused
+    it = elastic(slo=SLO_TARGETS, wait_for_steps=True).schedule(view)
+    check_valid(view, it, 4)
+    assert not it.prefills and not it.decodes  # instance 0 is held until the others finish their step
+
+
 # ----- step 4: preemption ---------------------------------------------------------------------------------
 
 
@@ -462,3 +522,18 @@ def test_engine_under_memory_pressure_never_preempts():
     assert engine.stats.preemptions == 0
     assert all(r.finish_reason == "length" and len(r.output_ids) == r.max_new_tokens for r in reqs)
     assert engine.kv_used_tokens == 0 and all(p.free_pages == p.num_pages for p in engine.pools)
+
+
+def test_engine_view_lists_the_decode_steps_in_flight():
+    engine = sim_engine(num_instances=4)
+    reqs = [add(engine, 100, 50) for _ in range(2)]
+    for _ in range(100):
+        engine.step()
+        if any(x.kind == "decode" for x in engine.launches):
+            break
+    view = engine._view()
+    steps = [x for x in engine.launches if x.kind == "decode"]
+    assert steps and [(g, list(r)) for g, r in view.stepping] == [(x.group, x.requests) for x in steps]
+    assert all(set(g) <= view.busy for g, _ in view.stepping) and {r.rid for r in reqs} >= {
+        r.rid for _, rs in view.stepping for r in rs
+    }
