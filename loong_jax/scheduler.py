@@ -5,10 +5,12 @@ Four steps (DESIGN.md 2.4), all priced by the cost model:
    not fit, admitted only if their KV including growth to max_tokens fits the pool (memory-safe).
 2. Instance allocation: the admitted requests get the idle instances; a decode group is paused for them
    when the latency the new requests save (normalised by input length) exceeds the latency the paused
-   decodes lose (normalised by output length), or, with latency targets (`SLO`), when the pause lets a
-   new request meet its time to first token while every paused decode keeps its time per output token;
-   or a group is packed onto fewer instances by migrating KV when the faster prefill is worth the
-   migration time.
+   decodes lose (normalised by output length), or, with latency targets (`SLO`), when the pause lets the
+   shortest admitted requests still meet their time to first token while every paused decode keeps its
+   time per output token (the pause is then for those requests only); with `wait_for_steps` a group in
+   the middle of a decode step may be chosen too, and the prefill waits for that step to end (decode
+   groups step asynchronously, so otherwise a prefill only ever sees one free group). Or a group is
+   packed onto fewer instances by migrating KV when the faster prefill is worth the migration time.
 3. Batching: a dynamic program over the admitted requests sorted by length and the free instances sorted
    by free memory splits them into prefill batches with a degree each, minimising the sum of
    input-length-normalised prefill latencies subject to memory.
