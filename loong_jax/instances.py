@@ -56,13 +56,13 @@ class Instances:
         flat_specs = param_partition_specs(cfg, self.tp_plan)
         self.param_specs = _specs_like(state, {k: P(*v) for k, v in flat_specs.items()})
         kv_tp = TP if (self.tp_plan and self.tp_plan.attention) else None
-        self.pool_spec = P(SP, None, None, kv_tp, None)
+        self.pool_spec = P(SP, None, kv_tp, None, None)
         self._meshes: dict[Group, Mesh] = {}
         self._params: dict[Group, Any] = {}
         # Weights: loaded once per instance, sharded over that instance's tp devices.
         self.weights = []
         self.pools: list[KVCache] = []
-        pool_shape = (1, cfg.num_layers, num_slots, cfg.num_kv_heads, cfg.head_dim)
+        pool_shape = (1, cfg.num_layers, cfg.num_kv_heads, num_slots, cfg.head_dim)
         for i in range(num_instances):
             mesh = self.mesh((i,))
             shard = jax.tree.map(functools.partial(NamedSharding, mesh), self.param_specs)
@@ -99,7 +99,7 @@ class Instances:
         return params
 
     def group_pools(self, group: Group) -> KVCache:
-        """The group's pools as one [d, L, S, KV, D] array per K and V, built from the instances' buffers."""
+        """The group's pools as one [d, L, KV, S, D] array per K and V, built from the instances' buffers."""
         if len(group) == 1:  # an instance's own buffers already are its one-member group's view
             return self.pools[group[0]]
         sharding = self.sharding(group, self.pool_spec)

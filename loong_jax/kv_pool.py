@@ -1,6 +1,7 @@
 """One instance's KV pool: device arrays with token slots grouped in pages, and the host allocator.
 
-Device layout: K and V are [num_layers, num_pages * page_size, num_kv_heads, head_dim]; slot
+Device layout: K and V are [num_layers, num_kv_heads, num_pages * page_size, head_dim] (head-major, so
+that decode attention gathers whole pages per head without a transposed copy); slot
 `page * page_size + offset` holds one token. A request's tokens on an instance fill its pages in order,
 so its `n` local tokens sit in the first `n` slots of its page list. Per-instance pools are the building
 blocks of the unified distributed pool: any token of any request may live in any instance's pool.
@@ -8,22 +9,15 @@ blocks of the unified distributed pool: any token of any request may live in any
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
-
-from loong_jax.config import ModelConfig
 
 
 class KVCache(NamedTuple):
     k: jnp.ndarray
     v: jnp.ndarray
-
-
-def empty_cache(cfg: ModelConfig, num_slots: int, dtype: Any) -> KVCache:
-    shape = (cfg.num_layers, num_slots, cfg.num_kv_heads, cfg.head_dim)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
 class OutOfPages(RuntimeError):

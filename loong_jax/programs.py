@@ -61,10 +61,10 @@ class DecodeInputs(NamedTuple):
 
 
 def store_kv(pool: KVCache, slots: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> KVCache:
-    """Write every layer's K/V [L, N, KV, D] into one rank's pool [1, L, S, KV, D] at slots [N], in place."""
+    """Write every layer's K/V [L, KV, N, D] into one rank's pool [1, L, KV, S, D] at slots [N], in place."""
 
-    def put(buf, new):  # scatter on the [L, S, KV, D] view: one index dimension, no transposed copy
-        return buf[0].at[:, slots].set(new.astype(buf.dtype), mode="drop")[None]
+    def put(buf, new):  # scatter on the [L, KV, S, D] view: one index dimension
+        return buf[0].at[:, :, slots].set(new.astype(buf.dtype), mode="drop")[None]
 
     return KVCache(put(pool.k, k), put(pool.v, v))
 
@@ -116,9 +116,9 @@ def prefill_program(
                 o, part_lse = block_attention(q, bk, bv, inp.positions, inp.seg, bpos, bseg)
                 out, lse = (o, part_lse) if out is None else merge_attention(out, lse, o, part_lse)
                 slots = inp.keep_slots[step]
-                pool = KVCache(
-                    pool.k.at[0, layer, slots].set(bk.astype(pool.k.dtype), mode="drop"),
-                    pool.v.at[0, layer, slots].set(bv.astype(pool.v.dtype), mode="drop"),
+                pool = KVCache(  # the pool is head-major: [1, L, KV, S, D]
+                    pool.k.at[0, layer, :, slots].set(bk.astype(pool.k.dtype), mode="drop"),
+                    pool.v.at[0, layer, :, slots].set(bv.astype(pool.v.dtype), mode="drop"),
                 )
                 if step + 1 < d:
                     block = jax.tree.map(lambda x: jax.lax.ppermute(x, SP, ring), block)
@@ -166,10 +166,10 @@ def decode_program(
             out, _ = merge_attention_many(jnp.concatenate([o, own_o[None]]), jnp.concatenate([lse, own_lse[None]]))
             return out, (new_kv[0].at[layer].set(k), new_kv[1].at[layer].set(v))
 
-        kv_shape = (model.cfg.num_layers, b, pools.k.shape[3], pools.k.shape[4])
+        kv_shape = (model.cfg.num_layers, b, pools.k.shape[2], pools.k.shape[4])
         new_kv = (jnp.zeros(kv_shape, pools.k.dtype), jnp.zeros(kv_shape, pools.v.dtype))
         h, (k, v) = model.hidden_states(inp.tokens, inp.positions, inp.positions + 1, attend, new_kv, tp)
-        pools = store_kv(pools, inp.slots, k, v)
+        pools = store_kv(pools, inp.slots, k.swapaxes(1, 2), v.swapaxes(1, 2))
         return _with_row(sample(model.logits(h), samp, flags)), pools
 
     return _group_program(mesh, param_specs, pool_spec, body)(params, pools, inp, samp)
@@ -189,7 +189,7 @@ def migrate_program(mesh: Mesh, pool_spec: P, pools: KVCache, inp: MigrateInputs
         inp = _row(inp)
         moved = []
         for x in pools:
-            picked = jnp.take(x[0], inp.src_slots, axis=1, mode="fill", fill_value=0)
+            picked = jnp.take(x[0], inp.src_slots, axis=2, mode="fill", fill_value=0)
             moved.append(jax.lax.ppermute(picked, SP, [(0, 1)]))
         return store_kv(pools, inp.dst_slots, *moved)
 

@@ -60,7 +60,7 @@ def pool_tokens(engine: Engine, instance: int, rid: int) -> tuple[np.ndarray, np
     """K and V [L, n, KV, D] that an instance holds for a request, in its fill order."""
     slots = engine.pools[instance].slots(rid)
     pools = engine.executor.instances.pools[instance]
-    return np.asarray(pools.k)[0][:, slots], np.asarray(pools.v)[0][:, slots]
+    return np.asarray(pools.k)[0][:, :, slots].swapaxes(1, 2), np.asarray(pools.v)[0][:, :, slots].swapaxes(1, 2)
 
 
 def greedy_params(max_tokens: int, **kw) -> SamplingParams:

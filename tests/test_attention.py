@@ -68,8 +68,8 @@ def test_merge_with_empty_partial_is_identity():
 
 def _paged_case(rng, lengths, page_size, width, heads, kv_heads, dim, layers=2):
     num_pages = width * len(lengths) + 3
-    k_pool = rng.standard_normal((layers, num_pages * page_size, kv_heads, dim)).astype(np.float32)
-    v_pool = rng.standard_normal((layers, num_pages * page_size, kv_heads, dim)).astype(np.float32)
+    k_pool = rng.standard_normal((layers, kv_heads, num_pages * page_size, dim)).astype(np.float32)
+    v_pool = rng.standard_normal((layers, kv_heads, num_pages * page_size, dim)).astype(np.float32)
     perm = rng.permutation(num_pages)
     table = np.zeros((len(lengths), width), np.int32)
     for b in range(len(lengths)):
@@ -97,7 +97,7 @@ def test_paged_decode_attention_matches_gathered_reference(lengths, page_size, g
             assert np.isneginf(np.asarray(lse)[b]).all() and np.all(np.asarray(out)[b] == 0)
             continue
         slots = (table[b][:, None] * page_size + np.arange(page_size)[None, :]).reshape(-1)[:n]
-        kk, vv = k_pool[layer, slots], v_pool[layer, slots]
+        kk, vv = k_pool[layer][:, slots].swapaxes(0, 1), v_pool[layer][:, slots].swapaxes(0, 1)
         ref, ref_lse = naive_attention(
             q[b : b + 1], kk, vv, np.array([n]), np.zeros(1, np.int32), np.arange(n), np.zeros(n, np.int32)
         )
@@ -113,7 +113,7 @@ def test_self_term_merged_with_pool_equals_attention_over_all():
     past = paged_decode_attention(q, k_pool, v_pool, jnp.int32(0), table, np.array([20]), page_size=4)
     out, _ = merge_attention(*past, *self_attention_term(q, k_new, v_new))
     slots = (table[0][:, None] * 4 + np.arange(4)[None, :]).reshape(-1)[:20]
-    kk = np.concatenate([k_pool[0, slots], k_new])
-    vv = np.concatenate([v_pool[0, slots], v_new])
+    kk = np.concatenate([k_pool[0][:, slots].swapaxes(0, 1), k_new])
+    vv = np.concatenate([v_pool[0][:, slots].swapaxes(0, 1), v_new])
     ref, _ = naive_attention(q, kk, vv, np.array([20]), np.zeros(1, np.int32), np.arange(21), np.zeros(21, np.int32))
     np.testing.assert_allclose(np.asarray(out), ref, atol=3e-5)
