@@ -78,7 +78,12 @@ def system(name: str, gpu: str, workload: str) -> tuple[SimCluster, object]:
         if name == "esp":
             slo = None if workload in SLO_MS else GOODPUT_SLO  # targets where the workload is judged by them
             config = SchedulerConfig(
-                aligned_groups=False, placement=PLACEMENT, defer_long=True, wait_for_steps=slo is not None, slo=slo
+                aligned_groups=False,
+                placement=PLACEMENT,
+                defer_long=True,
+                wait_for_steps=slo is not None,
+                slo=slo,
+                pause_later=slo is None,  # with targets, waiting for steps in flight covers this
             )
             return cluster, ElasticScheduler(4, c.fitted_cost_model(), config)
         return cluster, StaticGroupPolicy(4) if name == "static_sp_tp2x4" else ReplicaPolicy(4, REPLICA_BALANCE)

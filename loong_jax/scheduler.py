@@ -9,8 +9,10 @@ Four steps (DESIGN.md 2.4), all priced by the cost model:
    shortest admitted requests still meet their time to first token while every paused decode keeps its
    time per output token (the pause is then for those requests only); with `wait_for_steps` a group in
    the middle of a decode step may be chosen too, and the prefill waits for that step to end (decode
-   groups step asynchronously, so otherwise a prefill only ever sees one free group). Or a group is
-   packed onto fewer instances by migrating KV when the faster prefill is worth the migration time.
+   groups step asynchronously, so otherwise a prefill only ever sees one free group). With `pause_later`,
+   the alternative to pausing a free group is also pausing a group in flight when its step ends, so the
+   pause goes to the group whose decodes lose least rather than to whichever step ended first. Or a group
+   is packed onto fewer instances by migrating KV when the faster prefill is worth the migration time.
 3. Batching: a dynamic program over the admitted requests sorted by length and the free instances sorted
    by free memory splits them into prefill batches with a degree each, minimising the sum of
    input-length-normalised prefill latencies subject to memory.
@@ -64,6 +66,7 @@ class SchedulerConfig:
     defer_long: bool = False  # the batching may leave the longest admitted requests for the next batches
     slo: SLO | None = None  # also pause decodes when that saves a time to first token within these targets
     wait_for_steps: bool = False  # a prefill may wait for decode steps in flight to end and pause those groups
+    pause_later: bool = False  # not pausing now may mean pausing a group in flight when its step ends
 
 
 PLANS = {"busiest": busiest_first_plan, "least_loaded": least_loaded_plan}
@@ -195,9 +198,12 @@ class ElasticScheduler:
             if self.cfg.wait_for_steps:
                 options += [(tuple(g), list(reqs), self._step_time(g, reqs)) for g, reqs in view.stepping]
             size, wait = len(idle), 0.0
+            waiting = latency * gain_w  # the admitted requests' normalised latency if nothing is paused now
+            if self.cfg.pause_later and not idle:
+                waiting = min([waiting] + [self._pause_later(g, reqs, lengths, gain_w) for g, reqs in view.stepping])
             for g, reqs, ends in sorted(options, key=lambda o: (o[2] > 0, self._norm(o[1], inputs=False), -len(o[0]))):
                 with_g = max(wait, ends) + self.cost.prefill_time(size + len(g), lengths)
-                gain = (latency - with_g) * gain_w
+                gain = waiting - with_g * gain_w
                 cost = with_g * self._norm(reqs, inputs=False)
                 k = len(now) if gain > cost * self.cfg.pause_weight else 0
                 step = self._step_time(g, reqs)
@@ -213,10 +219,17 @@ class ElasticScheduler:
                     now = now[:k]
                     lengths = [r.num_prefill_tokens for r in now]
                     size, latency, wait = size + len(g), with_g, max(wait, ends)
+                    waiting = latency * gain_w
                     hold = hold or ends > 0
         if paused or not self.cfg.pack_decodes or not idle:
             return paused, [], hold, now
         return [], self._pack(view, lengths, gain_w, latency, len(idle), groups), False, admitted
+
+    def _pause_later(self, group: Group, reqs: Sequence[Request], lengths: list[int], gain_w: float) -> float:
+        """Normalised cost of not pausing now but pausing a group whose decode step is in flight when that step
+        ends: the admitted requests wait for the step, and that group's decodes wait for the prefill."""
+        prefill = self.cost.prefill_time(len(group), lengths)
+        return (self._step_time(group, reqs) + prefill) * gain_w + prefill * self._norm(reqs, inputs=False)
 
     def _ttft_helped(self, view: SchedulerView, admitted: list[Request], latency: float, faster: float) -> bool:
         """With latency targets: the faster start lets an admitted request still meet its TTFT target."""

@@ -354,6 +354,41 @@ def test_a_prefill_waits_for_decode_steps_in_flight_to_pause_those_groups_too():
     assert not it.prefills and not it.decodes  # instance 0 is held until the others finish their step
 
 
+def _stepping_view(in_flight: int):
+    """Instance 0 free with 64 decoding requests, instances 1-3 in the middle of a decode step with
+    `in_flight` requests each (all 990 tokens from done); a 500-token prompt waits. No instance drains for
+    seconds, so pausing instance 0 beats waiting for a drain."""
+    pools = [PagePool(65536, PAGE) for _ in range(4)]
+    dec, rid = [], 1
+    for i in range(4):
+        for _ in range(64 if i == 0 else in_flight):
+            dec.append(make_decoding(rid, 300, 1000, pools, i, outputs=10))
+            rid += 1
+    stepping = [((i,), [r for r in dec if r.rid in pools[i].tokens]) for i in (1, 2, 3)]
+    free = [r for r in dec if r.rid in pools[0].tokens]
+    view = make_view(pools, waiting=[make_request(0, 500, 16)], decoding=free, busy=frozenset({1, 2, 3}))
+    view.stepping, view.num_running = stepping, len(dec)
+    return view
+
+
+@pytest.mark.parametrize("pause_later", [False, True])
+def test_pauses_the_free_group_when_the_groups_in_flight_cost_as_much(pause_later):
+    """Declining would only move the pause to the next group whose step ends (the prompt waiting for it)."""
+    view = _stepping_view(in_flight=64)
+    it = elastic(pause_later=pause_later).schedule(view)
+    check_valid(view, it, 4)
+    assert admitted(it) == [0] and [w.group for w in it.prefills] == [(0,)] and not it.decodes
+
+
+def test_pause_later_leaves_the_pause_to_a_much_cheaper_group_in_flight():
+    """Pausing one request in flight at the end of its step costs far less than pausing 64 now."""
+    view = _stepping_view(in_flight=1)
+    assert admitted(elastic().schedule(view)) == [0]  # priced against waiting for a drain: pause now
+    it = elastic(pause_later=True).schedule(view)
+    check_valid(view, it, 4)
+    assert not it.prefills and [w.group for w in it.decodes] == [(0,)]
+
+
 # ----- step 4: preemption ---------------------------------------------------------------------------------
 
 
