@@ -171,7 +171,10 @@ def start_server(args):
     from serving.server import build_server, start_in_thread
 
     llm = LLM(
-        num_instances=args.instances, kv_tokens_per_instance=args.kv_tokens, max_num_seqs=max(16, args.concurrency)
+        num_instances=args.instances,
+        kv_tokens_per_instance=args.kv_tokens,
+        max_num_seqs=max(16, args.concurrency),
+        policy=args.policy,
     )
     if args.warmup:
         llm.warmup(show_progress=False)
@@ -232,6 +235,7 @@ def main() -> None:
     ap.add_argument("--instances", type=int, default=4, help="instances of the in-process server")
     ap.add_argument("--kv-tokens", type=int, default=16384)
     ap.add_argument("--warmup", action="store_true", help="warm the in-process server up first")
+    ap.add_argument("--policy", choices=["elastic", "shared"], default="elastic", help="in-process server's policy")
     ap.add_argument("--source", default="random", help="random | mooncake | path to a JSONL of lengths")
     ap.add_argument("--num-requests", type=int, default=48)
     ap.add_argument("--min-input", type=int, default=32)

@@ -26,7 +26,8 @@ class LLM:
     """A model loaded onto the engine, ready to generate.
 
     model: a .gguf file, a Hugging Face directory, an Orbax directory written by `loong convert`, or None
-    for the embedded SmolLM2-135M-Instruct.
+    for the embedded SmolLM2-135M-Instruct. policy: "elastic" (the cost-model scheduler) or "shared" (one
+    program at a time, for instances that share one processor, such as virtual CPU devices).
     """
 
     def __init__(
@@ -41,6 +42,7 @@ class LLM:
         page_size: int = 16,
         max_num_seqs: int = 32,
         max_prefill_tokens: int = 4096,
+        policy: str = "elastic",
         seed: int | None = None,
         warmup: bool = False,
         compilation_cache_dir: str | None = DEFAULT_CACHE_DIR,
@@ -65,6 +67,7 @@ class LLM:
             page_size=page_size,
             max_num_seqs=max_num_seqs,
             max_prefill_tokens=max_prefill_tokens,
+            policy=policy,
         )
         self.engine = build_engine(self.config, ckpt.graphdef, ckpt.state, self.tokenizer, ecfg, self.dtype, seed)
         log.info(
@@ -87,8 +90,9 @@ class LLM:
             self.warmup()
 
     def use_cost_model(self, cost: CostModel) -> None:
-        """Schedule with this cost model from now on (e.g. one `profile()` just fitted)."""
-        self.engine.policy = self.engine.elastic_policy(cost)
+        """Schedule with this cost model from now on (e.g. one `profile()` just fitted); the shared policy
+        needs none."""
+        self.engine.policy = self.engine.default_policy(cost)
 
     def warmup(self, show_progress: bool = True) -> int:
         """Compile the programs the engine's policy uses (see `warmup_jobs`); returns how many compiled."""

@@ -28,6 +28,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--kv-tokens-per-instance", type=int, default=65536)
+    p.add_argument(
+        "--policy",
+        choices=["elastic", "shared"],
+        default="elastic",
+        help="elastic: the cost-model scheduler (default); shared: one program at a time, for instances that "
+        "share one processor (virtual CPU devices), usually faster there",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +78,7 @@ def load_llm(args: argparse.Namespace, **limits: int):
         max_model_len=args.max_model_len,
         dtype=args.dtype,
         kv_tokens_per_instance=args.kv_tokens_per_instance,
+        policy=args.policy,
         **limits,
     )
 

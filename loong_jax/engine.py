@@ -27,7 +27,7 @@ from loong_jax.cost_model import CostModel, rough_cost_model
 from loong_jax.execution import DecodeWork, Executor, Iteration, Launch, Migration
 from loong_jax.executor import JaxExecutor
 from loong_jax.kv_pool import PagePool
-from loong_jax.policy import Policy, SchedulerView, pages_to_reserve
+from loong_jax.policy import Policy, SchedulerView, SharedComputePolicy, pages_to_reserve
 from loong_jax.request import IncrementalDetokenizer, Request, Status
 from loong_jax.sampling import SamplingParams
 from loong_jax.scheduler import ElasticScheduler, SchedulerConfig
@@ -52,8 +52,13 @@ class EngineConfig:
     max_prefill_tokens: int = 4096
     min_prefill_bucket: int = 16
     aligned_groups: bool = True
+    policy: str = "elastic"  # "elastic": the cost-model scheduler; "shared": instances share one processor
+
+    POLICIES = ("elastic", "shared")
 
     def __post_init__(self) -> None:
+        if self.policy not in self.POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(self.POLICIES)}, got {self.policy!r}")
         if self.kv_tokens_per_instance < self.page_size:
             raise ValueError(f"kv_tokens_per_instance must be >= page_size ({self.page_size})")
         if self.max_num_seqs < 1 or self.max_prefill_tokens < 1:
@@ -100,7 +105,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.executor = executor
         self.pools = [PagePool(ecfg.num_pages, ecfg.page_size) for _ in range(ecfg.num_instances)]
-        self.policy: Policy = policy or self.elastic_policy(rough_cost_model())
+        self.policy: Policy = policy or self.default_policy(rough_cost_model())
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.requests: dict[int, Request] = {}
@@ -160,8 +165,11 @@ class Engine:
         req.finish_time = self.executor.now()
         self._retire(req)
 
-    def elastic_policy(self, cost: CostModel) -> ElasticScheduler:
-        """The elastic scheduler for this engine's instances, priced by `cost`."""
+    def default_policy(self, cost: CostModel) -> Policy:
+        """The configured policy for this engine's instances: the elastic scheduler priced by `cost`, or
+        the one-program-at-a-time policy for instances that share one processor."""
+        if self.ecfg.policy == "shared":
+            return SharedComputePolicy(self.ecfg.num_instances)
         config = SchedulerConfig(aligned_groups=self.ecfg.aligned_groups)
         return ElasticScheduler(self.ecfg.num_instances, cost, config)
 
@@ -390,5 +398,5 @@ def build_engine(
     )
     engine = Engine(cfg, ecfg, executor, tokenizer, seed, policy)
     if policy is None and cost_model is not None:
-        engine.policy = engine.elastic_policy(cost_model)
+        engine.policy = engine.default_policy(cost_model)
     return engine

@@ -5,7 +5,10 @@ Each call partitions the free instances into disjoint groups; a group runs one p
 scale-down placement plan) or one decode step (with a master per request). `IdleFirstPolicy` decodes each
 request on the instances holding its KV, prefills on the idle instances (or, when none is idle, pauses
 the decode group with the fewest requests for one prefill on its instances), places prompts
-busiest-instance-first, spreads masters, and scales up when a master's pool is full.
+busiest-instance-first, spreads masters, and scales up when a master's pool is full. `SharedComputePolicy`
+is for instances that share one processor (virtual CPU devices): there, groups running at the same time
+only compete for the same cores, so it runs one program at a time and keeps the running requests' KV on
+as few instances as possible.
 """
 
 from __future__ import annotations
@@ -264,3 +267,51 @@ class IdleFirstPolicy:
                     return block
             size //= 2
         return (idle[0],)
+
+
+def preempt_if_out_of_memory(view: SchedulerView, work: DecodeWork, stuck: Sequence[Request]) -> Request | None:
+    """When a decoding request found no room and every pool is full, the request to preempt (recomputed
+    later): lowest priority, then newest; it is taken out of the decode work."""
+    if not stuck or any(p.free_pages for p in view.pools):
+        return None
+    victim = min([*work.requests, *stuck], key=lambda r: (r.priority, -r.arrival, -r.rid))
+    if victim in work.requests:
+        k = work.requests.index(victim)
+        del work.requests[k], work.masters[k]
+    return victim
+
+
+class SharedComputePolicy:
+    """One program at a time, for instances that share one processor (virtual CPU devices).
+
+    Parallel groups buy nothing there: k programs at once each run about k times slower, and every decode
+    group reads its instance's own copy of the weights. So this is the elastic runtime at its degenerate
+    optimum: waiting requests are prefilled first (degree 1) on the busiest instance that has room, so the
+    running requests' KV stays on the fewest instances, and all decoding requests step as one batch on the
+    (aligned) group of instances holding their KV, which is one instance until its pool is full.
+    """
+
+    def __init__(self, num_instances: int):
+        self.n = num_instances
+
+    def schedule(self, view: SchedulerView) -> Iteration:
+        it = Iteration()
+        if view.busy:  # a program is running: it has the whole processor
+            return it
+        if view.waiting:
+            for home in sorted(range(self.n), key=lambda i: (-view.pools[i].used_tokens, i)):
+                work = admit_fcfs(view, (home,), busiest_first_plan)
+                if work is not None:
+                    it.prefills.append(work)
+                    return it
+        if not view.decoding:
+            return it
+        held = set().union(*(holders(view, r) for r in view.decoding)) or {0}
+        group = aligned_block(sorted(held), self.n)
+        work, stuck = assign_masters(view, self.n, group, list(view.decoding), set(), aligned=True)
+        victim = preempt_if_out_of_memory(view, work, stuck)
+        if victim is not None:
+            it.preempt.append(victim)
+        if work.requests:
+            it.decodes.append(work)
+        return it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from esp_helpers import greedy_params, tiny_esp_engine
 
 from loong_jax import SamplingParams
@@ -21,17 +22,23 @@ def _drive(engine, waves, rng):
     return reqs
 
 
+def _single_outputs(reqs):
+    single = tiny_esp_engine(num_instances=1, kv_tokens=2048)
+    outs = []
+    for r in reqs:
+        ref = single.add_request(r.prompt_ids, greedy_params(r.max_new_tokens))
+        while not ref.finished:
+            single.step()
+        outs.append(ref.output_ids)
+    return outs
+
+
 def test_policy_serves_a_mixed_workload_exactly():
     rng = np.random.default_rng(0)
     waves = [[(n, greedy_params(m)) for n, m in zip(rng.integers(1, 120, 5), rng.integers(1, 30, 5))] for _ in range(3)]
     engine = tiny_esp_engine(num_instances=8, kv_tokens=64, page_size=4)  # small pools: spreads and scale-ups
     reqs = _drive(engine, waves, np.random.default_rng(1))
-    single = tiny_esp_engine(num_instances=1, kv_tokens=2048)
-    for r in reqs:
-        ref = single.add_request(r.prompt_ids, greedy_params(r.max_new_tokens))
-        while not ref.finished:
-            single.step()
-        assert r.output_ids == ref.output_ids
+    assert [r.output_ids for r in reqs] == _single_outputs(reqs)
     s = engine.stats
     assert s.scale_downs >= 1 and s.scale_ups >= 1 and max(s.prefill_degrees) > 1 and max(s.decode_degrees) > 1
     assert engine.kv_used_tokens == 0 and engine.executor.migrations == 0
@@ -57,3 +64,48 @@ def test_no_compile_after_warmup():
     assert all(r.finished for r in reqs)
     assert len(set(engine.stats.prefill_degrees)) > 1 and len(set(engine.stats.decode_degrees)) >= 1
     assert engine.executor.programs.compiles == compiled, "the steady state compiled a program"
+
+
+def _one_program_at_a_time(engine):
+    """Wrap the engine's launch to record the most programs ever in flight at once."""
+    seen = [0]
+    launch = engine.launch
+
+    def counted(it):
+        n = launch(it)
+        seen[0] = max(seen[0], len(engine.launches))
+        return n
+
+    engine.launch = counted
+    return seen
+
+
+def test_shared_policy_keeps_kv_together_and_runs_one_program_at_a_time():
+    rng = np.random.default_rng(3)
+    waves = [[(n, greedy_params(m)) for n, m in zip(rng.integers(1, 60, 4), rng.integers(1, 20, 4))] for _ in range(3)]
+    engine = tiny_esp_engine(num_instances=4, kv_tokens=1024, page_size=4, limits=dict(policy="shared"))
+    in_flight = _one_program_at_a_time(engine)
+    reqs = _drive(engine, waves, np.random.default_rng(4))
+    assert [r.output_ids for r in reqs] == _single_outputs(reqs)
+    assert in_flight[0] == 1
+    s = engine.stats
+    assert set(s.prefill_degrees) == {1} and set(s.decode_degrees) == {1}  # everything fit on one instance
+    assert engine.kv_used_tokens == 0
+
+
+def test_shared_policy_overflows_onto_more_instances_exactly():
+    rng = np.random.default_rng(5)
+    waves = [
+        [(n, greedy_params(m)) for n, m in zip(rng.integers(20, 100, 5), rng.integers(5, 30, 5))] for _ in range(2)
+    ]
+    engine = tiny_esp_engine(num_instances=4, kv_tokens=128, page_size=4, limits=dict(policy="shared"))
+    in_flight = _one_program_at_a_time(engine)
+    reqs = _drive(engine, waves, np.random.default_rng(6))
+    assert [r.output_ids for r in reqs] == _single_outputs(reqs)
+    assert in_flight[0] == 1 and max(engine.stats.decode_degrees) > 1  # a full pool spilled onto others
+    assert engine.kv_used_tokens == 0 and engine.executor.migrations == 0
+
+
+def test_unknown_policy_is_rejected():
+    with pytest.raises(ValueError, match="policy must be one of elastic, shared"):
+        tiny_esp_engine(num_instances=1, limits=dict(policy="fastest"))
