@@ -38,6 +38,7 @@ from loong_jax.policy import (
     decode_groups,
     fits_rank_cap,
     grow_full_groups,
+    preempt_if_out_of_memory,
 )
 from loong_jax.request import Request
 
@@ -119,12 +120,9 @@ class ElasticScheduler:
         taken = set(it.instances()) | set(view.busy) | {i for g, _ in groups for i in g}
         for group, reqs in groups:
             work, stuck = assign_masters(view, self.n, group, reqs, taken, aligned)
-            if stuck and all(p.free_pages == 0 for p in view.pools):  # out of memory anyway
-                victim = min(reqs, key=lambda r: (r.priority, -r.arrival, -r.rid))
+            victim = preempt_if_out_of_memory(view, work, stuck)
+            if victim is not None:
                 it.preempt.append(victim)
-                if victim in work.requests:
-                    k = work.requests.index(victim)
-                    del work.requests[k], work.masters[k]
             if work.requests:
                 it.decodes.append(work)
                 taken |= set(work.group)
