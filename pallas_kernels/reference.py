@@ -86,9 +86,12 @@ def block_attention(
     k_seg: jnp.ndarray,
     *,
     block_q: int = 256,
-    block_k: int = 256,
+    block_k: int = 128,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Causal, request-masked attention of packed queries against packed keys.
+
+    Key blocks of 128: in a batch of packed short prompts fewer keys of other requests are computed and
+    masked (on XLA CPU 20% faster than 256 for 15 prompts of 32-512 tokens, and no slower for one long one).
 
     q [T, H, D]; k, v [S, KV, D] with H a multiple of KV; *_pos and *_seg [T] / [S] int32. A key is visible
     to a query when both have the same segment id (>= 0) and key position <= query position.
