@@ -7,6 +7,7 @@ BIN := $(VENV)/bin
 PROMPT ?= What is the capital of France? Answer in one sentence.
 INSTANCES ?= 4
 PORT ?= 8000
+POLICY ?= elastic
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +26,7 @@ setup: $(VENV)/.installed
 
 run: $(VENV)/.installed
 	$(BIN)/loong serve --num-instances $(INSTANCES) --kv-tokens-per-instance 16384 --max-num-seqs 16 \
-		--max-prefill-tokens 2048 --port $(PORT)
+		--max-prefill-tokens 2048 --port $(PORT) --policy $(POLICY)
 
 chat: $(VENV)/.installed
 	$(BIN)/loong chat --num-instances $(INSTANCES) --kv-tokens-per-instance 16384 "$(PROMPT)"
@@ -40,6 +41,9 @@ bench: $(VENV)/.installed-test
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/generation_cpu.py
 	$(BIN)/python benchmarks/esp_scaling.py
-	$(BIN)/python benchmarks/serving_client.py --compare-transformers --num-requests 32 --warmup
+	$(BIN)/python benchmarks/serving_client.py --compare-transformers --num-requests 32 --warmup --policy shared \
+		--out benchmarks/results/serving_shared.json
+	$(BIN)/python benchmarks/serving_client.py --compare-transformers --num-requests 32 --warmup --policy elastic \
+		--out benchmarks/results/serving_elastic.json
 	$(BIN)/python benchmarks/scheduler_overhead.py
 	$(BIN)/python benchmarks/cluster_sim.py
