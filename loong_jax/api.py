@@ -85,7 +85,10 @@ class LLM:
         if path is not None and path.exists():
             self.use_cost_model(CostModel.load(path))
             self.cost_model_source = str(path)
-        log.info("scheduler cost model: %s", self.cost_model_source)
+        if policy == "shared":
+            log.info("policy: shared (one program at a time: the instances share one processor)")
+        else:
+            log.info("policy: elastic; scheduler cost model: %s", self.cost_model_source)
         if warmup:
             self.warmup()
 
