@@ -81,13 +81,14 @@ class LLM:
             ecfg.num_pages * ecfg.page_size,
         )
         self.cost_model_source = "uncalibrated (run `loong profile` to fit one)"
-        path = profile_path(profile_key(self.engine), profile_dir) if profile_dir else None
-        if path is not None and path.exists():
-            self.use_cost_model(CostModel.load(path))
-            self.cost_model_source = str(path)
-        if policy == "shared":
+        if policy == "shared":  # schedules without a cost model: no profile to look up
+            self.cost_model_source = "none (the shared policy uses none)"
             log.info("policy: shared (one program at a time: the instances share one processor)")
         else:
+            path = profile_path(profile_key(self.engine), profile_dir) if profile_dir else None
+            if path is not None and path.exists():
+                self.use_cost_model(CostModel.load(path))
+                self.cost_model_source = str(path)
             log.info("policy: elastic; scheduler cost model: %s", self.cost_model_source)
         if warmup:
             self.warmup()

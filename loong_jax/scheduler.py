@@ -204,14 +204,8 @@ class ElasticScheduler:
                 gain = waiting - with_g * gain_w
                 cost = with_g * self._norm(reqs, inputs=False)
                 k = len(now) if gain > cost * self.cfg.pause_weight else 0
-                step = self._step_time(g, reqs)
-                for j in range(len(now) if self.cfg.slo and not k else 0, 0, -1):  # the most requests it can be for
-                    ls = [r.num_prefill_tokens for r in now[:j]]
-                    base = wait + self.cost.prefill_time(size, ls) if size else drain + self.cost.prefill_time(1, ls)
-                    with_j = max(wait, ends) + self.cost.prefill_time(size + len(g), ls)
-                    if self._ttft_helped(view, now[:j], base, with_j) and self._tpot_kept(view, reqs, with_j, step):
-                        k, with_g = j, with_j
-                        break
+                if self.cfg.slo and not k:
+                    k, with_g = self._slo_pause(view, now, g, reqs, size, max(wait, ends), drain if not size else wait)
                 if k:
                     paused.append((g, reqs))
                     now = now[:k]
@@ -222,6 +216,29 @@ class ElasticScheduler:
         if paused or not self.cfg.pack_decodes or not idle:
             return paused, [], hold, now
         return [], self._pack(view, lengths, gain_w, latency, len(idle), groups), False, admitted
+
+    def _slo_pause(
+        self,
+        view: SchedulerView,
+        now: list[Request],
+        group: Group,
+        reqs: Sequence[Request],
+        size: int,
+        start: float,
+        base_wait: float,
+    ) -> tuple[int, float]:
+        """With latency targets: the most of the shortest admitted requests (`now`, sorted) that pausing the
+        group lets meet their TTFT while its decodes keep their TPOT, and that prefill's end; (0, 0.0) if none.
+        The prefill starts at `start` on size + len(group) instances; without the pause it would start after
+        `base_wait` on the `size` instances already chosen (or on one drained instance if none)."""
+        step = self._step_time(group, reqs)
+        for j in range(len(now), 0, -1):
+            ls = [r.num_prefill_tokens for r in now[:j]]
+            base = base_wait + self.cost.prefill_time(size or 1, ls)
+            with_j = start + self.cost.prefill_time(size + len(group), ls)
+            if self._ttft_helped(view, now[:j], base, with_j) and self._tpot_kept(view, reqs, with_j, step):
+                return j, with_j
+        return 0, 0.0
 
     def _pause_later(self, group: Group, reqs: Sequence[Request], lengths: list[int], gain_w: float) -> float:
         """Normalised cost of not pausing now but pausing a group whose decode step is in flight when that step
