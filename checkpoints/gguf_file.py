@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import gguf
@@ -147,10 +148,15 @@ def read_weights(reader: gguf.GGUFReader, cfg: ModelConfig, path: str) -> dict[s
     return arrays
 
 
-def load_gguf(path: str) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer]:
+def load_gguf(
+    path: str, before_weights: Callable[[ModelConfig], None] | None = None
+) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer]:
+    """Config, weights and tokenizer; `before_weights(config)` may refuse the model before its weights load."""
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
     cfg = read_config(reader, path)
+    if before_weights is not None:
+        before_weights(cfg)
     return cfg, read_weights(reader, cfg, path), read_tokenizer(reader, path)

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import ml_dtypes
@@ -196,6 +197,11 @@ def read_tokenizer(path: str, cfg: ModelConfig) -> Tokenizer | None:
     )
 
 
-def load_hf_dir(path: str) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer | None]:
+def load_hf_dir(
+    path: str, before_weights: Callable[[ModelConfig], None] | None = None
+) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer | None]:
+    """Config, weights and tokenizer; `before_weights(config)` may refuse the model before its weights load."""
     cfg = read_config(path)
+    if before_weights is not None:
+        before_weights(cfg)
     return cfg, read_weights(path, cfg), read_tokenizer(path, cfg)

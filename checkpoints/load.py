@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 from typing import Any
 
+import numpy as np
 from flax import nnx
 
 from checkpoints.tokenizer import Tokenizer
 from loong_jax.config import ModelConfig
-from loong_jax.model import CheckpointError, state_from_arrays
+from loong_jax.memory import GiB, host_available_bytes
+from loong_jax.model import CheckpointError, param_shapes, state_from_arrays
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -47,19 +50,38 @@ def load_checkpoint(path: str | None, dtype: Any) -> LoadedCheckpoint:
     path = path or default_model_path()
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or directory")
+
+    def check(cfg: ModelConfig, copies: float = 2 * 4) -> None:
+        check_load_memory(cfg, dtype, path, copies)
+
     if os.path.isdir(path):
         if is_orbax_dir(path):
-            return restore(path, dtype)
+            return restore(path, dtype, before_weights=lambda cfg: check(cfg, copies=0))
         if os.path.exists(os.path.join(path, "config.json")):
-            cfg, arrays, tok = load_hf_dir(path)
+            cfg, arrays, tok = load_hf_dir(path, check)
         else:
             raise CheckpointError(
                 f"{path}: not a model directory (expected config.json + *.safetensors, or an Orbax "
                 "checkpoint written by `loong convert`)"
             )
     elif path.endswith(".gguf"):
-        cfg, arrays, tok = load_gguf(path)
+        cfg, arrays, tok = load_gguf(path, check)
     else:
         raise CheckpointError(f"{path}: unknown checkpoint format (expected a .gguf file or a directory)")
     graphdef, state = state_from_arrays(cfg, dtype, arrays, path)
     return LoadedCheckpoint(cfg, graphdef, state, tok, path)
+
+
+def check_load_memory(cfg: ModelConfig, dtype: Any, source: str, float32_bytes_per_param: float) -> None:
+    """Refuse, before reading any weight, a model whose loading would not fit the host's available memory:
+    file formats are read as float32 (a stacked copy beside the per-layer ones, `float32_bytes_per_param`
+    bytes per parameter), then converted to dtype."""
+    params = sum(math.prod(shape) for shape in param_shapes(cfg).values())
+    need = int(params * (float32_bytes_per_param + np.dtype(dtype).itemsize))
+    available = host_available_bytes()
+    if need > available:
+        raise CheckpointError(
+            f"{source}: loading this model ({params / 1e9:.2f}B parameters as {np.dtype(dtype).name}) needs about "
+            f"{need / GiB:.1f} GiB of host memory, but {available / GiB:.1f} GiB are available; use a machine with "
+            "more memory, or convert it once on one (`loong convert`) and load the Orbax copy"
+        )

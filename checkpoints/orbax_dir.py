@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -37,13 +38,16 @@ def save(path: str, cfg: ModelConfig, state: Any, tokenizer: Tokenizer | None) -
         json.dump({"config": cfg.to_dict(), "format": 1}, f, indent=1)
 
 
-def restore(path: str, dtype: Any):
-    """Restore a directory written by `save` (weights cast to dtype)."""
+def restore(path: str, dtype: Any, before_weights: Callable[[ModelConfig], None] | None = None):
+    """Restore a directory written by `save` (weights cast to dtype); `before_weights(config)` may refuse
+    the model before its weights load."""
     from checkpoints.load import LoadedCheckpoint  # noqa: PLC0415
 
     path = os.path.abspath(path)
     with open(os.path.join(path, MARKER)) as f:
         cfg = ModelConfig.from_dict(json.load(f)["config"])
+    if before_weights is not None:
+        before_weights(cfg)
     graphdef, state = abstract_model(cfg, dtype)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), state.to_pure_dict())
     try:

@@ -9,9 +9,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from loong_jax.batching import bucket, prefill_rows
 from loong_jax.cost_model import CostModel
-from loong_jax.engine import EngineConfig, build_engine
+from loong_jax.engine import EngineConfig, build_engine, warmup_jobs
 from loong_jax.outputs import RequestOutput
 from loong_jax.platform import DEFAULT_CACHE_DIR, enable_compilation_cache, parse_dtype
 from loong_jax.profiling import DEFAULT_PROFILE_DIR, profile_key, profile_path
@@ -26,8 +25,11 @@ class LLM:
     """A model loaded onto the engine, ready to generate.
 
     model: a .gguf file, a Hugging Face directory, an Orbax directory written by `loong convert`, or None
-    for the embedded SmolLM2-135M-Instruct. policy: "elastic" (the cost-model scheduler) or "shared" (one
-    program at a time, for instances that share one processor, such as virtual CPU devices).
+    for the embedded SmolLM2-135M-Instruct. kv_tokens_per_instance: the KV pool of each instance, or None to
+    size it from memory_utilization (a fraction of the devices' memory: default 0.9 on accelerators, 0.5 of
+    the host's available memory on CPU); a size or model that cannot fit is a ValueError. policy: "elastic"
+    (the cost-model scheduler) or "shared" (one program at a time, for instances that share one processor,
+    such as virtual CPU devices).
     """
 
     def __init__(
@@ -38,7 +40,8 @@ class LLM:
         tp: int = 1,
         max_model_len: int | None = None,
         dtype: str | None = None,
-        kv_tokens_per_instance: int = 65536,
+        kv_tokens_per_instance: int | None = None,
+        memory_utilization: float | None = None,
         page_size: int = 16,
         max_num_seqs: int = 32,
         max_prefill_tokens: int = 4096,
@@ -64,6 +67,7 @@ class LLM:
             num_instances=num_instances,
             tp=tp,
             kv_tokens_per_instance=kv_tokens_per_instance,
+            memory_utilization=memory_utilization,
             page_size=page_size,
             max_num_seqs=max_num_seqs,
             max_prefill_tokens=max_prefill_tokens,
@@ -71,15 +75,16 @@ class LLM:
         )
         self.engine = build_engine(self.config, ckpt.graphdef, ckpt.state, self.tokenizer, ecfg, self.dtype, seed)
         log.info(
-            "loaded %s (%s) in %.1fs on %d instance(s) x tp=%d (%s), %d KV tokens per instance",
+            "loaded %s (%s) in %.1fs on %d instance(s) x tp=%d (%s)",
             ckpt.source,
             self.config.name,
             time.perf_counter() - t0,
             num_instances,
             tp,
             self.engine.executor.instances.devices[0][0].platform,
-            ecfg.num_pages * ecfg.page_size,
         )
+        self.kv_capacity = self.engine.kv_capacity
+        log.info("%s", self.kv_capacity.describe())
         self.cost_model_source = "uncalibrated (run `loong profile` to fit one)"
         if policy == "shared":  # schedules without a cost model: no profile to look up
             self.cost_model_source = "none (the shared policy uses none)"
@@ -174,26 +179,3 @@ class LLM:
         """Apply the model's chat template to one conversation or a list of them, then generate."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         return self.generate([self.chat_prompt_ids(c) for c in convs], sampling_params, use_tqdm)
-
-
-def warmup_jobs(ecfg: EngineConfig) -> list[tuple[str, tuple[int, ...], int, int]]:
-    """The default warm set: every aligned power-of-two group of instances (the device sets the policy
-    uses, 2N - 1 of them), with each prefill token bucket up to max_prefill_tokens / degree per rank and
-    each decode batch bucket up to max_num_seqs."""
-    n, lo = ecfg.num_instances, ecfg.min_prefill_bucket
-    jobs = []
-    for size in _powers(n):
-        for start in range(0, n - size + 1, size):
-            group = tuple(range(start, start + size))
-            for t in _powers(bucket(-(-ecfg.max_prefill_tokens // size), lo), lo):  # SchedulerView.rank_token_cap
-                jobs.append(("prefill", group, t, prefill_rows(t, lo, ecfg.max_num_seqs)))
-            jobs += [("decode", group, b, b) for b in _powers(bucket(ecfg.max_num_seqs))]
-    return jobs
-
-
-def _powers(limit: int, start: int = 1) -> list[int]:
-    """start, 2 * start, ... up to limit."""
-    out = [start]
-    while out[-1] * 2 <= limit:
-        out.append(out[-1] * 2)
-    return out

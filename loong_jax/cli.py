@@ -27,7 +27,19 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    p.add_argument("--kv-tokens-per-instance", type=int, default=65536)
+    p.add_argument(
+        "--kv-tokens-per-instance",
+        type=int,
+        default=None,
+        help="KV cache tokens per instance (default: as many as --memory-utilization leaves room for)",
+    )
+    p.add_argument(
+        "--memory-utilization",
+        type=float,
+        default=None,
+        help="fraction of the memory the engine may fill, KV cache included (default: 0.9 of each accelerator's "
+        "memory; on CPU 0.5 of the host's available memory)",
+    )
     p.add_argument(
         "--policy",
         choices=["elastic", "shared"],
@@ -78,6 +90,7 @@ def load_llm(args: argparse.Namespace, **limits: int):
         max_model_len=args.max_model_len,
         dtype=args.dtype,
         kv_tokens_per_instance=args.kv_tokens_per_instance,
+        memory_utilization=args.memory_utilization,
         policy=args.policy,
         **limits,
     )

@@ -22,17 +22,20 @@ import numpy as np
 from flax import nnx
 
 from checkpoints.tokenizer import Tokenizer
+from loong_jax.batching import bucket, prefill_rows
 from loong_jax.config import ModelConfig
 from loong_jax.cost_model import CostModel, rough_cost_model
 from loong_jax.execution import DecodeWork, Executor, Iteration, Launch, Migration
-from loong_jax.executor import JaxExecutor
+from loong_jax.executor import MAX_MIGRATE_TOKENS, JaxExecutor
 from loong_jax.kv_pool import PagePool
+from loong_jax.memory import KVCapacity, probe_domains, size_kv_pools
 from loong_jax.policy import Policy, SchedulerView, SharedComputePolicy, pages_to_reserve
 from loong_jax.request import IncrementalDetokenizer, Request, Status
 from loong_jax.sampling import SamplingParams
 from loong_jax.scheduler import ElasticScheduler, SchedulerConfig
 
 log = logging.getLogger("loong_jax")
+EXTRA_PROGRAMS = 64  # compiled programs kept beyond the warm set (sampler variants, other shapes)
 
 
 class RequestRejected(ValueError):
@@ -46,7 +49,8 @@ class EngineConfig:
     max_model_len: int
     num_instances: int = 1
     tp: int = 1
-    kv_tokens_per_instance: int = 65536
+    kv_tokens_per_instance: int | None = None  # None: size the pools from memory (build_engine does)
+    memory_utilization: float | None = None  # fraction of the memory to fill; None: 0.9 accelerators, 0.5 CPU
     page_size: int = 16
     max_num_seqs: int = 32
     max_prefill_tokens: int = 4096
@@ -59,8 +63,12 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.policy not in self.POLICIES:
             raise ValueError(f"policy must be one of {', '.join(self.POLICIES)}, got {self.policy!r}")
-        if self.kv_tokens_per_instance < self.page_size:
-            raise ValueError(f"kv_tokens_per_instance must be >= page_size ({self.page_size})")
+        if self.kv_tokens_per_instance is not None and self.kv_tokens_per_instance < self.page_size:
+            raise ValueError(
+                f"kv_tokens_per_instance must be >= page_size ({self.page_size}), got {self.kv_tokens_per_instance}"
+            )
+        if self.memory_utilization is not None and not 0 < self.memory_utilization <= 1:
+            raise ValueError(f"memory_utilization must be in (0, 1], got {self.memory_utilization}")
         if self.max_num_seqs < 1 or self.max_prefill_tokens < 1:
             raise ValueError("max_num_seqs and max_prefill_tokens must be >= 1")
         if self.num_instances < 1 or self.tp < 1:
@@ -68,7 +76,30 @@ class EngineConfig:
 
     @property
     def num_pages(self) -> int:
+        if self.kv_tokens_per_instance is None:
+            raise ValueError("the KV pool size is not known yet (build_engine sizes it from memory)")
         return self.kv_tokens_per_instance // self.page_size
+
+    @property
+    def prefill_span(self) -> int:
+        """Most instances one prompt's prefill may use (its KV must fit there): the shared policy prefills on
+        one instance, the elastic one on up to the largest (aligned power-of-two) group."""
+        if self.policy == "shared":
+            return 1
+        return 1 << (self.num_instances.bit_length() - 1) if self.aligned_groups else self.num_instances
+
+    def check_fits_one_request(self) -> None:
+        """ValueError unless the pools can hold one request of max_model_len tokens under the policy."""
+        span, tokens = self.prefill_span, self.kv_tokens_per_instance or 0
+        if (tokens // self.page_size - 1) * self.page_size * span >= self.max_model_len:
+            return
+        longest = max(0, (tokens // self.page_size - 1) * self.page_size * span)
+        raise ValueError(
+            f"a KV cache of {tokens:,} tokens per instance cannot hold one request of max_model_len="
+            f"{self.max_model_len:,} tokens: the {self.policy} policy keeps a prompt on at most {span} instance(s), "
+            f"which hold requests of up to {longest:,} tokens. Lower max_model_len (to at most {longest:,}) or "
+            "give the KV cache more room (kv_tokens_per_instance, memory_utilization)."
+        )
 
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
@@ -112,6 +143,7 @@ class Engine:
         self.launches: list[Launch] = []  # programs in flight, oldest first
         self._changed = True  # queues or instances changed since the policy last decided
         self.stats = EngineStats()
+        self.kv_capacity: KVCapacity | None = None  # how the pools were sized (set by build_engine)
         self._ids = itertools.count()
         self._reserved_pages = 0
         self._rng = np.random.default_rng(seed if seed is not None else secrets.randbits(63))
@@ -381,22 +413,75 @@ def build_engine(
     cost_model: CostModel | None = None,
 ) -> Engine:
     """An engine on real devices: the model's weights on every instance, run by the JAX executor, scheduled
-    by the elastic scheduler with `cost_model` (a rough stand-in if none) unless a policy is given."""
+    by the elastic scheduler with `cost_model` (a rough stand-in if none) unless a policy is given.
+
+    The KV pools are sized from the memory there is (or the size asked for is checked against it) before
+    anything is put on the devices: what cannot fit is a ValueError naming the numbers, never an
+    out-of-memory kill."""
     executor = JaxExecutor(
         cfg,
         graphdef,
         state,
         num_instances=ecfg.num_instances,
         tp=ecfg.tp,
-        num_pages=ecfg.num_pages,
         page_size=ecfg.page_size,
         max_pages_per_request=ecfg.pages_for(ecfg.max_model_len),
         dtype=dtype,
         devices=devices,
         min_prefill_bucket=ecfg.min_prefill_bucket,
         max_rows=ecfg.max_num_seqs,
+        max_programs=len(warmup_jobs(ecfg)) + EXTRA_PROGRAMS,
     )
+    capacity = size_kv_pools(
+        probe_domains(executor.devices),
+        executor.footprint(sizing_jobs(ecfg), bucket(ecfg.max_model_len, 16)),
+        num_instances=ecfg.num_instances,
+        tp=ecfg.tp,
+        page_size=ecfg.page_size,
+        utilization=ecfg.memory_utilization,
+        requested_tokens=ecfg.kv_tokens_per_instance,
+        useful_tokens=ecfg.max_num_seqs * ecfg.max_model_len,  # every running request, all on one instance
+    )
+    ecfg = dataclasses.replace(ecfg, kv_tokens_per_instance=capacity.tokens_per_instance)
+    ecfg.check_fits_one_request()
+    executor.allocate(ecfg.num_pages)
     engine = Engine(cfg, ecfg, executor, tokenizer, seed, policy)
+    engine.kv_capacity = capacity
     if policy is None and cost_model is not None:
         engine.policy = engine.default_policy(cost_model)
     return engine
+
+
+def sizing_jobs(ecfg: EngineConfig) -> list[tuple[str, tuple[int, ...], int, int]]:
+    """The programs whose temporaries bound every program's: the largest prefill (one instance holds the
+    most tokens per rank), the largest decode batch alone and on the widest group (all-gathered queries),
+    and the largest migration transfer."""
+    lo, n = ecfg.min_prefill_bucket, ecfg.num_instances
+    tokens, rows = bucket(ecfg.max_prefill_tokens, lo), bucket(ecfg.max_num_seqs)
+    jobs = [("prefill", (0,), tokens, prefill_rows(tokens, lo, ecfg.max_num_seqs)), ("decode", (0,), rows, rows)]
+    if n > 1:  # a decode group may span every instance
+        jobs += [("decode", tuple(range(n)), rows, rows), ("migrate", (0, 1), MAX_MIGRATE_TOKENS, 0)]
+    return jobs
+
+
+def warmup_jobs(ecfg: EngineConfig) -> list[tuple[str, tuple[int, ...], int, int]]:
+    """The default warm set: every aligned power-of-two group of instances (the device sets the policy
+    uses, 2N - 1 of them), with each prefill token bucket up to max_prefill_tokens / degree per rank and
+    each decode batch bucket up to max_num_seqs."""
+    n, lo = ecfg.num_instances, ecfg.min_prefill_bucket
+    jobs = []
+    for size in _powers(n):
+        for start in range(0, n - size + 1, size):
+            group = tuple(range(start, start + size))
+            for t in _powers(bucket(-(-ecfg.max_prefill_tokens // size), lo), lo):  # SchedulerView.rank_token_cap
+                jobs.append(("prefill", group, t, prefill_rows(t, lo, ecfg.max_num_seqs)))
+            jobs += [("decode", group, b, b) for b in _powers(bucket(ecfg.max_num_seqs))]
+    return jobs
+
+
+def _powers(limit: int, start: int = 1) -> list[int]:
+    """start, 2 * start, ... up to limit."""
+    out = [start]
+    while out[-1] * 2 <= limit:
+        out.append(out[-1] * 2)
+    return out

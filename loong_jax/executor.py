@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +25,7 @@ from loong_jax.config import ModelConfig
 from loong_jax.execution import DecodeWork, Launch, PrefillWork
 from loong_jax.instances import SP, Group, Instances
 from loong_jax.kv_pool import PagePool
+from loong_jax.memory import PROGRAM_HOST_BYTES, Footprint
 from loong_jax.placement import build_decode, build_prefill
 from loong_jax.program_cache import ProgramCache, shape_key
 from loong_jax.programs import (
@@ -35,8 +37,10 @@ from loong_jax.programs import (
     prefill_program,
 )
 from loong_jax.request import Request
-from loong_jax.sampling import SamplerFlags, SamplerOutputs
+from loong_jax.sampling import MAX_LOGPROBS, SamplerFlags, SamplerOutputs
 from pallas_kernels.reference import DECODE_PAGES_PER_BLOCK
+
+MAX_MIGRATE_TOKENS = 1024  # per transfer: bounds its buffers (about 1.5x those tokens' K/V on each side)
 
 
 @dataclasses.dataclass
@@ -63,28 +67,58 @@ class JaxExecutor:
         *,
         num_instances: int,
         tp: int,
-        num_pages: int,
         page_size: int,
         max_pages_per_request: int,
         dtype: Any,
         devices: list[jax.Device] | None = None,
         min_prefill_bucket: int = 16,
         max_rows: int = 32,
+        max_programs: int | None = None,
     ):
+        """The layout only: weights and pools go on the devices in `allocate`, once the pool size is known."""
         self.cfg = cfg
         self.dtype = dtype
         self.min_prefill_bucket = min_prefill_bucket
         self.max_rows = max_rows
         self.graphdef = graphdef
         self.page_size = page_size
-        self.num_slots = num_pages * page_size
+        self.num_slots = 0
         self.page_table_width = bucket(max_pages_per_request, DECODE_PAGES_PER_BLOCK)
-        self.instances = Instances(
-            cfg, state, num_instances=num_instances, tp=tp, num_slots=self.num_slots, dtype=dtype, devices=devices
-        )
-        self.programs = ProgramCache()
+        self.instances = Instances(cfg, state, num_instances=num_instances, tp=tp, dtype=dtype, devices=devices)
+        self._host_state: nnx.State | None = state  # until allocate() copies it to the instances
+        self.programs = ProgramCache(max_programs)
         self.migrations = 0  # KV transfers between instances (migrate calls), for tests and metrics
         self.migrated_tokens = 0
+
+    @property
+    def devices(self) -> list[jax.Device]:
+        """Every instance's devices, instance by instance."""
+        return [dev for row in self.instances.devices for dev in row]
+
+    def allocate(self, num_pages: int) -> None:
+        """Put the weights and KV pools of num_pages pages on every instance (size them first: `footprint`)."""
+        if self._host_state is None:
+            raise RuntimeError("the instances are already allocated")
+        self.num_slots = num_pages * self.page_size
+        self.instances.allocate(self._host_state, self.num_slots)
+        self._host_state = None
+
+    def footprint(
+        self, jobs: Sequence[tuple[str, Group, int, int]], max_len: int, num_slots: int | None = None
+    ) -> Footprint:
+        """Per-device bytes of a weight copy, of a KV token, and of the largest temporaries of the given
+        programs, each with the costliest sampler variant (penalties over max_len tokens, top logprobs).
+        The programs are compiled without any device memory, for a pool of num_slots slots (one page by
+        default: the pools are donated and updated in place, so temporaries do not grow with them)."""
+        temp = 0
+        flags = SamplerFlags(penalties=True, top_logprobs=MAX_LOGPROBS)
+        slots = num_slots or self.page_size
+        for kind, group, size, rows in jobs:
+            _, fn, args, donate = self._program_args(kind, group, size, rows, flags, slots, max_len)
+            temp = max(temp, _temp_bytes(jax.jit(fn, donate_argnums=donate).lower(*args)))
+        inst = self.instances
+        programs = (self.programs.max_programs or 0) * PROGRAM_HOST_BYTES
+        return Footprint(inst.weight_bytes_per_device(), temp, inst.kv_bytes_per_token_per_device(), programs)
 
     @property
     def state(self) -> nnx.State:
@@ -156,23 +190,23 @@ class JaxExecutor:
         return DevicePending(out)
 
     def migrate(self, src: int, dst: int, src_slots: np.ndarray, dst_slots: np.ndarray) -> Launch:
-        """Copy K/V at src_slots of instance src into dst_slots of instance dst (padded to a bucket)."""
-        n = len(src_slots)
-        width = bucket(n, 16)
-        inp = MigrateInputs(
-            np.full((2, width), self.num_slots, np.int32), np.full((2, width), self.num_slots, np.int32)
-        )
-        inp.src_slots[0, :n], inp.dst_slots[1, :n] = src_slots, dst_slots
-        group = (src, dst)
-        inst = self.instances
-        inp = jax.device_put(inp, inst.sharding(group, P(SP)))
-        args = (inst.group_pools(group), inp)
-        fn = functools.partial(migrate_program, inst.mesh(group), inst.pool_spec)
-        program = self.programs.get(("migrate", group, shape_key(inp)), fn, args, donate_argnums=(0,))
-        pools = jax.block_until_ready(program(*args))  # rare; the next program donates these buffers
-        inst.put_group_pools(group, pools)
+        """Copy K/V at src_slots of instance src into dst_slots of instance dst, in transfers of at most
+        MAX_MIGRATE_TOKENS tokens (padded to a bucket), so that a transfer's buffers stay bounded."""
+        group, inst = (src, dst), self.instances
+        for at in range(0, len(src_slots), MAX_MIGRATE_TOKENS):
+            part_src = src_slots[at : at + MAX_MIGRATE_TOKENS]
+            part_dst = dst_slots[at : at + MAX_MIGRATE_TOKENS]
+            n = len(part_src)
+            inp = MigrateInputs(*(np.full((2, bucket(n, 16)), self.num_slots, np.int32) for _ in range(2)))
+            inp.src_slots[0, :n], inp.dst_slots[1, :n] = part_src, part_dst
+            inp = jax.device_put(inp, inst.sharding(group, P(SP)))
+            args = (inst.group_pools(group), inp)
+            fn = functools.partial(migrate_program, inst.mesh(group), inst.pool_spec)
+            program = self.programs.get(("migrate", group, shape_key(inp)), fn, args, donate_argnums=(0,))
+            pools = jax.block_until_ready(program(*args))  # rare; the next program donates these buffers
+            inst.put_group_pools(group, pools)
         self.migrations += 1
-        self.migrated_tokens += n
+        self.migrated_tokens += len(src_slots)
         return Launch("migrate", group, [], DevicePending(()))
 
     def warmup(self, jobs: Sequence[tuple[str, Group, int, int]], show: bool) -> int:
@@ -184,17 +218,62 @@ class JaxExecutor:
 
     def compiled(self, kind: str, group: Group, size: int, rows: int) -> Any:
         """The compiled default-sampler program of a kind for a group and per-rank shape (compiles if new)."""
-        d, inst, flags = len(group), self.instances, SamplerFlags()
-        samp = sampler_inputs([[]] * d, rows, flags)
+        key, fn, args, donate = self._program_args(kind, group, size, rows, SamplerFlags())
+        return self.programs.get(key, fn, args, donate_argnums=donate)
+
+    def _program_args(
+        self,
+        kind: str,
+        group: Group,
+        size: int,
+        rows: int,
+        flags: SamplerFlags,
+        abstract_slots: int | None = None,
+        max_len: int = 0,
+    ) -> tuple[Any, Any, tuple, tuple[int, ...]]:
+        """Cache key, function, arguments and donated arguments of a program with placeholder inputs: size is
+        tokens per rank (prefill), rows per rank (decode) or tokens (migrate). With abstract_slots: shapes
+        only (no device memory), pools of that many slots, and penalty inputs of max_len tokens."""
+        d, inst = len(group), self.instances
+        abstract = abstract_slots is not None
+        num_slots = abstract_slots if abstract else self.num_slots
+        pools = inst.abstract_pools(group, num_slots) if abstract else inst.group_pools(group)
+        rows_sharding = inst.sharding(group, P(SP))
+        if kind == "migrate":
+            inp = MigrateInputs(*(np.full((2, size), num_slots, np.int32) for _ in range(2)))
+            fn = functools.partial(migrate_program, inst.mesh(group), inst.pool_spec)
+            return ("migrate", group, shape_key(inp)), fn, (pools, _place(inp, rows_sharding, abstract)), (0,)
+        samp = sampler_inputs([[]] * d, rows, SamplerFlags())
+        if flags.penalties:
+            ids = np.full((d, rows, max_len), -1, np.int32)
+            samp = samp._replace(prompt_ids=ids, output_ids=ids)
         z = np.zeros((d, size), np.int32)
         if kind == "prefill":
-            keep = np.full((d, d, size), self.num_slots, np.int32)
+            keep = np.full((d, d, size), num_slots, np.int32)
             inp = PrefillInputs(z, z, z - 1, z + 1, keep, np.zeros((d, rows), np.int32))
             fn = functools.partial(prefill_program, *self._common(group), flags)
         else:
             table = np.zeros((d, d * size, self.page_table_width), np.int32)
-            inp = DecodeInputs(z, z, z + self.num_slots, table, np.zeros((d, d * size), np.int32))
+            inp = DecodeInputs(z, z, z + num_slots, table, np.zeros((d, d * size), np.int32))
             fn = functools.partial(decode_program, *self._common(group), self.page_size, flags)
-        inp, samp = jax.device_put((inp, samp), inst.sharding(group, P(SP)))
-        args = (inst.group_params(group), inst.group_pools(group), inp, samp)
-        return self.programs.get((kind, group, flags, shape_key((inp, samp))), fn, args, donate_argnums=(1,))
+        params = inst.abstract_params(group) if abstract else inst.group_params(group)
+        args = (params, pools, *_place((inp, samp), rows_sharding, abstract))
+        return (kind, group, flags, shape_key((inp, samp))), fn, args, (1,)
+
+
+_TEMP_BYTES: dict[str, int] = {}  # lowered program text -> its temporaries (the same text compiles the same)
+
+
+def _temp_bytes(lowered: Any) -> int:
+    """Per-device temporary bytes of a lowered program, compiled once per distinct program text."""
+    key = hashlib.sha256(lowered.as_text().encode()).hexdigest()
+    if key not in _TEMP_BYTES:
+        _TEMP_BYTES[key] = int(lowered.compile().memory_analysis().temp_size_in_bytes)
+    return _TEMP_BYTES[key]
+
+
+def _place(tree: Any, sharding: Any, abstract: bool) -> Any:
+    """Host arrays onto the devices of a sharding, or only their shapes with it."""
+    if abstract:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+    return jax.device_put(tree, sharding)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -37,10 +38,10 @@ class Instances:
         *,
         num_instances: int,
         tp: int,
-        num_slots: int,
         dtype: Any,
         devices: Sequence[jax.Device] | None = None,
     ):
+        """The layout only (devices, meshes, partition specs): nothing is put on the devices until `allocate`."""
         devices = list(devices if devices is not None else jax.devices())
         if len(devices) < num_instances * tp:
             raise ValueError(
@@ -50,26 +51,66 @@ class Instances:
         self.cfg = cfg
         self.n = num_instances
         self.tp = tp
-        self.num_slots = num_slots
+        self.dtype = dtype
+        self.num_slots = 0
         self.devices = [tuple(devices[i * tp : (i + 1) * tp]) for i in range(num_instances)]
         self.tp_plan: TensorParallel | None = tensor_parallel_plan(cfg, tp, TP)
         flat_specs = param_partition_specs(cfg, self.tp_plan)
         self.param_specs = _specs_like(state, {k: P(*v) for k, v in flat_specs.items()})
-        kv_tp = TP if (self.tp_plan and self.tp_plan.attention) else None
-        self.pool_spec = P(SP, None, kv_tp, None, None)
+        self.param_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+        self.kv_tp = bool(self.tp_plan and self.tp_plan.attention)
+        self.pool_spec = P(SP, None, TP if self.kv_tp else None, None, None)
         self._meshes: dict[Group, Mesh] = {}
         self._params: dict[Group, Any] = {}
-        # Weights: loaded once per instance, sharded over that instance's tp devices.
-        self.weights = []
+        self.weights: list[Any] = []
         self.pools: list[KVCache] = []
-        pool_shape = (1, cfg.num_layers, cfg.num_kv_heads, num_slots, cfg.head_dim)
-        for i in range(num_instances):
+
+    def allocate(self, state: nnx.State, num_slots: int) -> None:
+        """Put a copy of the weights (sharded over its tp devices) and an empty KV pool on every instance."""
+        self.num_slots = num_slots
+        shape = self._pool_shape(1, num_slots)
+        for i in range(self.n):
             mesh = self.mesh((i,))
             shard = jax.tree.map(functools.partial(NamedSharding, mesh), self.param_specs)
             self.weights.append(jax.device_put(state, shard))
             pool_sharding = NamedSharding(mesh, self.pool_spec)
-            zeros = jax.jit(lambda: np.zeros(pool_shape, dtype), out_shardings=pool_sharding)
+            zeros = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=pool_sharding)
             self.pools.append(KVCache(zeros(), zeros()))
+
+    def _pool_shape(self, rows: int, num_slots: int) -> tuple[int, ...]:
+        cfg = self.cfg
+        return (rows, cfg.num_layers, cfg.num_kv_heads, num_slots, cfg.head_dim)
+
+    def weight_bytes_per_device(self) -> int:
+        """Bytes of one device's part of an instance's weights (sharded parameters count 1/tp)."""
+
+        def size(spec: P, x: jax.ShapeDtypeStruct) -> int:
+            split = self.tp if TP in jax.tree.leaves(tuple(spec)) else 1
+            return int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize // split
+
+        return sum(jax.tree.leaves(jax.tree.map(size, self.param_specs, self.param_shapes)))
+
+    def kv_bytes_per_token_per_device(self) -> int:
+        """Bytes of one token's K and V (every layer) on one device of its instance."""
+        cfg = self.cfg
+        heads = cfg.num_kv_heads // self.tp if self.kv_tp else cfg.num_kv_heads
+        return 2 * cfg.num_layers * heads * cfg.head_dim * np.dtype(self.dtype).itemsize
+
+    def abstract_params(self, group: Group) -> Any:
+        """Shapes and shardings of the group's weights, for compiling without them."""
+        mesh = self.mesh(group)
+        return jax.tree.map(
+            lambda spec, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec)),
+            self.param_specs,
+            self.param_shapes,
+        )
+
+    def abstract_pools(self, group: Group, num_slots: int) -> KVCache:
+        """Shapes and shardings of the group's pools of num_slots slots each, for compiling without them."""
+        x = jax.ShapeDtypeStruct(
+            self._pool_shape(len(group), num_slots), self.dtype, sharding=self.sharding(group, self.pool_spec)
+        )
+        return KVCache(x, x)
 
     def mesh(self, group: Group) -> Mesh:
         """The ("sp", "tp") mesh of a group, rows in the group's order."""

@@ -327,6 +327,9 @@ class Server:
                 "max_model_len": self.max_model_len,
             }
         ]
+        capacity = self.engine.engine.kv_capacity
+        if capacity is not None:
+            data[0]["kv_cache"] = capacity.as_dict()
         return JSONResponse({"object": "list", "data": data})
 
     async def health(self, request: Request) -> Response:

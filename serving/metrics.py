@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 from loong_jax.engine import Engine
+from loong_jax.memory import KVCapacity
 from loong_jax.request import Request
 
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -17,7 +18,7 @@ _DEGREES = (1, 2, 4, 8, 16, 32, 64)
 class Metrics:
     """Updated by the engine thread after every iteration; rendered by GET /metrics."""
 
-    def __init__(self, num_instances: int):
+    def __init__(self, num_instances: int, capacity: KVCapacity | None = None):
         r = self.registry = CollectorRegistry()
         self.ttft = Histogram("loong:time_to_first_token_seconds", "Time to first token.", buckets=_LATENCY, registry=r)
         self.itl = Histogram(
@@ -52,9 +53,33 @@ class Metrics:
         self.iteration = Histogram("loong:iteration_seconds", "Engine iteration time.", buckets=_LATENCY, registry=r)
         for i in range(num_instances):
             self.kv_instance.labels(instance=str(i)).set(0)
+        if capacity is not None:
+            self._capacity(capacity)
         counters = ("prefills", "decode_steps", "scale_ups", "scale_downs", "migrations", "preemptions")
         self._seen = dict.fromkeys(counters, 0)
         self._last_token: dict[int, tuple[int, float]] = {}
+
+    def _capacity(self, c: KVCapacity) -> None:
+        """The KV pool size chosen at start-up and how it was derived (constant for the server's life)."""
+        r = self.registry
+        Gauge("loong:kv_cache_tokens_per_instance", "KV cache tokens per instance.", registry=r).set(
+            c.tokens_per_instance
+        )
+        Gauge("loong:kv_cache_capacity_tokens", "KV cache tokens of all instances.", registry=r).set(c.total_tokens)
+        Gauge("loong:kv_cache_capacity_bytes", "KV cache bytes of all instances.", registry=r).set(
+            c.bytes_per_instance * c.num_instances
+        )
+        Info("loong:kv_cache_sizing", "How the KV cache size was chosen.", registry=r).info(
+            {
+                "how": c.how,
+                "memory_utilization": f"{c.utilization:g}",
+                "memory": c.domain,
+                "budget_bytes": str(c.budget_bytes),
+                "in_use_bytes": str(c.in_use_bytes),
+                "weight_bytes": str(c.weight_bytes),
+                "temp_bytes": str(c.temp_bytes),
+            }
+        )
 
     def on_iteration(self, engine: Engine, touched: Sequence[Request], seconds: float) -> None:
         now = time.monotonic()

@@ -10,7 +10,6 @@ import threading
 import time
 from typing import Any
 
-import httpx
 import uvicorn
 
 from serving.app import Server, build_app
@@ -33,6 +32,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 def start_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0) -> tuple[str, uvicorn.Server]:
     """Serve an app from a background thread (tests, benchmarks); returns its URL once it is healthy."""
+    import httpx  # noqa: PLC0415 (a test and benchmark dependency; `loong serve` runs without it)
+
     if port == 0:
         with socket.socket() as s:
             s.bind((host, 0))
@@ -52,7 +53,7 @@ def start_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0) -> tuple[s
 
 def build_server(llm, model_name: str, api_key: str | None) -> tuple[Server, AsyncEngine]:
     """The routes' state around a loaded LLM; the engine thread is started here."""
-    metrics = Metrics(llm.engine.ecfg.num_instances)
+    metrics = Metrics(llm.engine.ecfg.num_instances, llm.engine.kv_capacity)
     engine = AsyncEngine(llm.engine, metrics.on_iteration)
     engine.start()
     return Server(engine, llm.tokenizer, model_name, metrics, api_key), engine
@@ -65,13 +66,12 @@ def serve(args: argparse.Namespace, llm: Any) -> int:
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model or "SmolLM2-135M-Instruct"))
     e = llm.engine.ecfg
     log.info(
-        "model %s: %s, %d instance(s) x tp=%d, max context %d tokens, %d KV tokens per instance",
+        "model %s: %s, %d instance(s) x tp=%d, max context %d tokens",
         name,
         llm.config.name,
         e.num_instances,
         e.tp,
         e.max_model_len,
-        e.kv_tokens_per_instance,
     )
     if not args.no_warmup:
         llm.warmup(show_progress=True)  # logs how many programs it compiled and how long it took

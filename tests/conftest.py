@@ -15,6 +15,11 @@ jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_num_cpu_devices", 8)  # virtual instances for the elastic runtime
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests that measure a fresh process's memory run first, while this process holds little."""
+    items.sort(key=lambda item: item.get_closest_marker("fresh_host") is None)
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
     from checkpoints import default_model_path

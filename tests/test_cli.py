@@ -37,6 +37,9 @@ def test_convert_then_generate_from_orbax(tmp_path):
         (("generate", "hi", "--temperature", "-1"), "temperature must be in [0, 100], got -1.0"),
         (("generate", "hi", "--model", "/nonexistent.gguf"), "/nonexistent.gguf: no such file"),
         (("generate", "hi", "--max-model-len", "100000"), "max_model_len must be in [1, 8192]"),
+        (("generate", "hi", "--memory-utilization", "1.5"), "memory_utilization must be in (0, 1], got 1.5"),
+        (("generate", "hi", "--kv-tokens-per-instance", "100000000"), "kv_tokens_per_instance=100,000,000 does not"),
+        (("chat", "hi", "--kv-tokens-per-instance", "1024"), "cannot hold one request of max_model_len=8,192"),
     ],
 )
 def test_bad_arguments_fail_with_a_clear_message(args, message):

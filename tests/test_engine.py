@@ -13,7 +13,8 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
 def tiny_engine(kv_tokens=512, max_num_seqs=8, max_prefill_tokens=256, page_size=4):
-    limits = dict(max_model_len=256, max_num_seqs=max_num_seqs, max_prefill_tokens=max_prefill_tokens)
+    max_len = min(256, kv_tokens - 2 * page_size)  # the pool holds one request of max_model_len tokens
+    limits = dict(max_model_len=max_len, max_num_seqs=max_num_seqs, max_prefill_tokens=max_prefill_tokens)
     return tiny_esp_engine(num_instances=1, kv_tokens=kv_tokens, page_size=page_size, limits=limits)
 
 
@@ -87,10 +88,12 @@ def test_prompt_longer_than_context_is_rejected_with_the_limit():
     assert not engine.has_unfinished()
 
 
-def test_request_larger_than_the_whole_pool_is_rejected():
-    engine = tiny_engine(kv_tokens=64)
-    with pytest.raises(RequestRejected, match="whole pool holds 64"):
-        engine.add_request([1] * 60, SamplingParams(max_tokens=10))
+def test_a_pool_that_cannot_hold_one_request_of_max_model_len_is_refused_at_start():
+    with pytest.raises(ValueError, match="cannot hold one request of max_model_len=256"):
+        tiny_esp_engine(num_instances=1, kv_tokens=64, page_size=4, limits=dict(max_model_len=256))
+    engine = tiny_engine(kv_tokens=64)  # max_model_len 56: what one instance's 64 slots hold
+    with pytest.raises(RequestRejected, match="maximum context length is 56"):
+        engine.add_request([1] * 50, SamplingParams(max_tokens=10))
 
 
 @pytest.mark.parametrize(

@@ -118,7 +118,7 @@ def test_random_spreads_and_masters_decode_exactly(engine8, d, lengths, seed):
 
 def test_no_kv_moves_between_prefill_and_decode():
     """The policy-driven engine never migrates, and no collective of a program carries pool-sized data."""
-    engine = tiny_esp_engine(num_instances=4, kv_tokens=48)  # small pools: prompts spread over instances
+    engine = tiny_esp_engine(num_instances=4, kv_tokens=48, limits=dict(max_model_len=128))  # prompts spread
     engine.policy = IdleFirstPolicy(4)  # one group for all three prompts: scale-down is certain
     rng = np.random.default_rng(3)
     prompts = [rng.integers(3, 256, n).tolist() for n in (50, 7, 23)]
@@ -145,7 +145,8 @@ def test_no_kv_moves_between_prefill_and_decode():
 
 @pytest.mark.parametrize("num_kv_heads", [2, 1])  # heads sharded over tp, or attention replicated
 def test_tensor_parallel_instances_decode_exactly(num_kv_heads):
-    engine = tiny_esp_engine(num_instances=4, tp=2, kv_tokens=128, num_kv_heads=num_kv_heads)
+    limits = dict(max_model_len=256)
+    engine = tiny_esp_engine(num_instances=4, tp=2, kv_tokens=128, num_kv_heads=num_kv_heads, limits=limits)
     single = tiny_esp_engine(num_instances=1, kv_tokens=1024, num_kv_heads=num_kv_heads)
     rng = np.random.default_rng(4)
     prompts = [rng.integers(3, 256, n).tolist() for n in (19, 40)]

@@ -7,7 +7,7 @@ import pytest
 from esp_helpers import greedy_params, tiny_esp_engine
 
 from loong_jax import SamplingParams
-from loong_jax.api import warmup_jobs
+from loong_jax.engine import warmup_jobs
 
 
 def _drive(engine, waves, rng):
@@ -36,7 +36,8 @@ def _single_outputs(reqs):
 def test_policy_serves_a_mixed_workload_exactly():
     rng = np.random.default_rng(0)
     waves = [[(n, greedy_params(m)) for n, m in zip(rng.integers(1, 120, 5), rng.integers(1, 30, 5))] for _ in range(3)]
-    engine = tiny_esp_engine(num_instances=8, kv_tokens=64, page_size=4)  # small pools: spreads and scale-ups
+    # small pools: spreads and scale-ups
+    engine = tiny_esp_engine(num_instances=8, kv_tokens=64, page_size=4, limits=dict(max_model_len=256))
     reqs = _drive(engine, waves, np.random.default_rng(1))
     assert [r.output_ids for r in reqs] == _single_outputs(reqs)
     s = engine.stats
@@ -98,7 +99,8 @@ def test_shared_policy_overflows_onto_more_instances_exactly():
     waves = [
         [(n, greedy_params(m)) for n, m in zip(rng.integers(20, 100, 5), rng.integers(5, 30, 5))] for _ in range(2)
     ]
-    engine = tiny_esp_engine(num_instances=4, kv_tokens=128, page_size=4, limits=dict(policy="shared"))
+    limits = dict(policy="shared", max_model_len=152)  # a prompt of max_model_len - 1 tokens fits one pool
+    engine = tiny_esp_engine(num_instances=4, kv_tokens=160, page_size=4, limits=limits)
     in_flight = _one_program_at_a_time(engine)
     reqs = _drive(engine, waves, np.random.default_rng(6))
     assert [r.output_ids for r in reqs] == _single_outputs(reqs)

@@ -19,7 +19,15 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def esp_llm():
-    return LLM(num_instances=8, kv_tokens_per_instance=1024, max_num_seqs=8, seed=0, compilation_cache_dir=None)
+    return LLM(
+        num_instances=8,
+        kv_tokens_per_instance=1024,
+        max_model_len=4096,
+        max_num_seqs=8,
+        memory_utilization=0.9,  # this test process already holds other models
+        seed=0,
+        compilation_cache_dir=None,
+    )
 
 
 @pytest.fixture(scope="module")

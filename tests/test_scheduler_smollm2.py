@@ -27,7 +27,14 @@ def _prompts(tokenizer) -> list[list[int]]:
 
 
 def test_scheduler_serves_mixed_lengths_exactly(smol_llm):
-    llm = LLM(num_instances=8, kv_tokens_per_instance=2048, max_num_seqs=8, max_prefill_tokens=8192, seed=0)
+    llm = LLM(  # memory_utilization: this test process already holds other models
+        num_instances=8,
+        kv_tokens_per_instance=2048,
+        max_num_seqs=8,
+        max_prefill_tokens=8192,
+        seed=0,
+        memory_utilization=0.9,
+    )
     engine = llm.engine
     assert isinstance(engine.policy, ElasticScheduler)
     prompts = _prompts(llm.tokenizer)

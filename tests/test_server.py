@@ -19,7 +19,14 @@ MODEL = "smollm2"
 
 @pytest.fixture(scope="module")
 def server():
-    llm = LLM(num_instances=4, kv_tokens_per_instance=4096, max_num_seqs=64, max_model_len=2048, seed=0)
+    llm = LLM(  # memory_utilization: this test process already holds other models
+        num_instances=4,
+        kv_tokens_per_instance=4096,
+        max_num_seqs=64,
+        max_model_len=2048,
+        seed=0,
+        memory_utilization=0.9,
+    )
     srv, engine = build_server(llm, MODEL, api_key=None)
     url, uv = start_in_thread(build_app(srv, on_shutdown=lambda: engine.shutdown(10)))
     yield url, llm
@@ -44,6 +51,10 @@ def _wait_idle(llm, timeout=30.0):
 def test_models_health_tokenize(server, client):
     base, llm = server
     assert [m.id for m in client.models.list().data] == [MODEL]
+    kv = httpx.get(f"{base}/v1/models").json()["data"][0]["kv_cache"]
+    assert kv["tokens_per_instance"] == 4096 and kv["total_tokens"] == 4 * 4096 and kv["num_instances"] == 4
+    assert kv["how"] == "given (kv_tokens_per_instance)" and kv["bytes_per_instance"] == 4096 * kv["bytes_per_token"]
+    assert kv["budget_bytes"] > kv["in_use_bytes"] > 0 and kv["weight_bytes"] > 0 and kv["temp_bytes"] > 0
     r = httpx.post(f"{base}/tokenize", json={"prompt": "Hello world"})
     assert r.json()["tokens"] == llm.tokenizer.encode("Hello world")
     r = httpx.post(f"{base}/detokenize", json={"tokens": r.json()["tokens"]})
@@ -181,9 +192,11 @@ def test_bad_input_gets_400_and_queues_nothing(server, body, message):
     assert not llm.engine.waiting
 
 
-def test_never_fits_in_the_pool(tmp_path):
-    """A request larger than the whole KV pool is refused at once (its own small server)."""
-    llm = LLM(num_instances=1, kv_tokens_per_instance=256, max_model_len=2048, seed=0)
+def test_api_key_and_a_small_pool(tmp_path):
+    """A small pool serves the context it can hold; longer requests are refused at once (own server)."""
+    with pytest.raises(ValueError, match="cannot hold one request of max_model_len=2,048"):
+        LLM(num_instances=1, kv_tokens_per_instance=256, max_model_len=2048, seed=0)
+    llm = LLM(num_instances=1, kv_tokens_per_instance=256, max_model_len=240, seed=0)
     srv, engine = build_server(llm, MODEL, api_key="secret")
     from starlette.testclient import TestClient
 
@@ -191,7 +204,7 @@ def test_never_fits_in_the_pool(tmp_path):
         assert tc.post("/v1/completions", json={"prompt": "hi"}).status_code == 401
         auth = {"Authorization": "Bearer secret"}
         r = tc.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1000}, headers=auth)
-        assert r.status_code == 400 and "whole pool holds 256" in r.json()["error"]["message"]
+        assert r.status_code == 400 and "maximum context length is 240" in r.json()["error"]["message"]
         ok = tc.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3}, headers=auth)
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 3
 
@@ -210,6 +223,9 @@ def test_metrics_report_the_elastic_engine(server, client):
         "loong:decode_group_degree_bucket",
         "loong:scale_downs_total",
         "loong:migrations_total",
+        "loong:kv_cache_tokens_per_instance 4096.0",
+        "loong:kv_cache_capacity_tokens 16384.0",
+        'loong:kv_cache_sizing_info{budget_bytes="',
     ):
         assert name in text, name
 

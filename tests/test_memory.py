@@ -1,0 +1,179 @@
+"""Memory-safe start-up: KV pools sized from the memory there is, and what cannot fit refused before allocating."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from esp_helpers import tiny_esp_engine
+
+from loong_jax.engine import EngineConfig, sizing_jobs
+from loong_jax.memory import Footprint, GiB, MemoryDomain, host_available_bytes, peak_rss_bytes, size_kv_pools
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOL = Footprint(weight_bytes=538_000_000, temp_bytes=80_000_000, kv_bytes_per_token=46080)
+
+
+def host(capacity: float, in_use: float, devices: int) -> MemoryDomain:
+    return MemoryDomain("host", int(capacity * GiB), int(in_use * GiB), tuple(range(devices)), True)
+
+
+def gpu(i: int, capacity: float, in_use: float = 0.0) -> MemoryDomain:
+    return MemoryDomain(f"cuda:{i}", int(capacity * GiB), int(in_use * GiB), (i,), False)
+
+
+def test_host_memory_is_shared_by_every_virtual_device():
+    cap = size_kv_pools([host(24, 1.5, 8)], SMOL, num_instances=8, tp=1, page_size=16)
+    budget = int(0.5 * 24 * GiB)  # the CPU default
+    room = budget - int(1.5 * GiB) - 8 * (SMOL.weight_bytes + SMOL.temp_bytes)
+    assert cap.tokens_per_instance == room // (8 * SMOL.kv_bytes_per_token * 16) * 16
+    assert cap.tokens_per_instance % 16 == 0 and cap.how == "sized from memory" and cap.utilization == 0.5
+    capped = size_kv_pools([host(24, 1.5, 8)], SMOL, num_instances=8, tp=1, page_size=16, useful_tokens=1000)
+    assert capped.tokens_per_instance == 1008 and capped.how.endswith("capped at what one instance can use")
+    assert cap.total_tokens == 8 * cap.tokens_per_instance
+    assert cap.bytes_per_instance == cap.tokens_per_instance * 46080
+    used = 1.5 * GiB + 8 * (SMOL.weight_bytes + SMOL.temp_bytes + cap.bytes_per_instance)
+    assert budget - 8 * 16 * 46080 < used <= budget  # filled to within a page per instance
+    one = size_kv_pools([host(24, 1.5, 1)], SMOL, num_instances=1, tp=1, page_size=16)
+    assert one.tokens_per_instance > 7 * cap.tokens_per_instance  # one instance gets (nearly) all of it
+    less = size_kv_pools([host(24, 1.5, 8)], SMOL, num_instances=8, tp=1, page_size=16, utilization=0.4)
+    assert less.tokens_per_instance < 0.6 * cap.tokens_per_instance
+
+
+def test_compiled_programs_count_against_the_host_memory_only():
+    programs = dataclasses.replace(SMOL, program_bytes=2 * GiB)
+    without = size_kv_pools([host(24, 1.5, 8)], SMOL, num_instances=8, tp=1, page_size=16)
+    with_programs = size_kv_pools([host(24, 1.5, 8)], programs, num_instances=8, tp=1, page_size=16)
+    assert with_programs.program_bytes == 2 * GiB
+    assert abs((without.tokens_per_instance - with_programs.tokens_per_instance) * 8 * 46080 - 2 * GiB) < 8 * 16 * 46080
+    on_gpu = size_kv_pools([gpu(0, 80)], programs, num_instances=1, tp=1, page_size=16)
+    assert on_gpu.program_bytes == 0
+    plain = size_kv_pools([gpu(0, 80)], SMOL, num_instances=1, tp=1, page_size=16)
+    assert on_gpu.tokens_per_instance == plain.tokens_per_instance
+
+
+def test_each_accelerator_has_its_own_memory_and_the_fullest_one_decides():
+    domains = [gpu(0, 80, in_use=10), gpu(1, 80), gpu(2, 80), gpu(3, 80)]
+    fp = Footprint(weight_bytes=7 * GiB, temp_bytes=GiB, kv_bytes_per_token=262144)  # tp=2: half of each
+    cap = size_kv_pools(domains, fp, num_instances=2, tp=2, page_size=16)
+    room = int(0.9 * 80 * GiB) - 10 * GiB - 8 * GiB  # device 0: default 0.9, 10 GiB already in use
+    assert cap.tokens_per_instance == room // (262144 * 16) * 16
+    assert cap.domain == "cuda:0" and cap.bytes_per_token == 2 * 262144
+
+
+def test_an_explicit_pool_is_honoured_when_it_fits_and_refused_with_the_numbers_when_not():
+    cap = size_kv_pools([host(24, 1.5, 8)], SMOL, num_instances=8, tp=1, page_size=16, requested_tokens=16384)
+    assert cap.tokens_per_instance == 16384 and cap.how == "given (kv_tokens_per_instance)"
+    with pytest.raises(ValueError) as e:  # the old default: 65,536 tokens x 8 instances = 22.5 GiB
+        size_kv_pools([host(24, 1.5, 8)], SMOL, num_instances=8, tp=1, page_size=16, requested_tokens=65536)
+    msg = str(e.value)
+    assert "kv_tokens_per_instance=65,536 does not fit" in msg and "22.50 GiB of KV cache" in msg
+    assert "allows 12.00 GiB" in msg and "memory_utilization 0.5" in msg
+    fits = int(re.search(r"kv_tokens_per_instance <= ([\d,]+)", msg).group(1).replace(",", ""))
+    assert fits == size_kv_pools([host(24, 1.5, 8)], SMOL, num_instances=8, tp=1, page_size=16).tokens_per_instance
+
+
+def test_no_room_at_all_and_bad_fractions_are_errors():
+    with pytest.raises(ValueError, match="no memory left for the KV cache"):
+        size_kv_pools([host(8, 1.5, 8)], SMOL, num_instances=8, tp=1, page_size=16)
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"memory_utilization must be in \(0, 1\]"):
+            size_kv_pools([host(24, 1, 1)], SMOL, num_instances=1, tp=1, page_size=16, utilization=bad)
+        with pytest.raises(ValueError, match="memory_utilization"):
+            EngineConfig(max_model_len=64, memory_utilization=bad)
+
+
+def test_a_pool_too_small_for_one_request_of_max_model_len_is_refused():
+    ok = EngineConfig(max_model_len=8192, num_instances=8, kv_tokens_per_instance=2048)
+    ok.check_fits_one_request()  # elastic: a prompt may spread over 8 instances
+    with pytest.raises(ValueError, match=r"max_model_len=8,192 .* at most 1 instance\(s\)"):
+        shared = EngineConfig(max_model_len=8192, num_instances=8, kv_tokens_per_instance=2048, policy="shared")
+        shared.check_fits_one_request()
+    with pytest.raises(ValueError, match="at most 4 instance"):  # aligned groups: the largest block of 6 is 4
+        EngineConfig(max_model_len=8192, num_instances=6, kv_tokens_per_instance=2048).check_fits_one_request()
+
+
+def test_an_explicit_pool_that_cannot_fit_fails_before_allocating():
+    before = peak_rss_bytes()
+    too_many = host_available_bytes() // (2 * 2 * 16 * 4) * 2  # tiny model: 256 bytes of KV per token
+    with pytest.raises(ValueError, match="does not fit") as e:
+        tiny_esp_engine(num_instances=2, kv_tokens=too_many, page_size=16)
+    assert "GiB" in str(e.value)
+    assert peak_rss_bytes() - before < GiB  # nothing large was allocated; this process is still here
+
+
+def test_sized_engine_reports_its_capacity_and_temporaries_do_not_grow_with_the_pool():
+    engine = tiny_esp_engine(num_instances=2, kv_tokens=None, limits=dict(max_num_seqs=4, max_model_len=512))
+    cap = engine.kv_capacity
+    assert cap.how == "sized from memory, capped at what one instance can use"
+    assert engine.ecfg.kv_tokens_per_instance == cap.tokens_per_instance == 4 * 512
+    assert engine.pools[0].num_slots == cap.tokens_per_instance > 0
+    assert engine.executor.instances.pools[0].k.shape[3] == cap.tokens_per_instance
+    assert cap.temp_bytes > 0 and cap.weight_bytes > 0
+    jobs = sizing_jobs(engine.ecfg)
+    small, large = (engine.executor.footprint(jobs, 64, num_slots=s).temp_bytes for s in (16, 16 * 8192))
+    assert small == large > 0
+
+
+def readme_python_example() -> str:
+    """The README's Python API example, exactly as written there."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    section = text[text.index("## Python API") :]
+    return section[section.index("```python\n") + len("```python\n") : section.index("```\n", 10)]
+
+
+@pytest.mark.fresh_host
+def test_readme_example_runs_with_the_defaults_within_the_memory_it_asked_for():
+    """The example that the out-of-memory killer used to stop (8 instances of the old 65,536-token default)
+    runs as written in a fresh process; its peak resident memory stays within its memory_utilization."""
+    report = textwrap.dedent(
+        """
+        import json
+        from loong_jax.memory import peak_rss_bytes
+        print("\\nREPORT " + json.dumps({**llm.kv_capacity.as_dict(), "peak_rss": peak_rss_bytes(),
+                                      "text": out[0].text, "texts": [o.text for o in outs]}))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", readme_python_example() + report],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("REPORT "))
+    r = json.loads(line[len("REPORT ") :])
+    assert r["how"] == "sized from memory" and r["utilization"] == 0.5 and r["domain"] == "host"
+    assert r["num_instances"] == 8 and r["tokens_per_instance"] >= 2048
+    assert r["text"] and all(r["texts"])
+    print(f"capacity {r['tokens_per_instance']} tokens/instance, peak {r['peak_rss'] / GiB:.2f} GiB, "
+          f"budget {r['budget_bytes'] / GiB:.2f} GiB")
+    assert r["peak_rss"] <= r["budget_bytes"]
+
+
+def test_a_checkpoint_too_large_for_the_host_is_refused_before_its_weights_are_read(tmp_path):
+    pytest.importorskip("torch")
+    from helpers import save_tiny_hf
+
+    from checkpoints import load_checkpoint
+    from loong_jax.model import CheckpointError
+
+    path = str(tmp_path / "huge")
+    save_tiny_hf(path)
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config.update(hidden_size=16384, intermediate_size=53248, num_hidden_layers=126, vocab_size=128256)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)  # about 400B parameters, while the files hold a tiny model's tensors
+    before = peak_rss_bytes()
+    with pytest.raises(CheckpointError, match=r"needs about [\d.]+ GiB of host memory, but [\d.]+ GiB are available"):
+        load_checkpoint(path, "float32")
+    assert peak_rss_bytes() - before < GiB
