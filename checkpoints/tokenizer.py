@@ -11,6 +11,22 @@ import jinja2.sandbox
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map of the 256 byte values to printable characters (byte-level BPE tokens)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+_UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
+
 # llama.cpp pre-tokenizer names whose split rule we reproduce (GPT-2 regex, digits split individually or not).
 _GGUF_PRE_DIGITS = {"smollm": True, "default": False, "gpt2": False}
 
@@ -35,6 +51,7 @@ class Tokenizer:
         self.add_bos = add_bos
         self.special_tokens = dict(special_tokens or {})
         self._template: jinja2.Template | None = None
+        self._byte_level: bool | None = None  # whether tokens are GPT-2 byte-level strings (looked up once)
 
     @property
     def vocab_size(self) -> int:
@@ -49,6 +66,19 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a byte-level token may hold part of a UTF-8 character)."""
+        piece = self.backend.id_to_token(int(token_id))
+        if piece is None:
+            return b""
+        if self._byte_level is None:
+            self._byte_level = '"ByteLevel"' in json.dumps(json.loads(self.backend.to_str()).get("decoder"))
+        if self._byte_level and all(c in _UNICODE_TO_BYTE for c in piece):
+            return bytes(_UNICODE_TO_BYTE[c] for c in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         """Render messages with the model's Jinja chat template (sandboxed, as transformers does)."""

@@ -29,7 +29,8 @@ class LLM:
     size it from memory_utilization (a fraction of the devices' memory: default 0.9 on accelerators, 0.5 of
     the host's available memory on CPU); a size or model that cannot fit is a ValueError. policy: "elastic"
     (the cost-model scheduler) or "shared" (one program at a time, for instances that share one processor,
-    such as virtual CPU devices).
+    such as virtual CPU devices). output_estimate: the new tokens admission plans for when a request sets no
+    max_tokens (it may run longer: a request that then finds no room is recomputed later, nothing is lost).
     """
 
     def __init__(
@@ -44,7 +45,8 @@ class LLM:
         memory_utilization: float | None = None,
         page_size: int = 16,
         max_num_seqs: int = 32,
-        max_prefill_tokens: int = 4096,
+        max_prefill_tokens: int | None = None,
+        output_estimate: int = 256,
         policy: str = "elastic",
         seed: int | None = None,
         warmup: bool = False,
@@ -71,6 +73,7 @@ class LLM:
             page_size=page_size,
             max_num_seqs=max_num_seqs,
             max_prefill_tokens=max_prefill_tokens,
+            output_estimate=output_estimate,
             policy=policy,
         )
         self.engine = build_engine(self.config, ckpt.graphdef, ckpt.state, self.tokenizer, ecfg, self.dtype, seed)

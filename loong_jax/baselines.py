@@ -34,7 +34,7 @@ def local_plan(lengths: Sequence[int], pools: Sequence[PagePool]) -> list[np.nda
 
 def whole_on_one_instance(req: Request, page_size: int) -> int:
     """Pages a request may ever need when all its KV stays on one instance."""
-    return -(-(req.num_prefill_tokens + req.max_new_tokens) // page_size)
+    return -(-(req.num_prefill_tokens + req.expected_new_tokens) // page_size)
 
 
 class StaticGroupPolicy:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from loong_jax.request import Request
-from loong_jax.sampling import MAX_BANNED, MAX_LOGPROBS, SamplerFlags, SamplerInputs, seed_words
+from loong_jax.sampling import MAX_BANNED, MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplerFlags, SamplerInputs, seed_words
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -30,6 +30,7 @@ def sampler_flags(reqs: Sequence[Request]) -> SamplerFlags:
     return SamplerFlags(
         penalties=any(r.params.uses_penalties for r in reqs),
         top_logprobs=0 if want == 0 else min(MAX_LOGPROBS, bucket(want, 4)),
+        logit_bias=any(r.params.logit_bias for r in reqs),
     )
 
 
@@ -47,6 +48,8 @@ def sampler_inputs(ranks: Sequence[Sequence[Request]], rows: int, flags: Sampler
     banned = np.full((d, rows, MAX_BANNED), -1, np.int32)
     prompt_ids = np.full((d, rows, lp), -1, np.int32)
     output_ids = np.full((d, rows, lo), -1, np.int32)
+    nb = MAX_LOGIT_BIAS if flags.logit_bias else 0
+    bias_ids, bias = np.full((d, rows, nb), -1, np.int32), np.zeros((d, rows, nb), np.float32)
     for k, rank in enumerate(ranks):
         for i, r in enumerate(rank):
             p = r.params
@@ -55,9 +58,15 @@ def sampler_inputs(ranks: Sequence[Sequence[Request]], rows: int, flags: Sampler
             rep[k, i], freq[k, i], pres[k, i] = p.repetition_penalty, p.frequency_penalty, p.presence_penalty
             seed[k, i] = seed_words(r.seed)
             step[k, i] = len(r.output_ids)
-            if len(r.output_ids) < p.min_tokens and not p.ignore_eos:
-                banned[k, i, : len(r.eos_ids[:MAX_BANNED])] = r.eos_ids[:MAX_BANNED]
+            if len(r.output_ids) < p.min_tokens:  # neither EOS nor a stop token may end it yet
+                ban = [*(() if p.ignore_eos else r.eos_ids[:4]), *p.stop_token_ids][:MAX_BANNED]
+                banned[k, i, : len(ban)] = ban
+            if flags.logit_bias and p.logit_bias:
+                bias_ids[k, i, : len(p.logit_bias)] = list(p.logit_bias)
+                bias[k, i, : len(p.logit_bias)] = list(p.logit_bias.values())
             if flags.penalties:
                 prompt_ids[k, i, : len(r.prompt_ids)] = r.prompt_ids
                 output_ids[k, i, : len(r.output_ids)] = r.output_ids
-    return SamplerInputs(temperature, top_k, top_p, min_p, rep, freq, pres, seed, step, banned, prompt_ids, output_ids)
+    return SamplerInputs(
+        temperature, top_k, top_p, min_p, rep, freq, pres, seed, step, banned, prompt_ids, output_ids, bias_ids, bias
+    )

@@ -109,7 +109,7 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=args.stop,
     )
-    llm = load_llm(args)
+    llm = load_llm(args, max_num_seqs=1)  # one request: its KV cache is sized for one
     if args.command == "chat":
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": args.message}

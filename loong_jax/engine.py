@@ -14,6 +14,7 @@ import dataclasses
 import itertools
 import logging
 import secrets
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ from loong_jax.config import ModelConfig
 from loong_jax.cost_model import CostModel, rough_cost_model
 from loong_jax.execution import DecodeWork, Executor, Iteration, Launch, Migration
 from loong_jax.executor import MAX_MIGRATE_TOKENS, JaxExecutor
+from loong_jax.instances import Group
 from loong_jax.kv_pool import PagePool
 from loong_jax.memory import KVCapacity, probe_domains, size_kv_pools
 from loong_jax.policy import Policy, SchedulerView, SharedComputePolicy, pages_to_reserve
@@ -53,8 +55,9 @@ class EngineConfig:
     memory_utilization: float | None = None  # fraction of the memory to fill; None: 0.9 accelerators, 0.5 CPU
     page_size: int = 16
     max_num_seqs: int = 32
-    max_prefill_tokens: int = 4096
+    max_prefill_tokens: int | None = None  # tokens of one prefill batch; None: max_model_len (any prompt fits)
     min_prefill_bucket: int = 16
+    output_estimate: int = 256  # new tokens admission plans for when a request gives no max_tokens
     aligned_groups: bool = True
     policy: str = "elastic"  # "elastic": the cost-model scheduler; "shared": instances share one processor
 
@@ -69,6 +72,10 @@ class EngineConfig:
             )
         if self.memory_utilization is not None and not 0 < self.memory_utilization <= 1:
             raise ValueError(f"memory_utilization must be in (0, 1], got {self.memory_utilization}")
+        if self.max_prefill_tokens is None:
+            object.__setattr__(self, "max_prefill_tokens", self.max_model_len)
+        if self.output_estimate < 1:
+            raise ValueError(f"output_estimate must be >= 1, got {self.output_estimate}")
         if self.max_num_seqs < 1 or self.max_prefill_tokens < 1:
             raise ValueError("max_num_seqs and max_prefill_tokens must be >= 1")
         if self.num_instances < 1 or self.tp < 1:
@@ -115,8 +122,12 @@ class EngineStats:
     scale_ups: int = 0  # decode steps in which a request got a master that held none of its KV
     migrations: int = 0
     preemptions: int = 0
-    prefill_degrees: list[int] = dataclasses.field(default_factory=list)
-    decode_degrees: list[int] = dataclasses.field(default_factory=list)
+    failed_launches: int = 0  # programs that failed to start or to finish (their requests failed)
+    prefill_degrees: Counter[int] = dataclasses.field(default_factory=Counter)  # degree -> prefills (bounded)
+    decode_degrees: Counter[int] = dataclasses.field(default_factory=Counter)  # degree -> decode steps
+
+    def count_degree(self, kind: str, degree: int) -> None:
+        (self.prefill_degrees if kind == "prefill" else self.decode_degrees)[degree] += 1
 
 
 class Engine:
@@ -144,6 +155,7 @@ class Engine:
         self._changed = True  # queues or instances changed since the policy last decided
         self.stats = EngineStats()
         self.kv_capacity: KVCapacity | None = None  # how the pools were sized (set by build_engine)
+        self._failed: list[Request] = []  # requests failed since the last step returned (to publish)
         self._ids = itertools.count()
         self._reserved_pages = 0
         self._rng = np.random.default_rng(seed if seed is not None else secrets.randbits(63))
@@ -158,9 +170,15 @@ class Engine:
         n, limit = len(prompt_ids), self.ecfg.max_model_len
         if n == 0:
             raise RequestRejected("the prompt is empty; give at least one token")
-        bad = [t for t in prompt_ids if not 0 <= t < self.cfg.vocab_size]
-        if bad:
-            raise RequestRejected(f"prompt token ids must be in [0, {self.cfg.vocab_size}), got {bad[:5]}")
+        vocab = self.cfg.vocab_size
+        for name, ids in (
+            ("prompt token ids", prompt_ids),
+            ("stop_token_ids", params.stop_token_ids),
+            ("logit_bias token ids", list(params.logit_bias or ())),
+        ):
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise RequestRejected(f"{name} must be in [0, {vocab}), got {bad[:5]}")
         max_new = params.max_tokens if params.max_tokens is not None else limit - n
         if n + max(max_new, 1) > limit:
             raise RequestRejected(
@@ -174,6 +192,16 @@ class Engine:
             detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
         req = Request(next(self._ids), prompt_ids, params, max_new, seed, self.eos_ids, detok)
         req.arrival, req.priority = self.executor.now(), int(priority)
+        # Without max_tokens, plan for a typical output (preemption by recomputation covers longer ones)
+        # rather than reserve the whole rest of the context for every request.
+        req.expected_new_tokens = max_new if params.max_tokens is not None else min(max_new, self.ecfg.output_estimate)
+        longest = self.max_prompt_tokens
+        if longest is not None and req.num_prefill_tokens > longest:
+            raise RequestRejected(
+                f"the prompt has {n} tokens, but this engine's {self.ecfg.policy} scheduling can prefill at most "
+                f"{longest} (limited by max_prefill_tokens={self.ecfg.max_prefill_tokens} and "
+                f"{self.pools[0].num_slots} KV tokens per instance); shorten the prompt"
+            )
         if pages_to_reserve(req, self.pools) > sum(p.num_pages for p in self.pools):
             capacity = sum(p.num_slots for p in self.pools)
             raise RequestRejected(
@@ -196,6 +224,21 @@ class Engine:
         self._changed = True
         req.finish_time = self.executor.now()
         self._retire(req)
+
+    def fail(self, rid: int, message: str) -> None:
+        """End a request with an error at any point (its KV is freed; a program computing it is ignored)."""
+        req = self.requests.get(rid)
+        if req is not None and not req.finished:
+            self._fail(req, message)
+
+    @property
+    def max_prompt_tokens(self) -> int | None:
+        """The longest prompt the policy can ever prefill here (None: the policy sets no such limit)."""
+        limit = getattr(self.policy, "max_prompt_tokens", None)
+        if limit is None:
+            return None
+        e = self.ecfg
+        return limit(self.pools[0].num_pages, e.page_size, e.max_prefill_tokens, e.min_prefill_bucket)
 
     def default_policy(self, cost: CostModel) -> Policy:
         """The configured policy for this engine's instances: the elastic scheduler priced by `cost`, or
@@ -256,20 +299,26 @@ class Engine:
         if self._changed:  # otherwise the policy would see what it saw last time
             self._changed = False
             launched = self.launch(self.policy.schedule(self._view()))
+            touched += self._take_failed()
         if not launched and not touched and self.launches:
             self.executor.wait(self.launches, timeout)
             touched = self._collect()
-        elif not launched and not self.launches and self.waiting and not self.running:
-            touched = [self._reject_head()]  # an idle engine that cannot start its oldest request never will
+        elif not launched and not self.launches and self.waiting and not self.running and not self._changed:
+            touched.append(self._reject_blocker())  # an idle engine that cannot start it never will
         return touched
 
-    def _reject_head(self) -> Request:
-        req = self.waiting[0]
-        log.error(
-            "request %d (%d tokens) cannot be scheduled on an idle engine; rejecting it", req.rid, len(req.prompt_ids)
-        )
-        self.abort(req.rid)
-        req.finish_reason = "error"
+    def _take_failed(self) -> list[Request]:
+        failed, self._failed = self._failed, []
+        return failed
+
+    def _reject_blocker(self) -> Request:
+        """The request the policy would start first on an idle engine but could not: it is the one refused
+        (admission should have refused it already; this is the safety net)."""
+        req = min(self.waiting, key=lambda r: (-r.priority, r.arrival, r.rid))
+        n = req.num_prefill_tokens
+        log.error("request %d (%d tokens) cannot be scheduled on an idle engine; rejecting it", req.rid, n)
+        self._fail(req, f"the engine cannot place this request ({n} prompt tokens) on its instances")
+        self._failed.remove(req)
         return req
 
     def execute(self, it: Iteration) -> list[Request]:
@@ -282,7 +331,9 @@ class Engine:
         return touched
 
     def launch(self, it: Iteration) -> int:
-        """Start every migration, prefill and decode of an iteration; returns how many were launched."""
+        """Start every migration, prefill and decode of an iteration; returns how many were launched.
+
+        A launch that fails to start fails only its own requests (see `_launch_failed`); the others start."""
         busy = self.busy
         if busy.intersection(it.instances()):
             raise ValueError(f"instances {sorted(busy.intersection(it.instances()))} are running a program")
@@ -291,8 +342,17 @@ class Engine:
         pairs: dict[tuple[int, int], list[Migration]] = {}
         for move in it.migrations:
             pairs.setdefault((move.src, move.dst), []).append(move)
+        launched = 0
         for (src, dst), moves in pairs.items():
-            self.launches.append(self._migrate(src, dst, moves))
+            try:
+                self.launches.append(self._migrate(src, dst, moves))
+                launched += 1
+            except Exception as e:  # the moved requests are recomputed: nothing is lost
+                self._launch_failed("migration", (src, dst), [], e)
+                for move in moves:
+                    req = self.requests.get(move.rid)
+                    if req is not None and req.status is Status.RUNNING:
+                        self._preempt(req)
         now = self.executor.now()
         for work in it.prefills:
             for i, req in enumerate(work.requests):
@@ -309,11 +369,15 @@ class Engine:
                 if work.chunk is not None:  # the executor reads the chunk actually computed
                     work.chunk[i] = remaining = min(work.chunk[i], remaining)
                 req.prefilled += remaining
-            pools = [self.pools[i] for i in work.group]
-            self.launches.append(self.executor.prefill(work, pools))
+            try:
+                self.launches.append(self.executor.prefill(work, [self.pools[i] for i in work.group]))
+            except Exception as e:
+                self._launch_failed("prefill", work.group, work.requests, e)
+                continue
+            launched += 1
             d = len(work.group)
             self.stats.prefills += 1
-            self.stats.prefill_degrees.append(d)
+            self.stats.count_degree("prefill", d)
             if any(np.unique(p).size < d for p in work.plans):
                 self.stats.scale_downs += 1
             if work.piggyback is not None:
@@ -321,16 +385,56 @@ class Engine:
         for work in it.decodes:
             if not work.requests:
                 continue
-            self._count_decode(work)
-            self.launches.append(self.executor.decode(work, [self.pools[i] for i in work.group]))
-        return len(it.migrations) + len(it.prefills) + sum(1 for w in it.decodes if w.requests)
+            scale_ups = self._scale_ups(work)  # before the executor reserves the new tokens' slots
+            try:
+                self.launches.append(self.executor.decode(work, [self.pools[i] for i in work.group]))
+            except Exception as e:
+                self._launch_failed("decode", work.group, work.requests, e)
+                continue
+            launched += 1
+            self._count_decode(work, scale_ups)
+        return launched
 
-    def _count_decode(self, work: DecodeWork) -> None:
-        for req, m in zip(work.requests, work.masters):
-            if not self.pools[work.group[m]].tokens.get(req.rid, 0):
-                self.stats.scale_ups += 1
+    def _launch_failed(self, kind: str, group: Group, requests: Sequence[Request], error: BaseException) -> None:
+        """A program that failed to start or to finish: its requests end with an error (answered, their KV
+        freed); instances whose KV pools it left unusable get empty ones, and the other requests that held
+        KV there are recomputed. Every other launch and request goes on."""
+        failed = [r for r in requests if not r.finished]
+        log.error(
+            "%s on instances %s failed (%s: %s); failing its %d request(s)",
+            kind,
+            list(group),
+            type(error).__name__,
+            error,
+            len(failed),
+            exc_info=error,
+        )
+        self.stats.failed_launches += 1
+        message = f"the engine failed to run this request's {kind} ({type(error).__name__}: {error})"
+        for req in failed:
+            self._fail(req, message)
+        for i in self.executor.repair(group):
+            for req in [r for r in self.running if self.pools[i].tokens.get(r.rid, 0)]:
+                self._preempt(req)
+
+    def _fail(self, req: Request, message: str) -> None:
+        """End a request with an error (its KV is freed, its reservation returned)."""
+        if req.status is Status.WAITING:
+            self.waiting.remove(req)
+        req.status, req.finish_reason, req.error = Status.FINISHED, "error", message
+        req.finish_time = self.executor.now()
+        self._retire(req)
+        self._failed.append(req)
+        self._changed = True
+
+    def _scale_ups(self, work: DecodeWork) -> int:
+        """Requests of a decode step whose master holds none of their KV yet."""
+        return sum(not self.pools[work.group[m]].tokens.get(r.rid, 0) for r, m in zip(work.requests, work.masters))
+
+    def _count_decode(self, work: DecodeWork, scale_ups: int | None = None) -> None:
+        self.stats.scale_ups += self._scale_ups(work) if scale_ups is None else scale_ups
         self.stats.decode_steps += 1
-        self.stats.decode_degrees.append(len(work.group))
+        self.stats.count_degree("decode", len(work.group))
 
     def _collect(self) -> list[Request]:
         """Apply the sampled tokens of every ready launch and free its instances."""
@@ -343,7 +447,11 @@ class Engine:
             self._changed = True
             if not launch.ranks:
                 continue
-            out = launch.pending.result()
+            try:
+                out = launch.pending.result()
+            except Exception as e:  # the program failed while running
+                self._launch_failed(launch.kind, launch.group, launch.requests, e)
+                continue
             now = self.executor.now()
             for k, reqs in enumerate(launch.ranks):
                 for i, r in enumerate(reqs):
@@ -356,7 +464,7 @@ class Engine:
         for r in touched:
             if r.finished:
                 self._retire(r)
-        return touched
+        return touched + self._take_failed()
 
     def migrate(self, rid: int, src: int, dst: int, n: int) -> None:
         """Move the last n tokens of request rid that instance src holds to instance dst (and wait)."""
@@ -440,7 +548,8 @@ def build_engine(
         page_size=ecfg.page_size,
         utilization=ecfg.memory_utilization,
         requested_tokens=ecfg.kv_tokens_per_instance,
-        useful_tokens=ecfg.max_num_seqs * ecfg.max_model_len,  # every running request, all on one instance
+        # every running request at full length on one instance, each with a partial page
+        useful_tokens=ecfg.max_num_seqs * (ecfg.max_model_len + ecfg.page_size),
     )
     ecfg = dataclasses.replace(ecfg, kv_tokens_per_instance=capacity.tokens_per_instance)
     ecfg.check_fits_one_request()

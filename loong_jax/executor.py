@@ -7,6 +7,7 @@ and the engine fetches a launch's sampled tokens once it is ready.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from loong_jax.batching import bucket, sampler_flags, sampler_inputs
 from loong_jax.config import ModelConfig
-from loong_jax.execution import DecodeWork, Launch, PrefillWork
+from loong_jax.execution import DecodeWork, Launch, Pending, PrefillWork
 from loong_jax.instances import SP, Group, Instances
 from loong_jax.kv_pool import PagePool
 from loong_jax.memory import PROGRAM_HOST_BYTES, Footprint
@@ -56,6 +57,21 @@ class DevicePending:
         return SamplerOutputs(*(np.asarray(x) for x in jax.device_get(tuple(self.out))))
 
 
+@dataclasses.dataclass
+class CompilingPending:
+    """A program compiled and dispatched on the compile thread (its first use): ready once it has run."""
+
+    future: concurrent.futures.Future  # of the program's SamplerOutputs (device arrays)
+
+    def ready(self) -> bool:
+        if not self.future.done():
+            return False
+        return self.future.exception() is not None or DevicePending(self.future.result()).ready()
+
+    def result(self) -> SamplerOutputs:
+        return DevicePending(self.future.result()).result()  # raises what compiling or running raised
+
+
 class JaxExecutor:
     """Owns the instances (weights and KV pools on devices) and the compiled group programs."""
 
@@ -87,6 +103,7 @@ class JaxExecutor:
         self.instances = Instances(cfg, state, num_instances=num_instances, tp=tp, dtype=dtype, devices=devices)
         self._host_state: nnx.State | None = state  # until allocate() copies it to the instances
         self.programs = ProgramCache(max_programs)
+        self._compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="loong-compile")
         self.migrations = 0  # KV transfers between instances (migrate calls), for tests and metrics
         self.migrated_tokens = 0
 
@@ -111,7 +128,7 @@ class JaxExecutor:
         The programs are compiled without any device memory, for a pool of num_slots slots (one page by
         default: the pools are donated and updated in place, so temporaries do not grow with them)."""
         temp = 0
-        flags = SamplerFlags(penalties=True, top_logprobs=MAX_LOGPROBS)
+        flags = SamplerFlags(penalties=True, top_logprobs=MAX_LOGPROBS, logit_bias=True)
         slots = num_slots or self.page_size
         for kind, group, size, rows in jobs:
             _, fn, args, donate = self._program_args(kind, group, size, rows, flags, slots, max_len)
@@ -178,16 +195,28 @@ class JaxExecutor:
         pending = self._run("decode", group, fn, plan.inputs, sampler_inputs(ranks, plan.rows, flags), flags)
         return Launch("decode", group, ranks, pending, list(requests))
 
-    def _run(self, kind: str, group: Group, fn: Any, inp: Any, samp: Any, flags: SamplerFlags) -> DevicePending:
+    def _run(self, kind: str, group: Group, fn: Any, inp: Any, samp: Any, flags: SamplerFlags) -> Pending:
+        """Dispatch a compiled program at once; one not compiled yet (a new sampler variant or shape) is
+        compiled and dispatched on the compile thread, so the programs of other groups go on meanwhile."""
         inst = self.instances
         rows = inst.sharding(group, P(SP))
         inp, samp = jax.device_put((inp, samp), rows)
         args = (inst.group_params(group), inst.group_pools(group), inp, samp)
         key = (kind, group, flags, shape_key((inp, samp)))
-        program = self.programs.get(key, fn, args, donate_argnums=(1,))
+        program = self.programs.lookup(key)
+        if program is not None:
+            return DevicePending(self._dispatch(program, group, args))
+
+        def compile_and_dispatch() -> Any:
+            return self._dispatch(self.programs.get(key, fn, args, donate_argnums=(1,)), group, args)
+
+        return CompilingPending(self._compiler.submit(compile_and_dispatch))
+
+    def _dispatch(self, program: Any, group: Group, args: tuple) -> Any:
+        """Run a program on the group (its pools are donated and replaced by the outputs); returns its samples."""
         out, pools = program(*args)
-        inst.put_group_pools(group, pools)
-        return DevicePending(out)
+        self.instances.put_group_pools(group, pools)
+        return out
 
     def migrate(self, src: int, dst: int, src_slots: np.ndarray, dst_slots: np.ndarray) -> Launch:
         """Copy K/V at src_slots of instance src into dst_slots of instance dst, in transfers of at most
@@ -208,6 +237,21 @@ class JaxExecutor:
         self.migrations += 1
         self.migrated_tokens += len(src_slots)
         return Launch("migrate", group, [], DevicePending(()))
+
+    def repair(self, group: Group) -> list[int]:
+        """Instances of the group whose pools a failed program left deleted (donated) or in error get new
+        empty pools; returns them (their KV is lost)."""
+        lost = []
+        for i in group:
+            try:
+                pool = self.instances.pools[i]
+                intact = not any(x.is_deleted() for x in pool) and jax.block_until_ready(pool) is not None
+            except Exception:  # a pool computed by the failed program raises its error
+                intact = False
+            if not intact:
+                self.instances.reset_pool(i)
+                lost.append(i)
+        return lost
 
     def warmup(self, jobs: Sequence[tuple[str, Group, int, int]], show: bool) -> int:
         """Compile default-sampler programs: (kind, group, tokens or rows per rank, sampled rows) each."""
@@ -243,7 +287,7 @@ class JaxExecutor:
             inp = MigrateInputs(*(np.full((2, size), num_slots, np.int32) for _ in range(2)))
             fn = functools.partial(migrate_program, inst.mesh(group), inst.pool_spec)
             return ("migrate", group, shape_key(inp)), fn, (pools, _place(inp, rows_sharding, abstract)), (0,)
-        samp = sampler_inputs([[]] * d, rows, SamplerFlags())
+        samp = sampler_inputs([[]] * d, rows, flags._replace(penalties=False))
         if flags.penalties:
             ids = np.full((d, rows, max_len), -1, np.int32)
             samp = samp._replace(prompt_ids=ids, output_ids=ids)

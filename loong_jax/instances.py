@@ -68,14 +68,19 @@ class Instances:
     def allocate(self, state: nnx.State, num_slots: int) -> None:
         """Put a copy of the weights (sharded over its tp devices) and an empty KV pool on every instance."""
         self.num_slots = num_slots
-        shape = self._pool_shape(1, num_slots)
         for i in range(self.n):
-            mesh = self.mesh((i,))
-            shard = jax.tree.map(functools.partial(NamedSharding, mesh), self.param_specs)
+            shard = jax.tree.map(functools.partial(NamedSharding, self.mesh((i,))), self.param_specs)
             self.weights.append(jax.device_put(state, shard))
-            pool_sharding = NamedSharding(mesh, self.pool_spec)
-            zeros = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=pool_sharding)
-            self.pools.append(KVCache(zeros(), zeros()))
+            self.pools.append(self._empty_pool(i))
+
+    def _empty_pool(self, i: int) -> KVCache:
+        shape, sharding = self._pool_shape(1, self.num_slots), self.sharding((i,), self.pool_spec)
+        zeros = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=sharding)
+        return KVCache(zeros(), zeros())
+
+    def reset_pool(self, i: int) -> None:
+        """Replace instance i's KV pool with an empty one (after a failed program left it unusable)."""
+        self.pools[i] = self._empty_pool(i)
 
     def _pool_shape(self, rows: int, num_slots: int) -> tuple[int, ...]:
         cfg = self.cfg

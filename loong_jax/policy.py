@@ -65,11 +65,29 @@ def pages_to_reserve(req: Request, pools: Sequence[PagePool]) -> int:
     """Pages a request may ever need: prompt and all new tokens, plus a partial page per instance."""
     if req.reserved_pages:  # a preempted request keeps its reservation
         return 0
-    return -(-(len(req.prompt_ids) + req.max_new_tokens) // pools[0].page_size) + len(pools)
+    return -(-(len(req.prompt_ids) + req.expected_new_tokens) // pools[0].page_size) + len(pools)
 
 
 class Policy(Protocol):
     def schedule(self, view: SchedulerView) -> Iteration: ...
+
+
+def longest_prompt(
+    degrees: Sequence[int], num_pages: int, page_size: int, max_prefill_tokens: int, min_bucket: int
+) -> int:
+    """The longest prompt a prefill of one of these degrees can hold: striped over d ranks it must fit each
+    rank's largest token bucket (next to its sampling row), and its KV the group's pools (a partial page
+    per rank)."""
+    best = 0
+    for d in degrees:
+        rank_cap = bucket(-(-max_prefill_tokens // d), min_bucket)
+        best = max(best, min(d * (rank_cap - 1), d * (num_pages - 1) * page_size))
+    return best
+
+
+def prefill_degrees(n: int, aligned: bool) -> list[int]:
+    """Degrees a prefill group may have: aligned power-of-two blocks, or any number of instances."""
+    return [1 << k for k in range(n.bit_length())] if aligned else list(range(1, n + 1))
 
 
 def holders(view: SchedulerView, req: Request) -> set[int]:
@@ -255,6 +273,10 @@ class IdleFirstPolicy:
             taken |= set(it.decodes[-1].group)
         return it
 
+    def max_prompt_tokens(self, num_pages: int, page_size: int, max_prefill_tokens: int, min_bucket: int) -> int:
+        degrees = prefill_degrees(self.n, self.aligned)
+        return longest_prompt(degrees, num_pages, page_size, max_prefill_tokens, min_bucket)
+
     def _prefill_group(self, idle: list[int]) -> Group:
         if not self.aligned:
             return tuple(idle)
@@ -293,6 +315,10 @@ class SharedComputePolicy:
 
     def __init__(self, num_instances: int):
         self.n = num_instances
+
+    @staticmethod
+    def max_prompt_tokens(num_pages: int, page_size: int, max_prefill_tokens: int, min_bucket: int) -> int:
+        return longest_prompt([1], num_pages, page_size, max_prefill_tokens, min_bucket)  # one instance
 
     def schedule(self, view: SchedulerView) -> Iteration:
         it = Iteration()

@@ -32,17 +32,27 @@ class ProgramCache:
     def __len__(self) -> int:
         return len(self._programs)
 
-    def get(self, key: Hashable, fn: Callable[..., Any], args: tuple, donate_argnums: tuple[int, ...] = ()) -> Any:
-        """The compiled executable of fn for args' shapes (compiling it now if needed)."""
+    def lookup(self, key: Hashable) -> Any:
+        """The compiled program for key, or None if it is not compiled (yet, or any more)."""
         with self._lock:
             program = self._programs.get(key)
-            if program is None:
-                program = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
-                self._programs[key] = program
-                self.compiles += 1
-                if self.max_programs is not None and len(self._programs) > self.max_programs:
-                    self._programs.popitem(last=False)
-                    self.evictions += 1
-            else:
+            if program is not None:
                 self._programs.move_to_end(key)
+            return program
+
+    def get(self, key: Hashable, fn: Callable[..., Any], args: tuple, donate_argnums: tuple[int, ...] = ()) -> Any:
+        """The compiled executable of fn for args' shapes (compiling it now if needed; the lock is not held
+        while compiling, so lookups from other threads go on)."""
+        program = self.lookup(key)
+        if program is not None:
+            return program
+        program = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
+        with self._lock:
+            if key in self._programs:  # compiled meanwhile by another thread
+                return self._programs[key]
+            self._programs[key] = program
+            self.compiles += 1
+            if self.max_programs is not None and len(self._programs) > self.max_programs:
+                self._programs.popitem(last=False)
+                self.evictions += 1
             return program

@@ -58,10 +58,12 @@ class Request:
     text: str = ""
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    error: str | None = None  # why the engine failed it (finish_reason "error")
     scheduled_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
     reserved_pages: int = 0
+    expected_new_tokens: int = 0  # new tokens admission plans for (default: max_new_tokens)
     priority: int = 0  # higher is dispatched first
     prefilled: int = 0  # tokens of its prefill whose KV is computed or being computed
     prefill_len: int = 0  # tokens its prefill computes, fixed when it is dispatched
@@ -69,6 +71,10 @@ class Request:
     skipped: int = 0  # times later requests were dispatched ahead of it
     _emitted_text: int = 0
     _stop_checked: int = 0
+    _stop_floor: int = 0  # stop strings only count from here: the text of the first min_tokens tokens is exempt
+
+    def __post_init__(self) -> None:
+        self.expected_new_tokens = self.expected_new_tokens or self.max_new_tokens
 
     @property
     def num_tokens(self) -> int:
@@ -110,14 +116,16 @@ class Request:
             return
         if self.detok is not None:
             self.text += self.detok.push(token)
-            if p.stop and len(self.output_ids) > p.min_tokens and self._check_stop_strings():
+            if len(self.output_ids) <= p.min_tokens:
+                self._stop_floor = self._stop_checked = len(self.text)
+            elif p.stop and self._check_stop_strings():
                 self._finish("stop", now)
                 return
         if not self.finished and len(self.output_ids) >= self.max_new_tokens:
             self._finish("length", now)
 
     def _check_stop_strings(self) -> bool:
-        start = max(0, self._stop_checked - max(len(s) for s in self.params.stop) + 1)
+        start = max(self._stop_floor, self._stop_checked - max(len(s) for s in self.params.stop) + 1)
         self._stop_checked = len(self.text)
         hits = [(self.text.find(s, start), s) for s in self.params.stop]
         hits = [(i, s) for i, s in hits if i >= 0]
@@ -136,9 +144,9 @@ class Request:
     def take_text_delta(self) -> str:
         """Text produced since the last call; holds back a possible partial stop string while running."""
         limit = len(self.text)
-        if not self.finished and self.params.stop:
+        if not self.finished and self.params.stop and len(self.output_ids) > self.params.min_tokens:
             hold = max(len(s) for s in self.params.stop) - 1
-            limit = max(self._emitted_text, limit - hold)
+            limit = max(self._emitted_text, self._stop_floor, limit - hold)
         delta = self.text[self._emitted_text : limit]
         self._emitted_text = limit
         return delta

@@ -18,7 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 
 MAX_LOGPROBS = 20
-MAX_BANNED = 4  # EOS ids masked before min_tokens
+MAX_STOP_TOKEN_IDS = 16
+MAX_BANNED = 4 + MAX_STOP_TOKEN_IDS  # EOS and stop token ids masked before min_tokens
+MAX_LOGIT_BIAS = 300  # entries of one request's logit_bias
+MIN_TEMPERATURE = 1e-5  # below this, dividing the logits overflows: such temperatures sample greedily
+MAX_INT32 = 2**31 - 1
 
 
 @dataclasses.dataclass
@@ -41,6 +45,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "top_k", "seed", "min_tokens", "logprobs"):  # numpy integers are fine
@@ -56,8 +61,14 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
-        self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+        self.stop_token_ids = [_int(t) for t in (self.stop_token_ids or [])]
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias must be a mapping of token ids to numbers, got {self.logit_bias!r}")
+            self.logit_bias = {_int(t): v for t, v in self.logit_bias.items()}
         self.validate()
+        if self.temperature < MIN_TEMPERATURE:
+            self.temperature = 0.0  # greedy
 
     def validate(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -69,8 +80,8 @@ class SamplingParams:
             raise bad("temperature", "in [0, 100]")
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", "in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
-            raise bad("top_k", "an integer >= 0 (0 or -1 disables it)")
+        if not isinstance(self.top_k, int) or not -1 <= self.top_k <= MAX_INT32:
+            raise bad("top_k", f"an integer in [-1, {MAX_INT32}] (0 or -1 disables it)")
         if not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", "in [0, 1]")
         if not 0.0 < self.repetition_penalty <= 10.0:
@@ -87,6 +98,20 @@ class SamplingParams:
             raise bad("stop", "at most 16 strings")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise bad("min_tokens", "an integer >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise bad("min_tokens", f"at most max_tokens ({self.max_tokens})")
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t <= MAX_INT32 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "a list of token ids (integers >= 0)")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise bad("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} token ids")
+        if self.logit_bias is not None:
+            if len(self.logit_bias) > MAX_LOGIT_BIAS:
+                raise bad("logit_bias", f"at most {MAX_LOGIT_BIAS} entries")
+            for t, v in self.logit_bias.items():
+                if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t <= MAX_INT32:
+                    raise bad("logit_bias", "a mapping of token ids (integers >= 0) to numbers in [-100, 100]")
+                if isinstance(v, bool) or not isinstance(v, numbers.Real) or not -100.0 <= v <= 100.0:
+                    raise bad("logit_bias", "a mapping of token ids to numbers in [-100, 100]")
         if self.logprobs is not None and not (0 <= self.logprobs <= MAX_LOGPROBS):
             raise bad("logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None")
 
@@ -95,11 +120,17 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
 
+def _int(x: object) -> object:
+    """Python int for any integer (numpy's too); anything else as given, for validate() to refuse."""
+    return int(x) if isinstance(x, numbers.Integral) and not isinstance(x, bool) else x
+
+
 class SamplerFlags(NamedTuple):
     """Static switches of the sampler (part of a program's cache key)."""
 
     penalties: bool = False
     top_logprobs: int = 0
+    logit_bias: bool = False
 
 
 class SamplerInputs(NamedTuple):
@@ -114,9 +145,11 @@ class SamplerInputs(NamedTuple):
     presence_penalty: jnp.ndarray
     seed: jnp.ndarray  # [R, 2] uint32: the request's seed split in two words
     step: jnp.ndarray  # tokens generated so far: the key is fold_in(key(seed), step)
-    banned: jnp.ndarray  # [R, NB] token ids forbidden this step (EOS before min_tokens), -1 = none
+    banned: jnp.ndarray  # [R, NB] token ids forbidden this step (EOS, stop ids before min_tokens), -1 = none
     prompt_ids: jnp.ndarray  # [R, LP] (penalties only; else [R, 0]), -1 = padding
     output_ids: jnp.ndarray  # [R, LO] (penalties only; else [R, 0]), -1 = padding
+    bias_ids: jnp.ndarray  # [R, MAX_LOGIT_BIAS] (logit_bias only; else [R, 0]) token ids, -1 = none
+    bias: jnp.ndarray  # [R, MAX_LOGIT_BIAS] float32 added to those tokens' logits
 
 
 class SamplerOutputs(NamedTuple):
@@ -145,6 +178,8 @@ def sample(logits: jnp.ndarray, inp: SamplerInputs, flags: SamplerFlags) -> Samp
         x = jnp.where(seen, jnp.where(x > 0, x / rp, x * rp), x)
         x = x - inp.frequency_penalty[:, None] * out_counts - inp.presence_penalty[:, None] * (out_counts > 0)
     rows = jnp.arange(r)[:, None]
+    if flags.logit_bias:
+        x = x.at[rows, jnp.where(inp.bias_ids >= 0, inp.bias_ids, vocab)].add(inp.bias, mode="drop")
     x = x.at[rows, jnp.where(inp.banned >= 0, inp.banned, vocab)].set(-jnp.inf, mode="drop")
     greedy_tok = jnp.argmax(x, axis=-1).astype(jnp.int32)
     tokens = jax.lax.cond(  # an all-greedy batch skips the sampling path at run time

@@ -38,7 +38,9 @@ from loong_jax.policy import (
     decode_groups,
     fits_rank_cap,
     grow_full_groups,
+    longest_prompt,
     preempt_if_out_of_memory,
+    prefill_degrees,
 )
 from loong_jax.request import Request
 
@@ -165,7 +167,7 @@ class ElasticScheduler:
     def _norm(self, reqs: Sequence[Request], inputs: bool) -> float:
         if inputs:
             return sum(1.0 / max(1, r.num_prefill_tokens) for r in reqs)
-        return sum(1.0 / max(1, r.max_new_tokens) for r in reqs)
+        return sum(1.0 / max(1, r.expected_new_tokens) for r in reqs)
 
     def _step_time(self, group: Group, reqs: Sequence[Request]) -> float:
         return self.cost.decode_time(len(group), len(reqs), sum(r.num_tokens for r in reqs))
@@ -183,7 +185,8 @@ class ElasticScheduler:
             latency = self.cost.prefill_time(len(idle), lengths)
         elif groups:  # no idle instance: the new requests wait for the first decode group to drain
             drain = min(
-                max(r.max_new_tokens - len(r.output_ids) for r in reqs) * self._step_time(g, reqs) for g, reqs in groups
+                max(r.expected_new_tokens - len(r.output_ids) for r in reqs) * self._step_time(g, reqs)
+                for g, reqs in groups
             )
             latency = drain + self.cost.prefill_time(1, lengths)
         else:
@@ -264,9 +267,9 @@ class ElasticScheduler:
         if slo is None:
             return False
         for r in reqs:
-            left = r.max_new_tokens - len(r.output_ids)
+            left = r.expected_new_tokens - len(r.output_ids)
             elapsed = view.now - (r.first_token_time if r.first_token_time is not None else view.now)
-            if (elapsed + delay + left * step) / max(1, r.max_new_tokens - 1) > slo.tpot:
+            if (elapsed + delay + left * step) / max(1, r.expected_new_tokens - 1) > slo.tpot:
                 return False
         return True
 
@@ -293,6 +296,10 @@ class ElasticScheduler:
         return []
 
     # ----- step 3: batching ------------------------------------------------------------------------
+
+    def max_prompt_tokens(self, num_pages: int, page_size: int, max_prefill_tokens: int, min_bucket: int) -> int:
+        degrees = prefill_degrees(self.n, self.cfg.aligned_groups)
+        return longest_prompt(degrees, num_pages, page_size, max_prefill_tokens, min_bucket)
 
     def _degrees(self, e: int) -> list[int]:
         ds = {1 << k for k in range(e.bit_length()) if 1 << k <= e}
@@ -367,8 +374,10 @@ class ElasticScheduler:
             total = f[i, e] + wait * (pw[r_n] - pw[i]) + later[i]
             if total < best_cost:
                 best, best_cost = splits, total
-        if best is None:
-            return self._batch(view, admitted[:-1], free) if len(admitted) > 1 else []
+        if best is None:  # the longest request is the one that does not fit: it waits, the others go
+            longest = max(admitted, key=lambda r: (r.num_prefill_tokens, -r.priority, r.arrival))
+            rest = [r for r in admitted if r is not longest]
+            return self._batch(view, rest, free) if rest else []
         return self._place(view, best, free)
 
     def _place(self, view: SchedulerView, splits: list, free: list[int]) -> list[tuple[Group, list]]:

@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from loong_jax.execution import DecodeWork, Launch, PrefillWork
+from loong_jax.instances import Group
 from loong_jax.kv_pool import PagePool
 from loong_jax.request import Request
 from loong_jax.sampling import SamplerOutputs
@@ -127,6 +128,10 @@ class SimExecutor:
         context = sum(r.num_tokens for r in work.requests)
         seconds = self.timing.decode_time(len(work.group), len(work.requests), context)
         return self._launch("decode", work.group, [list(work.requests)], work.requests, seconds, len(work.requests))
+
+    def repair(self, group: Group) -> list[int]:
+        """Simulated programs never leave pools unusable."""
+        return []
 
     def migrate(self, src: int, dst: int, src_slots: np.ndarray, dst_slots: np.ndarray) -> Launch:
         self.migrations += 1

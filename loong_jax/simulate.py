@@ -136,8 +136,14 @@ def simulate(
         "scale_ups": s.scale_ups,
         "migrations": s.migrations,
         "preemptions": s.preemptions,
-        "mean_prefill_degree": float(np.mean(s.prefill_degrees)) if s.prefill_degrees else 0.0,
-        "mean_decode_degree": float(np.mean(s.decode_degrees)) if s.decode_degrees else 0.0,
+        "mean_prefill_degree": _mean_degree(s.prefill_degrees),
+        "mean_decode_degree": _mean_degree(s.decode_degrees),
         "kv_left": engine.kv_used_tokens,
     }
     return SimResult(records, ex.spans, stats, ex.now())
+
+
+def _mean_degree(counts: dict[int, int]) -> float:
+    """Mean group degree from a degree -> count table."""
+    total = sum(counts.values())
+    return sum(d * c for d, c in counts.items()) / total if total else 0.0

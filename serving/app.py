@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,9 +20,13 @@ from starlette.routing import Route
 
 from checkpoints.tokenizer import Tokenizer
 from loong_jax.engine import RequestRejected
-from serving.async_engine import AsyncEngine, Delta
+from serving.async_engine import AsyncEngine, Delta, EngineDead
 from serving.metrics import Metrics
+from serving.openapi import openapi_document
 from serving.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+
+log = logging.getLogger("loong_jax.serving")
+DEFAULT_MAX_BODY_BYTES = 64 << 20  # the longest contexts served, as JSON text or token ids, with room to spare
 
 
 class APIError(Exception):
@@ -34,28 +40,59 @@ def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(body, status_code=err.status)
 
 
-async def _parse(request: Request, model: type[BaseModel]) -> Any:
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+    too_large = APIError(f"the request body is larger than {limit:,} bytes (the server's --max-body-bytes)", 413)
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _decode_json(raw: bytes, model: type[BaseModel]) -> Any:
+    """Parse and validate a JSON body (run off the event loop: bodies may be megabytes)."""
     try:
-        body = await request.json()
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError("the request body is not valid JSON here: it is nested too deeply") from None
     if not isinstance(body, dict):
         raise APIError("the request body must be a JSON object")
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError("the request body holds a string that is not valid Unicode (a lone surrogate)") from None
     try:
         return model.model_validate(body)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise APIError(f"{where}: {first['msg']} (got {first.get('input')!r})", param=where) from None
+        got = repr(first.get("input"))
+        got = got if len(got) <= 200 else got[:200] + "..."
+        raise APIError(f"{where}: {first['msg']} (got {got})", param=where) from None
 
 
 class Server:
     """Holds the engine, tokenizer and metrics behind the routes."""
 
     def __init__(
-        self, engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, metrics: Metrics, api_key: str | None
+        self,
+        engine: AsyncEngine,
+        tokenizer: Tokenizer,
+        model_name: str,
+        metrics: Metrics,
+        api_key: str | None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ):
         self.engine = engine
+        self.max_body_bytes = max_body_bytes
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.metrics = metrics
@@ -65,22 +102,54 @@ class Server:
 
     # ----- helpers --------------------------------------------------------------------------------
 
+    async def _parse(self, request: Request, model: type[BaseModel]) -> Any:
+        raw = await _read_body(request, self.max_body_bytes)
+        return await asyncio.to_thread(_decode_json, raw, model)
+
     def _check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
-            raise APIError(f"the model {name!r} does not exist; this server serves {self.model_name!r}", param="model")
+            raise APIError(
+                f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                404,
+                "model_not_found",
+                param="model",
+            )
 
     def _authorize(self, request: Request) -> None:
-        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
+        if not self.api_key:
+            return
+        given = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):  # constant time
             raise APIError("invalid or missing API key (Authorization: Bearer ...)", 401, "authentication_error")
 
-    def _prompts(self, body: CompletionRequest) -> list[list[int]]:
+    @staticmethod
+    def _check_supported(body: Any) -> None:
+        field = body.unsupported()
+        if field is not None:
+            raise APIError(f"{field} is not supported by this server yet; leave it out", param=field)
+
+    async def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Tokenise off the event loop: a multi-megabyte prompt must not stall other streams."""
+        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens)
+
+    async def _chat_prompt(self, messages: Any) -> list[int]:
+        def render() -> list[int]:
+            try:
+                text = self.tokenizer.apply_chat_template([m.as_template_input() for m in messages])
+            except ValueError as e:
+                raise APIError(str(e), param="messages") from None
+            return self.tokenizer.encode(text, add_special_tokens=False)
+
+        return await asyncio.to_thread(render)
+
+    async def _prompts(self, body: CompletionRequest) -> list[list[int]]:
         p = body.prompt
         if isinstance(p, str):
-            prompts = [self.tokenizer.encode(p)]
+            prompts = [await self._encode(p)]
         elif p and all(isinstance(x, int) for x in p):
             prompts = [list(p)]  # type: ignore[arg-type]
         elif p and all(isinstance(x, str) for x in p):
-            prompts = [self.tokenizer.encode(x) for x in p]  # type: ignore[arg-type]
+            prompts = [await self._encode(x) for x in p]  # type: ignore[arg-type]
         elif p and all(isinstance(x, list) for x in p):
             prompts = [list(x) for x in p]  # type: ignore[arg-type]
         else:
@@ -89,24 +158,22 @@ class Server:
             raise APIError("the prompt is empty; give at least one token", param="prompt")
         return prompts
 
-    async def _submit(self, prompt: list[int], body: Any, index: int, max_tokens: int | None, logprobs: int | None):
-        try:
-            params = body.sampling_params(index, max_tokens, logprobs)
-            return await self.engine.add(prompt, params, body.priority)
-        except (ValueError, RequestRejected) as e:
-            raise APIError(str(e)) from None
-
     async def _start(self, prompts: list[list[int]], body: Any, max_tokens: int | None, logprobs: int | None):
-        """Submit n choices per prompt; if any is refused, abort the others and report the refusal."""
+        """Submit n choices per prompt, all or none: every choice's parameters are checked first, and if the
+        engine refuses one, the others already queued are aborted."""
+        try:
+            params = [body.sampling_params(i, max_tokens, logprobs) for _ in prompts for i in range(body.n)]
+        except ValueError as e:
+            raise APIError(str(e)) from None
         started: list[tuple[int, asyncio.Queue]] = []
         try:
-            for p in prompts:
+            for k, p in enumerate(prompts):
                 for i in range(body.n):
-                    started.append(await self._submit(p, body, i, max_tokens, logprobs))
-        except APIError:
+                    started.append(await self.engine.add(p, params[k * body.n + i], body.priority))
+        except (ValueError, RequestRejected) as e:
             for rid, _ in started:
                 self.engine.abort(rid)
-            raise
+            raise APIError(str(e)) from None
         return started
 
     def _token_text(self, token_id: int) -> str:
@@ -116,28 +183,26 @@ class Server:
 
     async def completions(self, request: Request) -> Response:
         self._authorize(request)
-        body = await _parse(request, CompletionRequest)
+        body = await self._parse(request, CompletionRequest)
         self._check_model(body.model)
+        self._check_supported(body)
         if body.echo or body.suffix is not None:
             raise APIError("echo and suffix are not supported", param="echo" if body.echo else "suffix")
         if body.best_of is not None and body.best_of != body.n:
             raise APIError("best_of must equal n when given", param="best_of")
-        prompts = self._prompts(body)
+        prompts = await self._prompts(body)
         started = await self._start(prompts, body, body.max_tokens, body.logprobs)
         rid = f"cmpl-{uuid.uuid4().hex}"
         return await self._respond(request, body, started, rid, "text_completion", prompts, self._completion_choice)
 
     async def chat(self, request: Request) -> Response:
         self._authorize(request)
-        body = await _parse(request, ChatCompletionRequest)
+        body = await self._parse(request, ChatCompletionRequest)
         self._check_model(body.model)
+        self._check_supported(body)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
-        try:
-            text = self.tokenizer.apply_chat_template([m.as_template_input() for m in body.messages])
-        except ValueError as e:
-            raise APIError(str(e), param="messages") from None
-        prompt = self.tokenizer.encode(text, add_special_tokens=False)
+        prompt = await self._chat_prompt(body.messages)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         started = await self._start([prompt], body, max_tokens, logprobs)
@@ -149,12 +214,15 @@ class Server:
         if body.stream:
             gen = self._stream(body, started, rid, kind, usage_prompt, choice_fn)
             return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        try:
-            results = await self._collect(request, started)
-        except asyncio.CancelledError:
+        results = await self._collect(request, started)
+        if results is None:  # the client went away: nobody reads the answer (logged quietly, not as an error)
             for r, _ in started:
                 self.engine.abort(r)
-            raise
+            log.info("client of %s disconnected; aborted its %d choice(s)", rid, len(started))
+            return Response(status_code=499)
+        errors = [d.error for deltas in results for d in deltas if d.error]
+        if errors:  # an engine failure is an error response, never a 200 with finish_reason "error"
+            raise APIError(errors[0], 503 if not self.engine.alive else 500, "server_error")
         choices, completion = [], 0
         for index, deltas in enumerate(results):
             choices.append(choice_fn(index, deltas, final=True))
@@ -173,8 +241,8 @@ class Server:
         }
         return JSONResponse(payload)
 
-    async def _collect(self, request: Request, started) -> list[list[Delta]]:
-        """Wait for every choice; a client that goes away aborts them all."""
+    async def _collect(self, request: Request, started) -> list[list[Delta]] | None:
+        """Wait for every choice; None if the client went away meanwhile."""
 
         async def drain(q: asyncio.Queue) -> list[Delta]:
             out = []
@@ -187,7 +255,7 @@ class Server:
             while not all(t.done() for t in tasks):
                 await asyncio.wait(tasks, timeout=0.5)
                 if not all(t.done() for t in tasks) and await request.is_disconnected():
-                    raise asyncio.CancelledError
+                    return None
             return [t.result() for t in tasks]
         finally:
             for t in tasks:
@@ -231,6 +299,10 @@ class Server:
             while pending:
                 index, delta = await merged.get()
                 completion[index] = delta.completion_tokens
+                if delta.error:  # the engine failed it: an error event ends the stream
+                    code, kind = (503, "service_unavailable") if not self.engine.alive else (500, "server_error")
+                    yield _sse({"error": {"message": delta.error, "type": kind, "param": None, "code": code}})
+                    break
                 if delta.finished:
                     pending.discard(index)
                 if not (delta.text or delta.token_ids or delta.finished):
@@ -276,20 +348,22 @@ class Server:
                 tokens.append(self._token_text(tok))
                 lps.append(lp)
                 tops.append({self._token_text(t): v for t, v in top})
-        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": []}
+        offsets = [0]
+        for text in tokens[:-1]:
+            offsets.append(offsets[-1] + len(text))
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets[: len(tokens)]}
 
     def _logprobs_chat(self, deltas: list[Delta]) -> dict[str, Any]:
         content = []
         for d in deltas:
             for tok, lp, top in zip(d.token_ids, d.logprobs, d.top_logprobs):
-                text = self._token_text(tok)
                 content.append(
                     {
-                        "token": text,
+                        "token": self._token_text(tok),
                         "logprob": lp,
-                        "bytes": list(text.encode()),
-                        "top_logprobs": [
-                            {"token": self._token_text(t), "logprob": v, "bytes": list(self._token_text(t).encode())}
+                        "bytes": list(self.tokenizer.token_bytes(tok)),  # the token's own bytes, even a partial
+                        "top_logprobs": [  # character's (its decoded text would be U+FFFD)
+                            {"token": self._token_text(t), "logprob": v, "bytes": list(self.tokenizer.token_bytes(t))}
                             for t, v in top
                         ],
                     }
@@ -333,30 +407,36 @@ class Server:
         return JSONResponse({"object": "list", "data": data})
 
     async def health(self, request: Request) -> Response:
-        return Response(status_code=200 if self.engine.alive else 503)
+        if self.engine.alive:
+            return JSONResponse({"status": "ok"})
+        reason = self.engine.dead or "the engine thread is not running"
+        body = {"status": "unavailable", "reason": reason}
+        return JSONResponse({**body, "error": {"message": reason, "type": "service_unavailable", "code": 503}}, 503)
 
     async def tokenize(self, request: Request) -> Response:
         self._authorize(request)
-        body = await _parse(request, TokenizeRequest)
+        body = await self._parse(request, TokenizeRequest)
         self._check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError("give exactly one of prompt or messages", param="prompt")
         if body.messages is not None:
-            text = self.tokenizer.apply_chat_template([m.as_template_input() for m in body.messages])
-            tokens = self.tokenizer.encode(text, add_special_tokens=False)
+            tokens = await self._chat_prompt(body.messages)
         else:
-            tokens = self.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            tokens = await self._encode(body.prompt, body.add_special_tokens)
         return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": self.max_model_len})
 
     async def detokenize(self, request: Request) -> Response:
         self._authorize(request)
-        body = await _parse(request, DetokenizeRequest)
+        body = await self._parse(request, DetokenizeRequest)
         self._check_model(body.model)
         vocab = self.engine.engine.cfg.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
             raise APIError(f"token ids must be in [0, {vocab}), got {bad[:5]}", param="tokens")
         return JSONResponse({"prompt": self.tokenizer.decode(body.tokens, skip_special_tokens=False)})
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(openapi_document())
 
     async def metrics_route(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -375,12 +455,20 @@ def _sse(payload: dict[str, Any]) -> str:
 def build_app(server: Server, on_shutdown: Any = None) -> Starlette:
     """The ASGI app; API errors become OpenAI-style JSON bodies."""
 
-    def wrap(handler):
+    def wrap(handler, needs_engine: bool = True):
         async def endpoint(request: Request) -> Response:
             try:
+                if needs_engine and not server.engine.alive:
+                    reason = server.engine.dead or "the engine thread is not running"
+                    raise APIError(f"the server cannot serve requests: {reason}", 503, "service_unavailable")
                 return await handler(request)
             except APIError as e:
                 return error_response(e)
+            except EngineDead as e:
+                return error_response(APIError(f"the server cannot serve requests: {e}", 503, "service_unavailable"))
+            except Exception as e:  # a bug must still answer in the API's shape
+                log.exception("unexpected error in %s %s", request.method, request.url.path)
+                return error_response(APIError(f"internal server error ({type(e).__name__})", 500, "server_error"))
 
         return endpoint
 
@@ -388,10 +476,11 @@ def build_app(server: Server, on_shutdown: Any = None) -> Starlette:
         Route("/v1/completions", wrap(server.completions), methods=["POST"]),
         Route("/v1/chat/completions", wrap(server.chat), methods=["POST"]),
         Route("/v1/models", wrap(server.models), methods=["GET"]),
-        Route("/health", wrap(server.health), methods=["GET"]),
+        Route("/health", wrap(server.health, needs_engine=False), methods=["GET"]),
         Route("/tokenize", wrap(server.tokenize), methods=["POST"]),
         Route("/detokenize", wrap(server.detokenize), methods=["POST"]),
-        Route("/metrics", wrap(server.metrics_route), methods=["GET"]),
+        Route("/metrics", wrap(server.metrics_route, needs_engine=False), methods=["GET"]),
+        Route("/openapi.json", wrap(server.openapi, needs_engine=False), methods=["GET"]),
     ]
 
     @contextlib.asynccontextmanager

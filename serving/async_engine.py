@@ -2,8 +2,10 @@
 
 The engine is not thread-safe, so every change to it (adding, aborting) is a command that its thread
 applies between iterations. Each request gets an asyncio queue on the caller's event loop; after each
-iteration the engine thread pushes what is new for every request it touched. A failing iteration fails
-only the requests it ran; the loop goes on.
+iteration the engine thread pushes what is new for every request it touched. A program that fails fails
+only its own requests (the engine retires it); an unexpected error in an iteration fails the running
+requests and the loop goes on, unless it keeps failing: then the engine thread stops, every request is
+answered with an error, and `dead` says why (the server then answers 503).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from loong_jax.engine import Engine
-from loong_jax.request import Request
+from loong_jax.request import Request, Status
 from loong_jax.sampling import SamplingParams
 
 log = logging.getLogger("loong_jax.serving")
@@ -39,6 +41,7 @@ class Delta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     wants_logprobs: bool = False
+    error: str | None = None  # why the engine failed the request (finish_reason "error")
 
 
 @dataclasses.dataclass
@@ -49,10 +52,19 @@ class _Stream:
     sent: int = 0  # tokens already delivered
 
 
+class EngineDead(RuntimeError):
+    """The engine thread has stopped; no request can run."""
+
+
+MAX_CONSECUTIVE_ERRORS = 3  # unexpected iteration errors in a row after which the engine is declared dead
+
+
 class AsyncEngine:
     """Runs `engine.step()` in a loop on a dedicated thread; `generate()` streams one request's deltas."""
 
-    def __init__(self, engine: Engine, on_iteration: Callable[[Engine, list[Request], float], None] | None = None):
+    def __init__(
+        self, engine: Engine, on_iteration: Callable[[Engine, list[Request], float | None], None] | None = None
+    ):
         self.engine = engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[int, _Stream] = {}
@@ -62,6 +74,7 @@ class AsyncEngine:
         self._on_iteration = on_iteration
         self.iterations = 0
         self.errors = 0
+        self.dead: str | None = None  # why the engine thread stopped, once it has
 
     def start(self) -> None:
         self._thread.start()
@@ -73,13 +86,18 @@ class AsyncEngine:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self.dead is None and self._thread.is_alive()
 
     def call(self, fn: Callable[[Engine], Any]) -> concurrent.futures.Future:
         """Run fn(engine) on the engine thread between iterations; returns a future of its result."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
+        if self.dead is not None:
+            fut.set_exception(EngineDead(self.dead))
+            return fut
         self._commands.put((fn, fut))
         self._wake.set()
+        if self.dead is not None:  # died meanwhile: nobody will run the command
+            self._drain_commands()
         return fut
 
     async def add(
@@ -119,10 +137,20 @@ class AsyncEngine:
         stream = self._streams.get(rid)
         if stream is not None:
             engine.abort(rid)
+            if self._on_iteration is not None:  # metrics count the abort and drop the request's state
+                self._on_iteration(engine, [stream.req], None)
             self._publish([stream.req])
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # the thread stops: answer everyone rather than leave them waiting
+            log.critical("the engine thread stopped: %s: %s", type(e).__name__, e, exc_info=e)
+            self._die(f"the engine stopped ({type(e).__name__}: {e})")
+
+    def _loop(self) -> None:
         engine = self.engine
+        failures = 0
         while True:
             self._drain_commands()
             if self._stop.is_set() and not engine.has_unfinished():
@@ -134,14 +162,31 @@ class AsyncEngine:
             t0 = time.perf_counter()
             try:
                 touched = engine.step(timeout=0.005)
-            except Exception:  # one bad iteration must not take the server down
-                log.exception("engine iteration failed; failing the requests it ran")
+                failures = 0
+            except Exception as e:
+                failures += 1
                 self.errors += 1
-                touched = self._fail_running(engine)
+                if failures >= MAX_CONSECUTIVE_ERRORS:
+                    raise
+                log.exception("engine iteration failed; failing the running requests")
+                touched = self._fail_running(engine, f"the engine failed ({type(e).__name__}: {e})")
             self.iterations += 1
             if self._on_iteration is not None:
                 self._on_iteration(engine, touched, time.perf_counter() - t0)
             self._publish(touched)
+
+    def _die(self, reason: str) -> None:
+        """Mark the engine dead and answer every request with an error (streams get a final error delta)."""
+        self.dead = reason
+        for stream in list(self._streams.values()):
+            req = stream.req
+            if not req.finished:
+                req.finish_reason, req.error = "error", reason
+                req.status = Status.FINISHED
+        try:
+            self._publish([s.req for s in self._streams.values()])
+        finally:
+            self._drain_commands()
 
     def _drain_commands(self) -> None:
         while True:
@@ -151,16 +196,18 @@ class AsyncEngine:
                 return
             if not fut.set_running_or_notify_cancel():
                 continue
+            if self.dead is not None:
+                fut.set_exception(EngineDead(self.dead))
+                continue
             try:
                 fut.set_result(fn(self.engine))
             except Exception as e:  # validation errors go back to the caller
                 fut.set_exception(e)
 
-    def _fail_running(self, engine: Engine) -> list[Request]:
+    def _fail_running(self, engine: Engine, message: str) -> list[Request]:
         failed = list(engine.running)
         for req in failed:
-            engine.abort(req.rid)
-            req.finish_reason = "error"
+            engine.fail(req.rid, message)
         return failed
 
     def _publish(self, reqs: Sequence[Request]) -> None:
@@ -183,5 +230,6 @@ class AsyncEngine:
                 prompt_tokens=len(req.prompt_ids),
                 completion_tokens=len(req.output_ids),
                 wants_logprobs=req.params.logprobs is not None,
+                error=req.error,
             )
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, delta)

@@ -55,8 +55,9 @@ class Metrics:
             self.kv_instance.labels(instance=str(i)).set(0)
         if capacity is not None:
             self._capacity(capacity)
-        counters = ("prefills", "decode_steps", "scale_ups", "scale_downs", "migrations", "preemptions")
-        self._seen = dict.fromkeys(counters, 0)
+        self._seen = dict.fromkeys(("scale_ups", "scale_downs", "migrations", "preemptions"), 0)
+        self._prefill_seen: dict[int, int] = {}  # degree -> prefills already observed
+        self._decode_seen: dict[int, int] = {}
         self._last_token: dict[int, tuple[int, float]] = {}
 
     def _capacity(self, c: KVCapacity) -> None:
@@ -81,21 +82,25 @@ class Metrics:
             }
         )
 
-    def on_iteration(self, engine: Engine, touched: Sequence[Request], seconds: float) -> None:
+    def on_iteration(self, engine: Engine, touched: Sequence[Request], seconds: float | None) -> None:
+        """After an engine iteration of `seconds` (None: requests aborted between iterations)."""
         now = time.monotonic()
-        self.iteration.observe(seconds)
+        if seconds is not None:
+            self.iteration.observe(seconds)
         s = engine.stats
-        for value in s.prefill_degrees[self._seen["prefills"] :]:
-            self.prefill_degree.observe(value)
-        for value in s.decode_degrees[self._seen["decode_steps"] :]:
-            self.decode_degree.observe(value)
+        for hist, counts, seen in (
+            (self.prefill_degree, s.prefill_degrees, self._prefill_seen),
+            (self.decode_degree, s.decode_degrees, self._decode_seen),
+        ):
+            for degree, count in counts.items():
+                for _ in range(count - seen.get(degree, 0)):
+                    hist.observe(degree)
+                seen[degree] = count
         self.scale_ups.inc(s.scale_ups - self._seen["scale_ups"])
         self.scale_downs.inc(s.scale_downs - self._seen["scale_downs"])
         self.migrations.inc(s.migrations - self._seen["migrations"])
         self.preemptions.inc(s.preemptions - self._seen["preemptions"])
         self._seen = {
-            "prefills": len(s.prefill_degrees),
-            "decode_steps": len(s.decode_degrees),
             "scale_ups": s.scale_ups,
             "scale_downs": s.scale_downs,
             "migrations": s.migrations,
@@ -104,6 +109,9 @@ class Metrics:
         for req in touched:
             n = len(req.output_ids)
             before = self._last_token.get(req.rid)
+            if req.finish_reason == "abort" and before is None:  # aborted before any token was counted
+                self.finished.labels(finished_reason="abort").inc()
+                continue
             if before is None:
                 self.prompt_tokens.inc(len(req.prompt_ids))
                 if req.first_token_time is not None:

@@ -6,7 +6,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from loong_jax.sampling import SamplingParams
+from loong_jax.sampling import MAX_INT32, MAX_LOGPROBS, SamplingParams
+
+MAX_SEED = 2**63 - 1
 
 
 class StreamOptions(BaseModel):
@@ -19,27 +21,44 @@ class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
+    temperature: float = Field(1.0, ge=0, le=100)
+    top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
     user: str | None = None
+    # accepted only as their no-op values until they are implemented
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
     # extensions known from other open-source servers
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    min_tokens: int = 0
+    top_k: int = Field(0, ge=-1, le=MAX_INT32)
+    min_p: float = Field(0.0, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    min_tokens: int = Field(0, ge=0, le=MAX_INT32)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    priority: int = 0  # higher is scheduled first
+    priority: int = Field(0, ge=-MAX_INT32, le=MAX_INT32)  # higher is scheduled first
+
+    def unsupported(self) -> str | None:
+        """The first field asking for a feature this server does not implement yet, or None."""
+        if self.response_format is not None and self.response_format.get("type", "text") != "text":
+            return "response_format"
+        if self.tools or self.functions:
+            return "tools" if self.tools else "functions"
+        if self.tool_choice not in (None, "none", "auto") or self.function_call not in (None, "none", "auto"):
+            return "tool_choice" if self.tool_choice not in (None, "none", "auto") else "function_call"
+        return None
 
     def sampling_params(self, index: int, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """Parameters of the index-th of n choices (seeded choices get distinct, reproducible seeds)."""
@@ -52,7 +71,7 @@ class _Common(BaseModel):
             repetition_penalty=self.repetition_penalty,
             frequency_penalty=self.frequency_penalty,
             presence_penalty=self.presence_penalty,
-            seed=None if self.seed is None else (self.seed + index) % 2**63,
+            seed=None if self.seed is None else self.seed + index,
             stop=self.stop,
             stop_token_ids=self.stop_token_ids,
             include_stop_str_in_output=self.include_stop_str_in_output,
@@ -60,12 +79,23 @@ class _Common(BaseModel):
             min_tokens=self.min_tokens,
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            logit_bias=None if self.logit_bias is None else _token_bias(self.logit_bias),
         )
+
+
+def _token_bias(bias: dict[str, float]) -> dict[int, float]:
+    """OpenAI's logit_bias keys are token ids written as strings."""
+    out = {}
+    for key, value in bias.items():
+        if not key.strip().isdigit():
+            raise ValueError(f"logit_bias keys must be token ids (integers as strings), got {key!r}")
+        out[int(key)] = value
+    return out
 
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -92,9 +122,9 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 class TokenizeRequest(BaseModel):

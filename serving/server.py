@@ -12,7 +12,7 @@ from typing import Any
 
 import uvicorn
 
-from serving.app import Server, build_app
+from serving.app import DEFAULT_MAX_BODY_BYTES, Server, build_app
 from serving.async_engine import AsyncEngine
 from serving.metrics import Metrics
 
@@ -25,7 +25,18 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=os.environ.get("LOONG_API_KEY"), help="require 'Authorization: Bearer KEY'")
     p.add_argument("--served-model-name", default=None, help="the model name clients use (default: the file's)")
     p.add_argument("--max-num-seqs", type=int, default=32)
-    p.add_argument("--max-prefill-tokens", type=int, default=4096)
+    p.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=None,
+        help="tokens one prefill batch may hold (default: --max-model-len, so that every prompt fits one batch)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help="largest request body accepted; larger ones get 413 (default 64 MiB)",
+    )
     p.add_argument("--no-warmup", action="store_true", help="compile programs on first use instead of at start")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to finish running requests on SIGTERM")
 
@@ -51,12 +62,14 @@ def start_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0) -> tuple[s
     raise RuntimeError(f"the server at {url} did not become healthy")
 
 
-def build_server(llm, model_name: str, api_key: str | None) -> tuple[Server, AsyncEngine]:
+def build_server(
+    llm, model_name: str, api_key: str | None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> tuple[Server, AsyncEngine]:
     """The routes' state around a loaded LLM; the engine thread is started here."""
     metrics = Metrics(llm.engine.ecfg.num_instances, llm.engine.kv_capacity)
     engine = AsyncEngine(llm.engine, metrics.on_iteration)
     engine.start()
-    return Server(engine, llm.tokenizer, model_name, metrics, api_key), engine
+    return Server(engine, llm.tokenizer, model_name, metrics, api_key, max_body_bytes), engine
 
 
 def serve(args: argparse.Namespace, llm: Any) -> int:
@@ -75,7 +88,7 @@ def serve(args: argparse.Namespace, llm: Any) -> int:
     )
     if not args.no_warmup:
         llm.warmup(show_progress=True)  # logs how many programs it compiled and how long it took
-    server, engine = build_server(llm, name, args.api_key)
+    server, engine = build_server(llm, name, args.api_key, args.max_body_bytes)
     app = build_app(server, on_shutdown=lambda: engine.shutdown(args.shutdown_timeout))
     log.info("listening on http://%s:%d (OpenAI-compatible API under /v1)", args.host, args.port)
     config = uvicorn.Config(

@@ -112,7 +112,7 @@ def test_sized_engine_reports_its_capacity_and_temporaries_do_not_grow_with_the_
     engine = tiny_esp_engine(num_instances=2, kv_tokens=None, limits=dict(max_num_seqs=4, max_model_len=512))
     cap = engine.kv_capacity
     assert cap.how == "sized from memory, capped at what one instance can use"
-    assert engine.ecfg.kv_tokens_per_instance == cap.tokens_per_instance == 4 * 512
+    assert engine.ecfg.kv_tokens_per_instance == cap.tokens_per_instance == 4 * (512 + 4)  # a partial page each
     assert engine.pools[0].num_slots == cap.tokens_per_instance > 0
     assert engine.executor.instances.pools[0].k.shape[3] == cap.tokens_per_instance
     assert cap.temp_bytes > 0 and cap.weight_bytes > 0

@@ -102,6 +102,46 @@ def test_min_tokens_bans_eos():
     assert _sample(logits, reqs).tokens[0] == 2
 
 
+def test_min_tokens_bans_stop_token_ids_and_logit_bias_moves_the_choice():
+    logits = np.full((1, V), -5.0, np.float32)
+    logits[0, 7] = 10.0
+    reqs = _reqs(1, temperature=0.0, min_tokens=2, stop_token_ids=[7])
+    assert _sample(logits, reqs).tokens[0] != 7  # a stop token before min_tokens would end it too early
+    reqs[0].output_ids = [5, 6]
+    assert _sample(logits, reqs).tokens[0] == 7
+    biased = _reqs(1, temperature=0.0, logit_bias={7: -100.0, 3: 100.0})
+    out = _sample(logits, biased)
+    assert out.tokens[0] == 3
+    assert np.isclose(out.logprob[0], logits[0, 3] - np.log(np.exp(logits[0]).sum()))  # the model's logprob
+
+
+def test_tiny_temperatures_are_greedy_and_bad_values_are_refused():
+    assert SamplingParams(temperature=1e-9).temperature == 0.0
+    reqs = _reqs(50, temperature=1e-7)
+    assert set(_sample(np.tile(LOGITS, (50, 1)), reqs).tokens.tolist()) == {0}
+    for bad in (dict(top_k=2**31), dict(stop_token_ids=[-1]), dict(logit_bias={1: 101}), dict(logit_bias={-2: 1})):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+
+
+def test_stop_strings_inside_min_tokens_do_not_count_and_text_is_never_taken_back():
+    class Letters:  # one character per token
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(96 + i) if i else "\n" for i in ids)
+
+    from loong_jax.request import IncrementalDetokenizer
+
+    params = SamplingParams(max_tokens=10, min_tokens=3, stop=["\n"])
+    req = Request(0, [1], params, 10, seed=0, eos_ids=(), detok=IncrementalDetokenizer(Letters(), [1], True))
+    streamed = ""
+    for t in [1, 0, 2, 3, 4, 0, 5]:  # a \n b c d \n e: the first \n is inside min_tokens
+        req.append_token(t, 0.0, [])
+        streamed += req.take_text_delta()
+        if req.finished:
+            break
+    assert req.finish_reason == "stop" and req.text == "a\nbcd" and streamed == req.text
+
+
 # ----- end to end on SmolLM2 ------------------------------------------------------------------------
 
 PROMPT = "List the first ten prime numbers, separated by commas:"

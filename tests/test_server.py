@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
+import logging
 import time
 
 import httpx
@@ -148,6 +150,7 @@ def test_64_concurrent_streams_all_complete(server):
 
 def test_disconnecting_clients_free_their_kv(server):
     base, llm = server
+    before = _finished(base)
 
     async def leave_early(client, i):
         body = {"model": MODEL, "prompt": f"Write a long essay about topic {i}.", "max_tokens": 500, "stream": True}
@@ -162,6 +165,15 @@ def test_disconnecting_clients_free_their_kv(server):
 
     assert all(asyncio.run(main()))
     assert _wait_idle(llm, timeout=60)
+    deadline = time.time() + 30
+    while _finished(base) < before + 20 and time.time() < deadline:  # metrics see an abort just after the engine
+        time.sleep(0.05)
+    assert _finished(base) == before + 20  # every hang-up counted (a short answer may have ended first)
+
+
+def _finished(base: str) -> float:
+    text = httpx.get(f"{base}/metrics").text
+    return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith("loong:request_success_total"))
 
 
 @pytest.mark.parametrize(
@@ -170,9 +182,23 @@ def test_disconnecting_clients_free_their_kv(server):
         ("{not json", "not valid JSON"),
         ({"model": MODEL, "prompt": "hi", "max_tokens": "many"}, "max_tokens"),
         ({"model": MODEL, "prompt": "hi", "temperature": "hot"}, "temperature"),
-        ({"model": "gpt-4", "prompt": "hi"}, "does not exist"),
-        ({"model": MODEL, "prompt": "hi", "top_p": 5}, "top_p must be in (0, 1]"),
-        ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, "max_tokens must be an integer >= 1"),
+        ({"model": MODEL, "prompt": "hi", "top_p": 5}, "top_p: Input should be less than or equal to 1"),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, "max_tokens: Input should be greater than or equal to 1"),
+        ({"model": MODEL, "prompt": "hi", "top_k": 2**31}, "top_k: Input should be less than or equal to 2147483647"),
+        ({"model": MODEL, "prompt": "hi", "seed": 2**63}, "seed: Input should be less than or equal to"),
+        ({"model": MODEL, "prompt": "hi", "seed": -1}, "seed: Input should be greater than or equal to 0"),
+        ({"model": MODEL, "prompt": "hi", "seed": 2**63 - 1, "n": 2}, "seed must be an integer in [0, 2**63)"),
+        ({"model": MODEL, "prompt": "hi", "priority": 2**40}, "priority: Input should be less than or equal to"),
+        ({"model": MODEL, "prompt": "hi", "logit_bias": {"999999": 5}}, "logit_bias token ids must be in [0, 49152)"),
+        ({"model": MODEL, "prompt": "hi", "logit_bias": {"abc": 1}}, "logit_bias keys must be token ids"),
+        ({"model": MODEL, "prompt": "hi", "logit_bias": {"5": 1000}}, "numbers in [-100, 100]"),
+        ({"model": MODEL, "prompt": "hi", "stop_token_ids": [10**12]}, "stop_token_ids must be a list of token ids"),
+        ({"model": MODEL, "prompt": "hi", "stop_token_ids": [49152]}, "stop_token_ids must be in [0, 49152)"),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": 4, "min_tokens": 5}, "min_tokens must be at most max_tokens"),
+        ({"model": MODEL, "prompt": "hi", "response_format": {"type": "json_object"}}, "response_format is not"),
+        ({"model": MODEL, "prompt": "hi", "tools": [{"type": "function"}]}, "tools is not supported"),
+        ('{"model": "smollm2", "prompt": "a \\ud800 b"}', "not valid Unicode"),
+        ('{"prompt": "hi", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
         ({"model": MODEL, "prompt": ""}, "empty"),
         (
             {"model": MODEL, "prompt": "hi " * 3000},
@@ -230,9 +256,161 @@ def test_metrics_report_the_elastic_engine(server, client):
         assert name in text, name
 
 
-def test_non_streaming_client_that_gives_up_frees_its_kv(server):
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_non_streaming_client_that_gives_up_frees_its_kv_and_logs_no_traceback(server):
     base, llm = server
-    body = {"model": MODEL, "prompt": "Write a very long story.", "max_tokens": 1000, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{base}/v1/completions", json=body, timeout=2.0)
-    assert _wait_idle(llm, timeout=60)
+    seen = _Records()
+    loggers = [logging.getLogger(n) for n in ("uvicorn.error", "loong_jax.serving", "loong_jax")]
+    for lg in loggers:
+        lg.addHandler(seen)
+    try:
+        body = {"model": MODEL, "prompt": "Write a very long story.", "max_tokens": 1000, "ignore_eos": True}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base}/v1/completions", json=body, timeout=2.0)
+        assert _wait_idle(llm, timeout=60)
+        time.sleep(0.5)
+    finally:
+        for lg in loggers:
+            lg.removeHandler(seen)
+    assert not [r for r in seen.records if r.exc_info or r.levelno >= logging.ERROR], seen.records
+
+
+def test_unknown_model_is_404_and_unexpected_routes_errors_are_json(server):
+    base, _ = server
+    r = httpx.post(f"{base}/v1/completions", json={"model": "gpt-4", "prompt": "hi"})
+    assert r.status_code == 404 and r.json()["error"]["type"] == "model_not_found"
+    for path in ("/tokenize", "/v1/chat/completions"):
+        body = '{"model": "smollm2", "prompt": "\\ud800", "messages": [{"role": "user", "content": "\\udfff"}]}'
+        r = httpx.post(f"{base}{path}", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "not valid Unicode" in r.json()["error"]["message"]
+    r = httpx.get(f"{base}/health")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+def test_logprob_offsets_and_token_bytes(server, client):
+    base, llm = server
+    c = client.completions.create(model=MODEL, prompt="Hello", max_tokens=6, temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert len(lp.text_offset) == len(lp.tokens) == 6 and lp.text_offset[0] == 0
+    assert all(lp.text_offset[i + 1] == lp.text_offset[i] + len(lp.tokens[i]) for i in range(5))
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Say café in Japanese."}], "max_tokens": 12}
+    r = httpx.post(f"{base}/v1/chat/completions", json={**body, "temperature": 0, "logprobs": True, "top_logprobs": 1})
+    content = r.json()["choices"][0]["logprobs"]["content"]
+    raw = b"".join(bytes(t["bytes"]) for t in content)
+    assert raw.decode("utf-8", "replace") == r.json()["choices"][0]["message"]["content"]
+    ids = llm.tokenizer.encode(r.json()["choices"][0]["message"]["content"], add_special_tokens=False)
+    assert [llm.tokenizer.token_bytes(i) for i in ids] == [bytes(t["bytes"]) for t in content][: len(ids)]
+
+
+def test_logit_bias_is_applied_and_tiny_temperatures_are_greedy(client, server):
+    greedy = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0)
+    tiny = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=1e-7)
+    assert tiny.choices[0].text == greedy.choices[0].text
+    tok = server[1].tokenizer
+    first = tok.encode(greedy.choices[0].text, add_special_tokens=False)[0]
+    banned = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0, logit_bias={str(first): -100}
+    )
+    assert tok.encode(banned.choices[0].text, add_special_tokens=False)[0] != first
+    forced = tok.encode(" banana", add_special_tokens=False)[0]
+    pushed = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=3, temperature=0, logit_bias={str(forced): 100}
+    )
+    assert tok.encode(pushed.choices[0].text, add_special_tokens=False) == [forced] * 3
+
+
+def test_min_tokens_never_cuts_text_already_streamed(server):
+    base, llm = server
+    newline = llm.tokenizer.encode("\n", add_special_tokens=False)[0]
+    body = {"model": MODEL, "prompt": "List:\n1.", "max_tokens": 24, "temperature": 0, "min_tokens": 12}
+    for extra in ({"stop": ["\n"]}, {"stop_token_ids": [newline]}):
+        streamed = ""
+        with httpx.stream("POST", f"{base}/v1/completions", json={**body, **extra, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    streamed += json.loads(line[6:])["choices"][0]["text"]
+        whole = httpx.post(f"{base}/v1/completions", json={**body, **extra}).json()
+        assert whole["choices"][0]["text"] == streamed  # nothing streamed was cut afterwards
+        assert whole["usage"]["completion_tokens"] >= 12
+
+
+def test_engine_failures_are_errors_and_a_dead_engine_answers_everyone():
+    """One request's failing program: 500 (or an error event) for it alone. Then the engine thread dies:
+    requests in flight are answered, /health and every API route say 503 with the reason."""
+    llm = LLM(num_instances=1, kv_tokens_per_instance=1024, max_model_len=512, max_num_seqs=4, seed=0)
+    poison = llm.tokenizer.encode(" POISONED", add_special_tokens=False)
+    real = llm.engine.executor.prefill
+
+    def prefill(work, pools):
+        if any(poison[0] in r.prompt_ids for r in work.requests):
+            raise RuntimeError("injected: this program cannot run")
+        return real(work, pools)
+
+    llm.engine.executor.prefill = prefill
+    srv, engine = build_server(llm, MODEL, api_key=None, max_body_bytes=4000)
+    url, uv = start_in_thread(build_app(srv, on_shutdown=lambda: engine.shutdown(5)))
+    try:
+        ok = {"model": MODEL, "prompt": "Hello there", "max_tokens": 4, "temperature": 0}
+        bad = {**ok, "prompt": "Hello POISONED"}
+        r = httpx.post(f"{url}/v1/completions", json=bad, timeout=120)
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert "injected" in r.json()["error"]["message"]
+        events = []
+        with httpx.stream("POST", f"{url}/v1/completions", json={**bad, "stream": True}, timeout=120) as s:
+            events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
+        assert json.loads(events[0])["error"]["code"] == 500 and events[-1] == "[DONE]"
+        assert not any('"finish_reason": "error"' in e for e in events)
+        assert httpx.post(f"{url}/v1/completions", json=ok, timeout=120).status_code == 200
+        assert httpx.post(f"{url}/v1/completions", content=b"x" * 5000).status_code == 413
+
+        long = {**ok, "max_tokens": 400, "ignore_eos": True}
+
+        def stream():
+            with httpx.stream("POST", f"{url}/v1/completions", json={**long, "stream": True}, timeout=120) as s:
+                return [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
+
+        def two_in_flight_then(error):
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                plain = pool.submit(httpx.post, f"{url}/v1/completions", json=long, timeout=120)
+                streamed = pool.submit(stream)
+                deadline = time.time() + 120
+                while len(llm.engine.running) < 2 and time.time() < deadline:
+                    time.sleep(0.02)
+                real_step = llm.engine.step
+
+                def broken(timeout=None):
+                    llm.engine.step = real_step
+                    raise error
+
+                llm.engine.step = broken
+                return plain.result(timeout=120), streamed.result(timeout=120)
+
+        # An unexpected error in one iteration fails the requests running then; the engine goes on.
+        r, events = two_in_flight_then(RuntimeError("injected: one iteration failed"))
+        assert r.status_code == 500 and "injected: one iteration failed" in r.json()["error"]["message"]
+        assert json.loads(events[-2])["error"]["code"] == 500 and events[-1] == "[DONE]"
+        assert httpx.get(f"{url}/health").status_code == 200
+        assert httpx.post(f"{url}/v1/completions", json=ok, timeout=120).status_code == 200
+
+        class Crash(BaseException):  # escapes every handler: the engine thread stops
+            pass
+
+        r, events = two_in_flight_then(Crash("injected: the engine thread died"))
+        assert r.status_code == 503 and "injected: the engine thread died" in r.json()["error"]["message"]
+        assert json.loads(events[-2])["error"]["code"] == 503 and events[-1] == "[DONE]"
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and "injected" in health.json()["reason"]
+        later = httpx.post(f"{url}/v1/completions", json=ok)
+        assert later.status_code == 503 and later.json()["error"]["type"] == "service_unavailable"
+        assert httpx.get(f"{url}/v1/models").status_code == 503
+        assert httpx.get(f"{url}/metrics").status_code == 200
+    finally:
+        uv.should_exit = True
