@@ -52,13 +52,16 @@ class Tokenizer:
         self.special_tokens = dict(special_tokens or {})
         self._template: jinja2.Template | None = None
         self._byte_level: bool | None = None  # whether tokens are GPT-2 byte-level strings (looked up once)
+        self._max_token_bytes: int | None = None
 
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # The batch entry points release the GIL while they work (`encode` holds it: seconds for megabytes).
+        batch = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        ids = batch([text], add_special_tokens=add_special_tokens)[0].ids
         bos = self.bos_token_id
         if add_special_tokens and self.add_bos and bos is not None and ids[:1] != [bos]:
             ids = [bos, *ids]
@@ -66,6 +69,13 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @property
+    def max_token_bytes(self) -> int:
+        """The most bytes one token stands for: a text of n bytes has at least n / this many tokens."""
+        if self._max_token_bytes is None:
+            self._max_token_bytes = max(1, max(len(self.token_bytes(i)) for i in range(self.vocab_size)))
+        return self._max_token_bytes
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for (a byte-level token may hold part of a UTF-8 character)."""

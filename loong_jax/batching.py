@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from loong_jax.request import Request
-from loong_jax.sampling import MAX_BANNED, MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplerFlags, SamplerInputs, seed_words
+from loong_jax.sampling import MAX_BANNED, MAX_LOGIT_BIAS, SamplerFlags, SamplerInputs, seed_words
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -26,20 +26,25 @@ def prefill_rows(tokens: int, min_tokens: int, max_rows: int) -> int:
 
 
 def sampler_flags(reqs: Sequence[Request]) -> SamplerFlags:
-    want = max((r.params.logprobs or 0) for r in reqs) if reqs else 0
-    return SamplerFlags(
-        penalties=any(r.params.uses_penalties for r in reqs),
-        top_logprobs=0 if want == 0 else min(MAX_LOGPROBS, bucket(want, 4)),
-        logit_bias=any(r.params.logit_bias for r in reqs),
-    )
+    """The sampler variant a batch needs: the extras one if any request uses penalties, bias or logprobs."""
+    return SamplerFlags(extras=any(r.params.uses_extras for r in reqs))
 
 
-def sampler_inputs(ranks: Sequence[Sequence[Request]], rows: int, flags: SamplerFlags) -> SamplerInputs:
-    """Sampler arrays [d, rows, ...] for the requests each rank samples (padding rows are greedy)."""
+def sampler_inputs(
+    ranks: Sequence[Sequence[Request]], rows: int, flags: SamplerFlags, penalty_len: int | None = None
+) -> SamplerInputs:
+    """Sampler arrays [d, rows, ...] for the requests each rank samples (padding rows are greedy). With
+    extras, the prompt and output ids for penalties span penalty_len tokens (fixed by the executor, so that
+    one program serves every length; default: the batch's longest, bucketed)."""
     reqs = [r for rank in ranks for r in rank]
     d = len(ranks)
-    lp = bucket(max(len(r.prompt_ids) for r in reqs), 16) if flags.penalties else 0
-    lo = bucket(max(len(r.output_ids) for r in reqs), 16) if flags.penalties else 0
+    if not flags.extras:
+        lp = lo = 0
+    elif penalty_len is not None:
+        lp = lo = penalty_len
+    else:
+        lp = bucket(max((len(r.prompt_ids) for r in reqs), default=1), 16)
+        lo = bucket(max((len(r.output_ids) for r in reqs), default=1), 16)
     f32 = lambda fill: np.full((d, rows), fill, np.float32)  # noqa: E731
     temperature, top_p, min_p = f32(0.0), f32(1.0), f32(0.0)
     rep, freq, pres = f32(1.0), f32(0.0), f32(0.0)
@@ -48,7 +53,7 @@ def sampler_inputs(ranks: Sequence[Sequence[Request]], rows: int, flags: Sampler
     banned = np.full((d, rows, MAX_BANNED), -1, np.int32)
     prompt_ids = np.full((d, rows, lp), -1, np.int32)
     output_ids = np.full((d, rows, lo), -1, np.int32)
-    nb = MAX_LOGIT_BIAS if flags.logit_bias else 0
+    nb = MAX_LOGIT_BIAS if flags.extras else 0
     bias_ids, bias = np.full((d, rows, nb), -1, np.int32), np.zeros((d, rows, nb), np.float32)
     for k, rank in enumerate(ranks):
         for i, r in enumerate(rank):
@@ -61,10 +66,10 @@ def sampler_inputs(ranks: Sequence[Sequence[Request]], rows: int, flags: Sampler
             if len(r.output_ids) < p.min_tokens:  # neither EOS nor a stop token may end it yet
                 ban = [*(() if p.ignore_eos else r.eos_ids[:4]), *p.stop_token_ids][:MAX_BANNED]
                 banned[k, i, : len(ban)] = ban
-            if flags.logit_bias and p.logit_bias:
+            if flags.extras and p.logit_bias:
                 bias_ids[k, i, : len(p.logit_bias)] = list(p.logit_bias)
                 bias[k, i, : len(p.logit_bias)] = list(p.logit_bias.values())
-            if flags.penalties:
+            if flags.extras:
                 prompt_ids[k, i, : len(r.prompt_ids)] = r.prompt_ids
                 output_ids[k, i, : len(r.output_ids)] = r.output_ids
     return SamplerInputs(

@@ -542,7 +542,7 @@ def build_engine(
     )
     capacity = size_kv_pools(
         probe_domains(executor.devices),
-        executor.footprint(sizing_jobs(ecfg), bucket(ecfg.max_model_len, 16)),
+        executor.footprint(sizing_jobs(ecfg)),
         num_instances=ecfg.num_instances,
         tp=ecfg.tp,
         page_size=ecfg.page_size,
@@ -573,10 +573,10 @@ def sizing_jobs(ecfg: EngineConfig) -> list[tuple[str, tuple[int, ...], int, int
     return jobs
 
 
-def warmup_jobs(ecfg: EngineConfig) -> list[tuple[str, tuple[int, ...], int, int]]:
+def warmup_jobs(ecfg: EngineConfig) -> list[tuple[str, tuple[int, ...], int, int, bool]]:
     """The default warm set: every aligned power-of-two group of instances (the device sets the policy
     uses, 2N - 1 of them), with each prefill token bucket up to max_prefill_tokens / degree per rank and
-    each decode batch bucket up to max_num_seqs."""
+    each decode batch bucket up to max_num_seqs, in both sampler variants (plain, and with extras)."""
     n, lo = ecfg.num_instances, ecfg.min_prefill_bucket
     jobs = []
     for size in _powers(n):
@@ -585,7 +585,7 @@ def warmup_jobs(ecfg: EngineConfig) -> list[tuple[str, tuple[int, ...], int, int
             for t in _powers(bucket(-(-ecfg.max_prefill_tokens // size), lo), lo):  # SchedulerView.rank_token_cap
                 jobs.append(("prefill", group, t, prefill_rows(t, lo, ecfg.max_num_seqs)))
             jobs += [("decode", group, b, b) for b in _powers(bucket(ecfg.max_num_seqs))]
-    return jobs
+    return [(*job, extras) for extras in (False, True) for job in jobs]
 
 
 def _powers(limit: int, start: int = 1) -> list[int]:

@@ -38,7 +38,7 @@ from loong_jax.programs import (
     prefill_program,
 )
 from loong_jax.request import Request
-from loong_jax.sampling import MAX_LOGPROBS, SamplerFlags, SamplerOutputs
+from loong_jax.sampling import SamplerFlags, SamplerOutputs
 from pallas_kernels.reference import DECODE_PAGES_PER_BLOCK
 
 MAX_MIGRATE_TOKENS = 1024  # per transfer: bounds its buffers (about 1.5x those tokens' K/V on each side)
@@ -100,6 +100,7 @@ class JaxExecutor:
         self.page_size = page_size
         self.num_slots = 0
         self.page_table_width = bucket(max_pages_per_request, DECODE_PAGES_PER_BLOCK)
+        self.penalty_len = bucket(max_pages_per_request * page_size, 16)  # the ids penalties look at
         self.instances = Instances(cfg, state, num_instances=num_instances, tp=tp, dtype=dtype, devices=devices)
         self._host_state: nnx.State | None = state  # until allocate() copies it to the instances
         self.programs = ProgramCache(max_programs)
@@ -121,17 +122,17 @@ class JaxExecutor:
         self._host_state = None
 
     def footprint(
-        self, jobs: Sequence[tuple[str, Group, int, int]], max_len: int, num_slots: int | None = None
+        self, jobs: Sequence[tuple[str, Group, int, int]], num_slots: int | None = None
     ) -> Footprint:
         """Per-device bytes of a weight copy, of a KV token, and of the largest temporaries of the given
-        programs, each with the costliest sampler variant (penalties over max_len tokens, top logprobs).
+        programs, each with the costlier sampler variant (extras: penalties, logit bias, top logprobs).
         The programs are compiled without any device memory, for a pool of num_slots slots (one page by
         default: the pools are donated and updated in place, so temporaries do not grow with them)."""
         temp = 0
-        flags = SamplerFlags(penalties=True, top_logprobs=MAX_LOGPROBS, logit_bias=True)
+        flags = SamplerFlags(extras=True)
         slots = num_slots or self.page_size
         for kind, group, size, rows in jobs:
-            _, fn, args, donate = self._program_args(kind, group, size, rows, flags, slots, max_len)
+            _, fn, args, donate = self._program_args(kind, group, size, rows, flags, slots)
             temp = max(temp, _temp_bytes(jax.jit(fn, donate_argnums=donate).lower(*args)))
         inst = self.instances
         programs = (self.programs.max_programs or 0) * PROGRAM_HOST_BYTES
@@ -175,7 +176,8 @@ class JaxExecutor:
             ranks[rank].append(req)
         flags = sampler_flags(requests)
         fn = functools.partial(prefill_program, *self._common(group), flags)
-        pending = self._run("prefill", group, fn, plan.inputs, sampler_inputs(ranks, plan.rows, flags), flags)
+        samp = sampler_inputs(ranks, plan.rows, flags, self.penalty_len)
+        pending = self._run("prefill", group, fn, plan.inputs, samp, flags)
         return Launch("prefill", group, ranks, pending, list(requests))
 
     def decode(self, work: DecodeWork, pools: Sequence[PagePool]) -> Launch:
@@ -192,7 +194,8 @@ class JaxExecutor:
         ranks = [[requests[i] for i in members] for members in plan.rank_requests]
         flags = sampler_flags(requests)
         fn = functools.partial(decode_program, *self._common(group), self.page_size, flags)
-        pending = self._run("decode", group, fn, plan.inputs, sampler_inputs(ranks, plan.rows, flags), flags)
+        samp = sampler_inputs(ranks, plan.rows, flags, self.penalty_len)
+        pending = self._run("decode", group, fn, plan.inputs, samp, flags)
         return Launch("decode", group, ranks, pending, list(requests))
 
     def _run(self, kind: str, group: Group, fn: Any, inp: Any, samp: Any, flags: SamplerFlags) -> Pending:
@@ -253,16 +256,16 @@ class JaxExecutor:
                 lost.append(i)
         return lost
 
-    def warmup(self, jobs: Sequence[tuple[str, Group, int, int]], show: bool) -> int:
-        """Compile default-sampler programs: (kind, group, tokens or rows per rank, sampled rows) each."""
+    def warmup(self, jobs: Sequence[tuple[str, Group, int, int, bool]], show: bool) -> int:
+        """Compile programs: (kind, group, tokens or rows per rank, sampled rows, sampler extras) each."""
         before = self.programs.compiles
-        for kind, group, size, rows in tqdm(jobs, desc="warming up programs", disable=not show, unit="program"):
-            self.compiled(kind, group, size, rows)
+        for job in tqdm(jobs, desc="warming up programs", disable=not show, unit="program"):
+            self.compiled(*job)
         return self.programs.compiles - before
 
-    def compiled(self, kind: str, group: Group, size: int, rows: int) -> Any:
-        """The compiled default-sampler program of a kind for a group and per-rank shape (compiles if new)."""
-        key, fn, args, donate = self._program_args(kind, group, size, rows, SamplerFlags())
+    def compiled(self, kind: str, group: Group, size: int, rows: int, extras: bool = False) -> Any:
+        """The compiled program of a kind for a group, per-rank shape and sampler variant (compiles if new)."""
+        key, fn, args, donate = self._program_args(kind, group, size, rows, SamplerFlags(extras))
         return self.programs.get(key, fn, args, donate_argnums=donate)
 
     def _program_args(
@@ -273,11 +276,10 @@ class JaxExecutor:
         rows: int,
         flags: SamplerFlags,
         abstract_slots: int | None = None,
-        max_len: int = 0,
     ) -> tuple[Any, Any, tuple, tuple[int, ...]]:
         """Cache key, function, arguments and donated arguments of a program with placeholder inputs: size is
         tokens per rank (prefill), rows per rank (decode) or tokens (migrate). With abstract_slots: shapes
-        only (no device memory), pools of that many slots, and penalty inputs of max_len tokens."""
+        only (no device memory) and pools of that many slots."""
         d, inst = len(group), self.instances
         abstract = abstract_slots is not None
         num_slots = abstract_slots if abstract else self.num_slots
@@ -287,10 +289,7 @@ class JaxExecutor:
             inp = MigrateInputs(*(np.full((2, size), num_slots, np.int32) for _ in range(2)))
             fn = functools.partial(migrate_program, inst.mesh(group), inst.pool_spec)
             return ("migrate", group, shape_key(inp)), fn, (pools, _place(inp, rows_sharding, abstract)), (0,)
-        samp = sampler_inputs([[]] * d, rows, flags._replace(penalties=False))
-        if flags.penalties:
-            ids = np.full((d, rows, max_len), -1, np.int32)
-            samp = samp._replace(prompt_ids=ids, output_ids=ids)
+        samp = sampler_inputs([[]] * d, rows, flags, self.penalty_len)
         z = np.zeros((d, size), np.int32)
         if kind == "prefill":
             keep = np.full((d, d, size), num_slots, np.int32)

@@ -119,6 +119,11 @@ class SamplingParams:
     def uses_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
+    @property
+    def uses_extras(self) -> bool:
+        """Whether sampling needs the extras variant of the sampler (penalties, logit bias, logprobs)."""
+        return self.uses_penalties or bool(self.logit_bias) or self.logprobs is not None
+
 
 def _int(x: object) -> object:
     """Python int for any integer (numpy's too); anything else as given, for validate() to refuse."""
@@ -126,11 +131,11 @@ def _int(x: object) -> object:
 
 
 class SamplerFlags(NamedTuple):
-    """Static switches of the sampler (part of a program's cache key)."""
+    """Static switches of the sampler (part of a program's cache key). One switch for every extra (penalties,
+    logit bias, top logprobs): two variants of each program, both warmed up, so no request's first use of
+    an extra has to compile a program while other streams wait."""
 
-    penalties: bool = False
-    top_logprobs: int = 0
-    logit_bias: bool = False
+    extras: bool = False
 
 
 class SamplerInputs(NamedTuple):
@@ -146,16 +151,16 @@ class SamplerInputs(NamedTuple):
     seed: jnp.ndarray  # [R, 2] uint32: the request's seed split in two words
     step: jnp.ndarray  # tokens generated so far: the key is fold_in(key(seed), step)
     banned: jnp.ndarray  # [R, NB] token ids forbidden this step (EOS, stop ids before min_tokens), -1 = none
-    prompt_ids: jnp.ndarray  # [R, LP] (penalties only; else [R, 0]), -1 = padding
-    output_ids: jnp.ndarray  # [R, LO] (penalties only; else [R, 0]), -1 = padding
-    bias_ids: jnp.ndarray  # [R, MAX_LOGIT_BIAS] (logit_bias only; else [R, 0]) token ids, -1 = none
+    prompt_ids: jnp.ndarray  # [R, L] (extras only; else [R, 0]), -1 = padding
+    output_ids: jnp.ndarray  # [R, L] (extras only; else [R, 0]), -1 = padding
+    bias_ids: jnp.ndarray  # [R, MAX_LOGIT_BIAS] (extras only; else [R, 0]) token ids, -1 = none
     bias: jnp.ndarray  # [R, MAX_LOGIT_BIAS] float32 added to those tokens' logits
 
 
 class SamplerOutputs(NamedTuple):
     tokens: jnp.ndarray  # [R] int32
     logprob: jnp.ndarray  # [R] logprob of the chosen token under the model's distribution
-    top_ids: jnp.ndarray  # [R, K] (K = flags.top_logprobs)
+    top_ids: jnp.ndarray  # [R, MAX_LOGPROBS] with extras, else [R, 0]
     top_logprobs: jnp.ndarray  # [R, K]
 
 
@@ -171,14 +176,14 @@ def sample(logits: jnp.ndarray, inp: SamplerInputs, flags: SamplerFlags) -> Samp
     r, vocab = logits.shape
     logprobs_all = jax.nn.log_softmax(logits, axis=-1)
     x = logits
-    if flags.penalties:
+    if flags.extras:
         out_counts = _presence(inp.output_ids, vocab)
         seen = (_presence(inp.prompt_ids, vocab) + out_counts) > 0
         rp = inp.repetition_penalty[:, None]
         x = jnp.where(seen, jnp.where(x > 0, x / rp, x * rp), x)
         x = x - inp.frequency_penalty[:, None] * out_counts - inp.presence_penalty[:, None] * (out_counts > 0)
     rows = jnp.arange(r)[:, None]
-    if flags.logit_bias:
+    if flags.extras:
         x = x.at[rows, jnp.where(inp.bias_ids >= 0, inp.bias_ids, vocab)].add(inp.bias, mode="drop")
     x = x.at[rows, jnp.where(inp.banned >= 0, inp.banned, vocab)].set(-jnp.inf, mode="drop")
     greedy_tok = jnp.argmax(x, axis=-1).astype(jnp.int32)
@@ -188,8 +193,8 @@ def sample(logits: jnp.ndarray, inp: SamplerInputs, flags: SamplerFlags) -> Samp
         lambda: greedy_tok,
     )
     chosen_lp = jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]
-    if flags.top_logprobs:
-        top_lp, top_ids = jax.lax.top_k(logprobs_all, flags.top_logprobs)
+    if flags.extras:
+        top_lp, top_ids = jax.lax.top_k(logprobs_all, min(MAX_LOGPROBS, vocab))
     else:
         top_lp, top_ids = jnp.zeros((r, 0), jnp.float32), jnp.zeros((r, 0), jnp.int32)
     return SamplerOutputs(tokens, chosen_lp, top_ids.astype(jnp.int32), top_lp)

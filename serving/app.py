@@ -93,6 +93,7 @@ class Server:
     ):
         self.engine = engine
         self.max_body_bytes = max_body_bytes
+        tokenizer.max_token_bytes  # noqa: B018 (looked up now, not during the first request)
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.metrics = metrics
@@ -128,17 +129,27 @@ class Server:
         if field is not None:
             raise APIError(f"{field} is not supported by this server yet; leave it out", param=field)
 
-    async def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Tokenise off the event loop: a multi-megabyte prompt must not stall other streams."""
-        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens)
+    def _tokens(self, text: str, add_special_tokens: bool, prompt: bool = True) -> list[int]:
+        """Token ids; a prompt too long for the context whatever its tokens is refused without tokenising it."""
+        least = -(-len(text.encode("utf-8", "surrogatepass")) // self.tokenizer.max_token_bytes)
+        if prompt and least > self.max_model_len:
+            raise APIError(
+                f"This model's maximum context length is {self.max_model_len} tokens, but the prompt has at least "
+                f"{least} tokens ({len(text)} characters). Please shorten the prompt."
+            )
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
-    async def _chat_prompt(self, messages: Any) -> list[int]:
+    async def _encode(self, text: str, add_special_tokens: bool = True, prompt: bool = True) -> list[int]:
+        """Tokenise off the event loop: a multi-megabyte prompt must not stall other streams."""
+        return await asyncio.to_thread(self._tokens, text, add_special_tokens, prompt)
+
+    async def _chat_prompt(self, messages: Any, prompt: bool = True) -> list[int]:
         def render() -> list[int]:
             try:
                 text = self.tokenizer.apply_chat_template([m.as_template_input() for m in messages])
             except ValueError as e:
                 raise APIError(str(e), param="messages") from None
-            return self.tokenizer.encode(text, add_special_tokens=False)
+            return self._tokens(text, add_special_tokens=False, prompt=prompt)
 
         return await asyncio.to_thread(render)
 
@@ -419,10 +430,10 @@ class Server:
         self._check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError("give exactly one of prompt or messages", param="prompt")
-        if body.messages is not None:
-            tokens = await self._chat_prompt(body.messages)
+        if body.messages is not None:  # counting tokens is allowed past the context
+            tokens = await self._chat_prompt(body.messages, prompt=False)
         else:
-            tokens = await self._encode(body.prompt, body.add_special_tokens)
+            tokens = await self._encode(body.prompt, body.add_special_tokens, prompt=False)
         return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": self.max_model_len})
 
     async def detokenize(self, request: Request) -> Response:

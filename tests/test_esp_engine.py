@@ -56,9 +56,12 @@ def test_no_compile_after_warmup():
     waves = []
     for _ in range(4):
         lengths = rng.choice([1, 5, 17, 60, 130, 250], size=4)
+        extras = [{}, {"logprobs": 3}, {"presence_penalty": 0.5}, {"logit_bias": {5: 2.0}}]  # both sampler variants
         params = [
-            SamplingParams(max_tokens=int(m), temperature=float(t), top_p=float(p), seed=int(s))
-            for m, t, p, s in zip(rng.integers(1, 40, 4), [0, 0.8, 1.0, 0], [1, 0.9, 1, 1], rng.integers(0, 99, 4))
+            SamplingParams(max_tokens=int(m), temperature=float(t), top_p=float(p), seed=int(s), **x)
+            for m, t, p, s, x in zip(
+                rng.integers(1, 40, 4), [0, 0.8, 1.0, 0], [1, 0.9, 1, 1], rng.integers(0, 99, 4), extras
+            )
         ]
         waves.append(list(zip(lengths, params)))
     reqs = _drive(engine, waves, rng)

@@ -205,6 +205,7 @@ def _finished(base: str) -> float:
             "This model's maximum context length is 2048 tokens. However, you requested",
         ),
         ({"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 2046}, "(3 in the prompt, 2046 in the completion)"),
+        ({"model": MODEL, "prompt": "word " * 400_000}, "the prompt has at least 24692 tokens"),
         ({"model": MODEL, "prompt": "hi", "n": 100}, "n"),
     ],
 )
