@@ -30,7 +30,14 @@ from loong_jax.execution import DecodeWork, Executor, Iteration, Launch, Migrati
 from loong_jax.executor import MAX_MIGRATE_TOKENS, JaxExecutor
 from loong_jax.instances import Group
 from loong_jax.kv_pool import PagePool
-from loong_jax.memory import KVCapacity, probe_domains, size_kv_pools
+from loong_jax.memory import (
+    PROGRAM_HOST_BYTES,
+    KVCapacity,
+    memory_map_room,
+    probe_domains,
+    program_limit,
+    size_kv_pools,
+)
 from loong_jax.policy import Policy, SchedulerView, SharedComputePolicy, pages_to_reserve
 from loong_jax.request import IncrementalDetokenizer, Request, Status
 from loong_jax.sampling import SamplingParams
@@ -540,9 +547,13 @@ def build_engine(
         max_rows=ecfg.max_num_seqs,
         max_programs=len(warmup_jobs(ecfg)) + EXTRA_PROGRAMS,
     )
+    footprint = executor.footprint(sizing_jobs(ecfg))
+    programs = executor.programs
+    programs.max_programs = program_limit(footprint.maps_per_program, memory_map_room(), programs.max_programs)
+    footprint = dataclasses.replace(footprint, program_bytes=programs.max_programs * PROGRAM_HOST_BYTES)
     capacity = size_kv_pools(
         probe_domains(executor.devices),
-        executor.footprint(sizing_jobs(ecfg)),
+        footprint,
         num_instances=ecfg.num_instances,
         tp=ecfg.tp,
         page_size=ecfg.page_size,

@@ -11,6 +11,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import hashlib
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -26,7 +27,7 @@ from loong_jax.config import ModelConfig
 from loong_jax.execution import DecodeWork, Launch, Pending, PrefillWork
 from loong_jax.instances import SP, Group, Instances
 from loong_jax.kv_pool import PagePool
-from loong_jax.memory import PROGRAM_HOST_BYTES, Footprint
+from loong_jax.memory import Footprint, count_memory_maps
 from loong_jax.placement import build_decode, build_prefill
 from loong_jax.program_cache import ProgramCache, shape_key
 from loong_jax.programs import (
@@ -41,6 +42,7 @@ from loong_jax.request import Request
 from loong_jax.sampling import SamplerFlags, SamplerOutputs
 from pallas_kernels.reference import DECODE_PAGES_PER_BLOCK
 
+log = logging.getLogger("loong_jax")
 MAX_MIGRATE_TOKENS = 1024  # per transfer: bounds its buffers (about 1.5x those tokens' K/V on each side)
 
 
@@ -121,22 +123,22 @@ class JaxExecutor:
         self.instances.allocate(self._host_state, self.num_slots)
         self._host_state = None
 
-    def footprint(
-        self, jobs: Sequence[tuple[str, Group, int, int]], num_slots: int | None = None
-    ) -> Footprint:
+    def footprint(self, jobs: Sequence[tuple[str, Group, int, int]], num_slots: int | None = None) -> Footprint:
         """Per-device bytes of a weight copy, of a KV token, and of the largest temporaries of the given
-        programs, each with the costlier sampler variant (extras: penalties, logit bias, top logprobs).
-        The programs are compiled without any device memory, for a pool of num_slots slots (one page by
-        default: the pools are donated and updated in place, so temporaries do not grow with them)."""
-        temp = 0
+        programs, each with the costlier sampler variant (extras: penalties, logit bias, top logprobs), and
+        the memory mappings the largest takes. The programs are compiled without any device memory, for a
+        pool of num_slots slots (one page by default: the pools are donated and updated in place, so
+        temporaries do not grow with them). The compiled programs' host memory is left to the caller, who
+        decides how many to keep."""
+        temp = maps = 0
         flags = SamplerFlags(extras=True)
         slots = num_slots or self.page_size
         for kind, group, size, rows in jobs:
             _, fn, args, donate = self._program_args(kind, group, size, rows, flags, slots)
-            temp = max(temp, _temp_bytes(jax.jit(fn, donate_argnums=donate).lower(*args)))
+            costs = _compile_costs(jax.jit(fn, donate_argnums=donate).lower(*args))
+            temp, maps = max(temp, costs[0]), max(maps, costs[1])
         inst = self.instances
-        programs = (self.programs.max_programs or 0) * PROGRAM_HOST_BYTES
-        return Footprint(inst.weight_bytes_per_device(), temp, inst.kv_bytes_per_token_per_device(), programs)
+        return Footprint(inst.weight_bytes_per_device(), temp, inst.kv_bytes_per_token_per_device(), 0, maps)
 
     @property
     def state(self) -> nnx.State:
@@ -257,7 +259,18 @@ class JaxExecutor:
         return lost
 
     def warmup(self, jobs: Sequence[tuple[str, Group, int, int, bool]], show: bool) -> int:
-        """Compile programs: (kind, group, tokens or rows per rank, sampled rows, sampler extras) each."""
+        """Compile programs: (kind, group, tokens or rows per rank, sampled rows, sampler extras) each; no
+        more than the program cache keeps (the first ones: the rest would only evict them)."""
+        keep = self.programs.max_programs
+        if keep is not None and len(jobs) > keep:
+            log.warning(
+                "warming up %d of %d programs: the program cache keeps %d (this process's memory-map limit, "
+                "vm.max_map_count, bounds it); the rest compile when first used",
+                keep,
+                len(jobs),
+                keep,
+            )
+            jobs = jobs[:keep]
         before = self.programs.compiles
         for job in tqdm(jobs, desc="warming up programs", disable=not show, unit="program"):
             self.compiled(*job)
@@ -304,15 +317,18 @@ class JaxExecutor:
         return (kind, group, flags, shape_key((inp, samp))), fn, args, (1,)
 
 
-_TEMP_BYTES: dict[str, int] = {}  # lowered program text -> its temporaries (the same text compiles the same)
+_COMPILE_COSTS: dict[str, tuple[int, int]] = {}  # lowered program text -> its costs (same text, same costs)
 
 
-def _temp_bytes(lowered: Any) -> int:
-    """Per-device temporary bytes of a lowered program, compiled once per distinct program text."""
+def _compile_costs(lowered: Any) -> tuple[int, int]:
+    """Per-device temporary bytes of a lowered program and the memory mappings its compiled code took,
+    compiled once per distinct program text."""
     key = hashlib.sha256(lowered.as_text().encode()).hexdigest()
-    if key not in _TEMP_BYTES:
-        _TEMP_BYTES[key] = int(lowered.compile().memory_analysis().temp_size_in_bytes)
-    return _TEMP_BYTES[key]
+    if key not in _COMPILE_COSTS:
+        before = count_memory_maps()
+        compiled = lowered.compile()
+        _COMPILE_COSTS[key] = (int(compiled.memory_analysis().temp_size_in_bytes), count_memory_maps() - before)
+    return _COMPILE_COSTS[key]
 
 
 def _place(tree: Any, sharding: Any, abstract: bool) -> Any:

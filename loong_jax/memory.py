@@ -20,6 +20,11 @@ GiB = 1 << 30
 DEFAULT_UTILIZATION = {"host": 0.5, "device": 0.9}  # CPU: leave the host usable; accelerators: like vLLM
 _NO_LIMIT = 1 << 60  # cgroup v1 reports "no limit" as a huge number
 PROGRAM_HOST_BYTES = 8 << 20  # host memory per compiled program (measured 6.2-6.5 MB for SmolLM2 on XLA CPU)
+# Share of the process's remaining memory mappings (Linux vm.max_map_count) the compiled programs may take: an
+# XLA CPU program of SmolLM2 maps about 300 regions of JIT code, and a process out of mappings dies inside
+# LLVM ("Unable to allocate section memory"), so the program cache is bounded by this too.
+MAP_SHARE = 0.75
+MIN_PROGRAMS = 8  # fewer programs than this cannot serve (a prefill and a decode per group, both variants)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +47,7 @@ class Footprint:
     temp_bytes: int
     kv_bytes_per_token: int
     program_bytes: int = 0
+    maps_per_program: int = 0  # memory mappings one compiled program takes (the largest measured)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +190,43 @@ def probe_domains(devices: Sequence[Any]) -> list[MemoryDomain]:
         available, rss = host_available_bytes(), process_rss_bytes()
         domains.append(MemoryDomain("host", available + rss, rss, tuple(host), True))
     return domains
+
+
+def memory_map_room() -> int | None:
+    """How many more memory mappings this process may create (vm.max_map_count minus those it has), or None
+    where the system does not say (not Linux)."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+        with open("/proc/self/maps") as f:
+            used = sum(1 for _ in f)
+    except (OSError, ValueError):
+        return None
+    return max(0, limit - used)
+
+
+def count_memory_maps() -> int:
+    """Memory mappings this process has now (0 where the system does not say)."""
+    try:
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
+
+
+def program_limit(maps_per_program: int, room: int | None, wanted: int) -> int:
+    """How many compiled programs to keep at most: `wanted`, unless MAP_SHARE of the mappings left cannot
+    hold that many. Fewer than MIN_PROGRAMS is a ValueError naming the limit and how to raise it."""
+    if room is None or maps_per_program <= 0:
+        return wanted
+    fits = int(MAP_SHARE * room) // maps_per_program
+    if fits < MIN_PROGRAMS:
+        raise ValueError(
+            f"this process may create only {room} more memory mappings (vm.max_map_count) and a compiled "
+            f"program takes about {maps_per_program}: room for {fits} programs, at least {MIN_PROGRAMS} are "
+            "needed; raise it (sysctl -w vm.max_map_count=262144) or use fewer instances"
+        )
+    return min(wanted, fits)
 
 
 def process_rss_bytes() -> int:

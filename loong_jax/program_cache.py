@@ -1,8 +1,9 @@
 """Ahead-of-time compiled programs keyed by kind, static options and input shapes, with a compile counter.
 
 The cache holds at most `max_programs` programs (least recently used out first): a compiled program costs
-host memory (about 6.5 MB each for SmolLM2 on XLA CPU), and sampler variants and shape buckets could
-otherwise add programs for as long as the server runs."""
+host memory (about 6.5 MB each for SmolLM2 on XLA CPU) and memory mappings (about 300 each: a process has
+65,530 by default), and sampler variants and shape buckets could otherwise add programs for as long as the
+server runs."""
 
 from __future__ import annotations
 
@@ -55,4 +56,6 @@ class ProgramCache:
             if self.max_programs is not None and len(self._programs) > self.max_programs:
                 self._programs.popitem(last=False)
                 self.evictions += 1
+                # JAX's own caches still reference the evicted executable; without this its code stays mapped
+                jax.clear_caches()
             return program

@@ -10,11 +10,24 @@ import subprocess
 import sys
 import textwrap
 
+import jax.numpy as jnp
 import pytest
 from esp_helpers import tiny_esp_engine
 
 from loong_jax.engine import EngineConfig, sizing_jobs
-from loong_jax.memory import Footprint, GiB, MemoryDomain, host_available_bytes, peak_rss_bytes, size_kv_pools
+from loong_jax.memory import (
+    MIN_PROGRAMS,
+    Footprint,
+    GiB,
+    MemoryDomain,
+    count_memory_maps,
+    host_available_bytes,
+    memory_map_room,
+    peak_rss_bytes,
+    program_limit,
+    size_kv_pools,
+)
+from loong_jax.program_cache import ProgramCache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOL = Footprint(weight_bytes=538_000_000, temp_bytes=80_000_000, kv_bytes_per_token=46080)
@@ -106,6 +119,36 @@ def test_an_explicit_pool_that_cannot_fit_fails_before_allocating():
         tiny_esp_engine(num_instances=2, kv_tokens=too_many, page_size=16)
     assert "GiB" in str(e.value)
     assert peak_rss_bytes() - before < GiB  # nothing large was allocated; this process is still here
+
+
+def test_compiled_programs_are_bounded_by_the_memory_mappings_left():
+    # an XLA CPU program of SmolLM2 maps about 300 regions; a process has 65,530 by default
+    assert program_limit(300, room=60_000, wanted=100) == 100
+    assert program_limit(300, room=20_000, wanted=100) == 50  # 0.75 of the room
+    assert program_limit(300, room=None, wanted=100) == 100  # the system does not say: no bound
+    with pytest.raises(ValueError, match=r"vm.max_map_count.*room for 3 programs"):
+        program_limit(300, room=1_200, wanted=100)
+    assert MIN_PROGRAMS > 3
+
+
+def test_an_evicted_program_gives_its_memory_mappings_back():
+    cache = ProgramCache(max_programs=2)
+
+    def f(x):
+        for i in range(20):
+            x = jnp.sort(jnp.tanh(x @ x.T + i), axis=0)
+        return x
+
+    def compile_some(first: int) -> None:
+        for n in range(first, first + 6):
+            cache.get(("f", n), f, (jnp.ones((16 + n, 16 + n)),))
+
+    compile_some(0)
+    settled = count_memory_maps()
+    compile_some(100)  # six more programs, four evicted: the mappings must not grow with them
+    assert cache.evictions == 10 and len(cache) == 2
+    assert count_memory_maps() - settled < 60, "evicted programs kept their code mapped"
+    assert memory_map_room() is None or memory_map_room() > 0
 
 
 def test_sized_engine_reports_its_capacity_and_temporaries_do_not_grow_with_the_pool():
