@@ -48,6 +48,7 @@ class LLM:
         max_prefill_tokens: int | None = None,
         output_estimate: int = 256,
         policy: str = "elastic",
+        attention_backend: str = "auto",
         seed: int | None = None,
         warmup: bool = False,
         compilation_cache_dir: str | None = DEFAULT_CACHE_DIR,
@@ -75,6 +76,7 @@ class LLM:
             max_prefill_tokens=max_prefill_tokens,
             output_estimate=output_estimate,
             policy=policy,
+            attention_backend=attention_backend,
         )
         self.engine = build_engine(self.config, ckpt.graphdef, ckpt.state, self.tokenizer, ecfg, self.dtype, seed)
         log.info(

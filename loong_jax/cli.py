@@ -47,6 +47,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         help="elastic: the cost-model scheduler (default); shared: one program at a time, for instances that "
         "share one processor (virtual CPU devices), usually faster there",
     )
+    p.add_argument(
+        "--attention-backend",
+        choices=["auto", "xla", "pallas"],
+        default="auto",
+        help="auto: the Pallas kernels on GPU, XLA elsewhere (default); pallas on CPU runs them in interpret "
+        "mode (slow)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +99,7 @@ def load_llm(args: argparse.Namespace, **limits: int):
         kv_tokens_per_instance=args.kv_tokens_per_instance,
         memory_utilization=args.memory_utilization,
         policy=args.policy,
+        attention_backend=args.attention_backend,
         **limits,
     )
 

@@ -42,6 +42,7 @@ from loong_jax.policy import Policy, SchedulerView, SharedComputePolicy, pages_t
 from loong_jax.request import IncrementalDetokenizer, Request, Status
 from loong_jax.sampling import SamplingParams
 from loong_jax.scheduler import ElasticScheduler, SchedulerConfig
+from pallas_kernels import BACKENDS
 
 log = logging.getLogger("loong_jax")
 EXTRA_PROGRAMS = 64  # compiled programs kept beyond the warm set (sampler variants, other shapes)
@@ -67,6 +68,7 @@ class EngineConfig:
     output_estimate: int = 256  # new tokens admission plans for when a request gives no max_tokens
     aligned_groups: bool = True
     policy: str = "elastic"  # "elastic": the cost-model scheduler; "shared": instances share one processor
+    attention_backend: str = "auto"  # "auto" (Pallas on GPU, XLA elsewhere), "xla" or "pallas"
 
     POLICIES = ("elastic", "shared")
 
@@ -83,6 +85,8 @@ class EngineConfig:
             object.__setattr__(self, "max_prefill_tokens", self.max_model_len)
         if self.output_estimate < 1:
             raise ValueError(f"output_estimate must be >= 1, got {self.output_estimate}")
+        if self.attention_backend not in BACKENDS:
+            raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}, got {self.attention_backend!r}")
         if self.max_num_seqs < 1 or self.max_prefill_tokens < 1:
             raise ValueError("max_num_seqs and max_prefill_tokens must be >= 1")
         if self.num_instances < 1 or self.tp < 1:
@@ -546,7 +550,9 @@ def build_engine(
         min_prefill_bucket=ecfg.min_prefill_bucket,
         max_rows=ecfg.max_num_seqs,
         max_programs=len(warmup_jobs(ecfg)) + EXTRA_PROGRAMS,
+        attention=ecfg.attention_backend,
     )
+    log.info("attention backend: %s", executor.attention.name)
     footprint = executor.footprint(sizing_jobs(ecfg))
     programs = executor.programs
     programs.max_programs = program_limit(footprint.maps_per_program, memory_map_room(), programs.max_programs)

@@ -40,6 +40,7 @@ from loong_jax.programs import (
 )
 from loong_jax.request import Request
 from loong_jax.sampling import SamplerFlags, SamplerOutputs
+from pallas_kernels import attention_backend
 from pallas_kernels.reference import DECODE_PAGES_PER_BLOCK
 
 log = logging.getLogger("loong_jax")
@@ -92,8 +93,10 @@ class JaxExecutor:
         min_prefill_bucket: int = 16,
         max_rows: int = 32,
         max_programs: int | None = None,
+        attention: str = "auto",
     ):
-        """The layout only: weights and pools go on the devices in `allocate`, once the pool size is known."""
+        """The layout only: weights and pools go on the devices in `allocate`, once the pool size is known.
+        attention: the attention backend ("auto": Pallas kernels on GPU, XLA elsewhere)."""
         self.cfg = cfg
         self.dtype = dtype
         self.min_prefill_bucket = min_prefill_bucket
@@ -104,6 +107,7 @@ class JaxExecutor:
         self.page_table_width = bucket(max_pages_per_request, DECODE_PAGES_PER_BLOCK)
         self.penalty_len = bucket(max_pages_per_request * page_size, 16)  # the ids penalties look at
         self.instances = Instances(cfg, state, num_instances=num_instances, tp=tp, dtype=dtype, devices=devices)
+        self.attention = attention_backend(attention, self.instances.devices[0][0].platform)
         self._host_state: nnx.State | None = state  # until allocate() copies it to the instances
         self.programs = ProgramCache(max_programs)
         self._compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="loong-compile")
@@ -147,7 +151,7 @@ class JaxExecutor:
 
     def _common(self, group: Group) -> tuple:
         inst = self.instances
-        return (self.graphdef, inst.mesh(group), inst.param_specs, inst.pool_spec, inst.tp_plan)
+        return (self.graphdef, inst.mesh(group), inst.param_specs, inst.pool_spec, inst.tp_plan, self.attention)
 
     def now(self) -> float:
         return time.monotonic()

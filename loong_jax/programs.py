@@ -27,13 +27,7 @@ from jax.sharding import PartitionSpec as P
 from loong_jax.kv_pool import KVCache
 from loong_jax.model import TensorParallel
 from loong_jax.sampling import SamplerFlags, SamplerInputs, SamplerOutputs, sample
-from pallas_kernels import (
-    block_attention,
-    merge_attention,
-    merge_attention_many,
-    paged_decode_attention,
-    self_attention_term,
-)
+from pallas_kernels import AttentionBackend, block_attention, merge_attention, merge_attention_many, self_attention_term
 
 SP = "sp"
 
@@ -94,6 +88,7 @@ def prefill_program(
     param_specs: Any,
     pool_spec: P,
     tp: TensorParallel | None,
+    attn: AttentionBackend,
     flags: SamplerFlags,
     params: Any,
     pools: KVCache,
@@ -113,7 +108,7 @@ def prefill_program(
             out = lse = None
             for step in range(d):
                 bk, bv, bpos, bseg = block
-                o, part_lse = block_attention(q, bk, bv, inp.positions, inp.seg, bpos, bseg)
+                o, part_lse = attn.block_attention(q, bk, bv, inp.positions, inp.seg, bpos, bseg)
                 out, lse = (o, part_lse) if out is None else merge_attention(out, lse, o, part_lse)
                 slots = inp.keep_slots[step]
                 pool = KVCache(  # the pool is head-major: [1, L, KV, S, D]
@@ -137,6 +132,7 @@ def decode_program(
     param_specs: Any,
     pool_spec: P,
     tp: TensorParallel | None,
+    attn: AttentionBackend,
     page_size: int,
     flags: SamplerFlags,
     params: Any,
@@ -154,7 +150,7 @@ def decode_program(
 
         def attend(layer, q, k, v, new_kv):
             q_all = jax.lax.all_gather(q, SP, tiled=True) if d > 1 else q
-            o, lse = paged_decode_attention(
+            o, lse = attn.paged_decode_attention(
                 q_all, pools.k[0], pools.v[0], layer, inp.page_table, inp.kv_lens, page_size=page_size
             )
             if d > 1:  # partials for my master rows, from every rank: [d, B, ...]

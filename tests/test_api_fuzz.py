@@ -47,9 +47,9 @@ def no_error_in_a_200(ctx, response, case):
     events = [line[6:] for line in text.splitlines() if line.startswith("data: {")] or [text]
     for event in events:
         body = json.loads(event)
-        if isinstance(body, dict) and ("error" in body or any(
-            c.get("finish_reason") == "error" for c in body.get("choices", [])
-        )):
+        if isinstance(body, dict) and (
+            "error" in body or any(c.get("finish_reason") == "error" for c in body.get("choices", []))
+        ):
             raise AssertionError(f"a 200 carries an error: {event[:300]}")
     return None
 

@@ -197,8 +197,10 @@ def test_readme_example_runs_with_the_defaults_within_the_memory_it_asked_for():
     assert r["how"] == "sized from memory" and r["utilization"] == 0.5 and r["domain"] == "host"
     assert r["num_instances"] == 8 and r["tokens_per_instance"] >= 2048
     assert r["text"] and all(r["texts"])
-    print(f"capacity {r['tokens_per_instance']} tokens/instance, peak {r['peak_rss'] / GiB:.2f} GiB, "
-          f"budget {r['budget_bytes'] / GiB:.2f} GiB")
+    print(
+        f"capacity {r['tokens_per_instance']} tokens/instance, peak {r['peak_rss'] / GiB:.2f} GiB, "
+        f"budget {r['budget_bytes'] / GiB:.2f} GiB"
+    )
     assert r["peak_rss"] <= r["budget_bytes"]
 
 
