@@ -251,7 +251,7 @@ class JaxExecutor:
         """Instances of the group whose pools a failed program left deleted (donated) or in error get new
         empty pools; returns them (their KV is lost)."""
         lost = []
-        for i in group:
+        for i in [i for i in group if self.instances.local[i]]:
             try:
                 pool = self.instances.pools[i]
                 intact = not any(x.is_deleted() for x in pool) and jax.block_until_ready(pool) is not None

@@ -5,6 +5,10 @@ re-shard their weights. A group is any tuple of instances; its mesh has axes ("s
 exactly those instances' devices, in the group's order. Per-instance buffers are assembled into the
 group's global arrays without copies (each device's shard is the instance's own buffer), and a program's
 output pools are split back into per-instance buffers the same way.
+
+With several processes (multi-host), each process holds the weights and pools of its own devices'
+instances only (the others are None here); a group's arrays are assembled from the shards this process
+holds, and only the processes owning devices of a group launch its programs.
 """
 
 from __future__ import annotations
@@ -62,13 +66,21 @@ class Instances:
         self.pool_spec = P(SP, None, TP if self.kv_tp else None, None, None)
         self._meshes: dict[Group, Mesh] = {}
         self._params: dict[Group, Any] = {}
-        self.weights: list[Any] = []
-        self.pools: list[KVCache] = []
+        self.weights: list[Any] = []  # None for an instance of another process
+        self.pools: list[KVCache | None] = []
+        pid = jax.process_index()
+        self.local = [all(d.process_index == pid for d in row) for row in self.devices]
+        if any(any(d.process_index == pid for d in row) != local for row, local in zip(self.devices, self.local)):
+            raise ValueError("an instance's tp devices must all belong to one process")
 
     def allocate(self, state: nnx.State, num_slots: int) -> None:
         """Put a copy of the weights (sharded over its tp devices) and an empty KV pool on every instance."""
         self.num_slots = num_slots
         for i in range(self.n):
+            if not self.local[i]:
+                self.weights.append(None)
+                self.pools.append(None)
+                continue
             shard = jax.tree.map(functools.partial(NamedSharding, self.mesh((i,))), self.param_specs)
             self.weights.append(jax.device_put(state, shard))
             self.pools.append(self._empty_pool(i))
@@ -80,7 +92,8 @@ class Instances:
 
     def reset_pool(self, i: int) -> None:
         """Replace instance i's KV pool with an empty one (after a failed program left it unusable)."""
-        self.pools[i] = self._empty_pool(i)
+        if self.local[i]:
+            self.pools[i] = self._empty_pool(i)
 
     def _pool_shape(self, rows: int, num_slots: int) -> tuple[int, ...]:
         cfg = self.cfg
@@ -135,7 +148,7 @@ class Instances:
         params = self._params.get(group)
         if params is None:
             mesh = self.mesh(group)
-            per_instance = [self.weights[i] for i in group]
+            per_instance = [self.weights[i] for i in group if self.local[i]]
 
             def assemble(spec, *leaves):
                 return _assemble(leaves[0].shape, NamedSharding(mesh, spec), leaves)
@@ -149,10 +162,11 @@ class Instances:
         if len(group) == 1:  # an instance's own buffers already are its one-member group's view
             return self.pools[group[0]]
         sharding = self.sharding(group, self.pool_spec)
-        shape = (len(group), *self.pools[group[0]].k.shape[1:])
+        local = [self.pools[i] for i in group if self.local[i]]
+        shape = (len(group), *local[0].k.shape[1:])
         return KVCache(
-            _assemble(shape, sharding, [self.pools[i].k for i in group]),
-            _assemble(shape, sharding, [self.pools[i].v for i in group]),
+            _assemble(shape, sharding, [pool.k for pool in local]),
+            _assemble(shape, sharding, [pool.v for pool in local]),
         )
 
     def put_group_pools(self, group: Group, pools: KVCache) -> None:
@@ -162,6 +176,8 @@ class Instances:
             return
         k_parts, v_parts = _split_rows(pools.k, len(group)), _split_rows(pools.v, len(group))
         for row, i in enumerate(group):
+            if not self.local[i]:
+                continue
             sharding = self.sharding((i,), self.pool_spec)
             shape = (1, *pools.k.shape[1:])
             self.pools[i] = KVCache(
@@ -181,7 +197,7 @@ def _split_rows(x: jax.Array, rows: int) -> list[list[jax.Array]]:
     mesh = x.sharding.mesh
     grid = mesh.devices
     by_device = {s.device: s.data for s in x.addressable_shards}
-    return [[by_device[dev] for dev in grid[r]] for r in range(rows)]
+    return [[by_device.get(dev) for dev in grid[r]] for r in range(rows)]  # None: another process's
 
 
 def _specs_like(state: nnx.State, flat: dict[str, P]) -> Any:

@@ -1,0 +1,86 @@
+"""One process of a multi-process test: joins the run, plays a scenario, prints one JSON line of results.
+
+Run by tests/test_multihost.py as `python multihost_worker.py SCENARIO COORDINATOR NUM_PROCESSES PROCESS_ID
+LOCAL_DEVICES`; never imported by pytest.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def migrate_across_processes() -> dict:
+    """KV moved by the real migrate program between instances of different processes and of one process,
+    on the real Instances layout of a tiny model (8 instances, 4 per process)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+    from jax.sharding import PartitionSpec as P
+
+    from loong_jax.config import tiny_config
+    from loong_jax.instances import SP, Instances
+    from loong_jax.kv_pool import KVCache
+    from loong_jax.model import Llama
+    from loong_jax.programs import MigrateInputs, migrate_program
+
+    cfg = tiny_config()
+    _, state = nnx.split(Llama(cfg, jnp.float32, nnx.Rngs(0)))
+    inst = Instances(cfg, state, num_instances=8, tp=1, dtype=jnp.float32)
+    slots = 64
+    inst.allocate(state, slots)
+    shape = (1, cfg.num_layers, cfg.num_kv_heads, slots, cfg.head_dim)
+    for i in range(8):  # instance i's pool holds the value i + slot / 100 everywhere
+        if inst.local[i]:
+            value = i + np.arange(slots, dtype=np.float32)[None, None, None, :, None] / 100
+            full = np.ascontiguousarray(np.broadcast_to(value, shape))  # K and V: two buffers from the host
+            inst.pools[i] = KVCache(*(jax.device_put(full, inst.sharding((i,), inst.pool_spec)) for _ in range(2)))
+
+    def migrate(src: int, dst: int, src_slots: list[int], dst_slots: list[int]) -> None:
+        group = (src, dst)
+        if not any(inst.local[i] for i in group):
+            return  # processes outside a group do not touch it
+        n = len(src_slots)
+        inp = MigrateInputs(np.full((2, n), slots, np.int32), np.full((2, n), slots, np.int32))
+        inp.src_slots[0], inp.dst_slots[1] = src_slots, dst_slots
+        inp = jax.device_put(inp, inst.sharding(group, P(SP)))
+        fn = jax.jit(functools.partial(migrate_program, inst.mesh(group), inst.pool_spec), donate_argnums=(0,))
+        inst.put_group_pools(group, fn(inst.group_pools(group), inp))
+
+    migrate(1, 6, [3, 4, 5, 6], [10, 11, 12, 13])  # process 0 -> process 1
+    migrate(5, 7, [0, 1, 2, 3], [20, 21, 22, 23])  # inside process 1 only
+    migrate(2, 0, [8, 9, 10, 11], [30, 31, 32, 33])  # inside process 0 only
+    out = {}
+    for i in range(8):
+        if inst.local[i]:
+            k = np.asarray(inst.pools[i].k)[0, -1, -1, :, 0]
+            out[i] = [round(float(x), 2) for x in k]
+    return out
+
+
+SCENARIOS = {"migrate": migrate_across_processes}
+
+
+def main() -> None:
+    scenario, coordinator, num, pid, local = (
+        sys.argv[1],
+        sys.argv[2],
+        int(sys.argv[3]),
+        int(sys.argv[4]),
+        int(sys.argv[5]),
+    )
+    from loong_jax.multihost import Distributed, initialize
+
+    initialize(Distributed(coordinator, num, pid), local_cpu_devices=local, timeout_s=60)
+    result = SCENARIOS[scenario]()
+    print("RESULT " + json.dumps(result), flush=True)
+    import jax
+
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
