@@ -61,7 +61,54 @@ def migrate_across_processes() -> dict:
     return out
 
 
-SCENARIOS = {"migrate": migrate_across_processes}
+def plan_round_trips() -> dict:
+    """The leader sends 100 decode-step-sized plans (batch 16, page tables of 64 pages); every follower
+    checks each, in order, and answers with 16 "tokens"; the leader reads every answer. Then a follower
+    waits for a plan that never comes and must get a PeerTimeout, not a hang."""
+    import time
+
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from loong_jax.multihost.channel import PeerTimeout, PlanChannel
+
+    channel = PlanChannel.from_jax(timeout_s=20)
+    rng = np.random.default_rng(0)
+    steps, seconds = 100, []
+    for seq in range(steps):
+        plan = {"kind": "decode", "group": [0, 1, 2, 3], "tokens": rng.integers(0, 50000, 16).astype(np.int32)}
+        plan.update(
+            page_table=rng.integers(0, 4096, (16, 64)).astype(np.int32), positions=np.arange(16, dtype=np.int32)
+        )
+        if jax.process_index() == 0:
+            t0 = time.perf_counter()
+            channel.publish(seq, plan)
+            answers = channel.replies(seq)
+            seconds.append(time.perf_counter() - t0)
+            assert all((a["tokens"] == plan["tokens"] + seq).all() for a in answers)
+            channel.forget(seq)
+        else:
+            got = channel.receive(seq)
+            assert got["kind"] == "decode" and (got["page_table"] == plan["page_table"]).all()
+            channel.reply(seq, {"tokens": got["tokens"] + seq})
+    out = {"steps": steps}
+    if jax.process_index() == 0:
+        out["round_trip_ms_median"] = float(np.median(seconds) * 1000)
+    else:
+        quick = PlanChannel(channel.client, channel.process_id, channel.num_processes, timeout_s=1)
+        t0 = time.perf_counter()
+        try:
+            quick.receive(steps + 1)
+            out["timeout"] = "none"
+        except PeerTimeout as e:
+            out["timeout"] = str(e)
+        out["waited_s"] = time.perf_counter() - t0
+    multihost_utils.sync_global_devices("done")
+    return out
+
+
+SCENARIOS = {"migrate": migrate_across_processes, "plan": plan_round_trips}
 
 
 def main() -> None:

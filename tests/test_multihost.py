@@ -79,3 +79,11 @@ def test_kv_migrates_between_instances_on_different_processes():
     assert p1["7"] == pool(7, {20 + j: 5 + j / 100 for j in range(4)})  # within process 1
     assert p0["0"] == pool(0, {30 + j: 2 + (8 + j) / 100 for j in range(4)})  # within process 0
     assert p0["1"] == pool(1) and p1["5"] == pool(5)  # sources keep their KV
+
+
+def test_plans_reach_every_follower_in_order_and_a_silent_leader_is_a_timeout():
+    results = run_processes("plan", num=3, local_devices=1)
+    assert all(r["steps"] == 100 for r in results)
+    assert results[0]["round_trip_ms_median"] < 1000  # measured in benchmarks; here only "it answers"
+    for r in results[1:]:
+        assert r["timeout"].startswith("process 0 (the leader) sent nothing") and r["waited_s"] < 10
