@@ -64,6 +64,24 @@ def causal_flops(lengths, heads, dim) -> float:
     return sum(4.0 * n * (n + 1) / 2 * heads * dim for n in lengths)
 
 
+def compare(out, lse, ref_out, ref_lse) -> dict:
+    """Largest differences from the reference, whether the -inf rows agree, and whether any output is NaN."""
+    out, ref_out = np.asarray(out, np.float32), np.asarray(ref_out, np.float32)
+    lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
+    fin = np.isfinite(ref_lse)
+    return {
+        "max_abs_out": float(np.abs(out - ref_out).max()),
+        "max_abs_lse": float(np.abs(lse[fin] - ref_lse[fin]).max()),
+        "same_neg_inf": bool(np.array_equal(np.isneginf(lse), np.isneginf(ref_lse))),
+        "nan": bool(np.isnan(out).any()),
+    }
+
+
+def failed(e: Exception) -> str:
+    """What a measurement that failed records instead of its figure."""
+    return f"error: {type(e).__name__}: {str(e)[:300]}"
+
+
 def check_ring(interpret: bool, quick: bool) -> dict:
     """Kernel vs reference on ragged packed batches, GQA, bf16 and f32, including rows that see no key."""
     out = {}
@@ -75,16 +93,8 @@ def check_ring(interpret: bool, quick: bool) -> dict:
             kseg = seg.at[::3].set(-1)  # some keys belong to no request
             qseg = seg.at[1].set(-1)  # a padding query: sees nothing
             o, lse = ring_attention.block_attention(q, k, v, pos, qseg, pos, kseg, interpret=interpret)
-            ro, rlse = reference.block_attention(q, k, v, pos, qseg, pos, kseg)
-            o, ro = np.asarray(o, np.float32), np.asarray(ro, np.float32)
-            same_inf = bool(np.array_equal(np.isneginf(lse), np.isneginf(rlse)))
-            fin = np.isfinite(np.asarray(rlse))
-            out[f"{lengths}-h{h}-kv{kvh}-d{d}-{jnp.dtype(dtype).name}"] = {
-                "max_abs_out": float(np.abs(o - ro).max()),
-                "max_abs_lse": float(np.abs(np.asarray(lse)[fin] - np.asarray(rlse)[fin]).max()),
-                "same_neg_inf": same_inf,
-                "nan": bool(np.isnan(o).any()),
-            }
+            want = reference.block_attention(q, k, v, pos, qseg, pos, kseg)
+            out[f"{lengths}-h{h}-kv{kvh}-d{d}-{jnp.dtype(dtype).name}"] = compare(o, lse, *want)
     return out
 
 
@@ -115,15 +125,8 @@ def check_decode(interpret: bool, quick: bool) -> dict:
             o, lse = paged_decode.paged_decode_attention(
                 q, kp, vp, layer, table, lengths, page_size=16, interpret=interpret
             )
-            ro, rlse = reference.paged_decode_attention(q, kp, vp, layer, table, lengths, page_size=16)
-            o, ro = np.asarray(o, np.float32), np.asarray(ro, np.float32)
-            fin = np.isfinite(np.asarray(rlse))
-            out[f"b{b}-ctx{ctx}-h{h}-kv{kvh}-d{d}-{jnp.dtype(dtype).name}"] = {
-                "max_abs_out": float(np.abs(o - ro).max()),
-                "max_abs_lse": float(np.abs(np.asarray(lse)[fin] - np.asarray(rlse)[fin]).max()),
-                "same_neg_inf": bool(np.array_equal(np.isneginf(lse), np.isneginf(rlse))),
-                "nan": bool(np.isnan(o).any()),
-            }
+            want = reference.paged_decode_attention(q, kp, vp, layer, table, lengths, page_size=16)
+            out[f"b{b}-ctx{ctx}-h{h}-kv{kvh}-d{d}-{jnp.dtype(dtype).name}"] = compare(o, lse, *want)
     return out
 
 
@@ -150,12 +153,12 @@ def bench_ring(quick: bool) -> dict:
                 )
                 row["tflops"][label] = flops / timed(fn, q, k, v, pos, seg, pos, seg) / 1e12
             except Exception as e:  # a tile shape the GPU rejects: record it, try the next
-                row["tflops"][label] = f"error: {type(e).__name__}: {str(e)[:300]}"
+                row["tflops"][label] = failed(e)
         try:
             ref = jax.jit(reference.block_attention)
             row["tflops"]["xla_reference"] = flops / timed(ref, q, k, v, pos, seg, pos, seg, iters=1, repeats=1) / 1e12
         except Exception as e:
-            row["tflops"]["xla_reference"] = f"error: {type(e).__name__}: {str(e)[:300]}"
+            row["tflops"]["xla_reference"] = failed(e)
         if not quick:
             row["tflops"]["cudnn"] = cudnn_tflops(lengths, h, kvh, d, dtype, flops)
         results[name] = row
@@ -177,7 +180,7 @@ def cudnn_tflops(lengths, h, kvh, d, dtype, flops) -> float | str:
         )
         return flops / timed(fn, q, k, v) / 1e12
     except Exception as e:
-        return f"error: {type(e).__name__}: {str(e)[:300]}"
+        return failed(e)
 
 
 def bench_decode(quick: bool, peak: float | None) -> dict:
@@ -199,12 +202,12 @@ def bench_decode(quick: bool, peak: float | None) -> dict:
                 )
                 row["gbps"][f"pallas_k{bk}"] = kv_bytes / timed(fn, q, kp, vp, layer, table, lengths) / 1e9
             except Exception as e:
-                row["gbps"][f"pallas_k{bk}"] = f"error: {type(e).__name__}: {str(e)[:300]}"
+                row["gbps"][f"pallas_k{bk}"] = failed(e)
         try:
             ref = jax.jit(lambda *a: reference.paged_decode_attention(*a, page_size=16))
             row["gbps"]["xla_reference"] = kv_bytes / timed(ref, q, kp, vp, layer, table, lengths, iters=2) / 1e9
         except Exception as e:
-            row["gbps"]["xla_reference"] = f"error: {type(e).__name__}: {str(e)[:300]}"
+            row["gbps"]["xla_reference"] = failed(e)
         best = max((x for k, x in row["gbps"].items() if k.startswith("pallas") and isinstance(x, float)), default=0)
         if peak:
             row["best_pallas_share_of_peak"] = best * 1e9 / peak

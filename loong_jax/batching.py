@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from loong_jax.request import Request
-from loong_jax.sampling import MAX_BANNED, MAX_LOGIT_BIAS, SamplerFlags, SamplerInputs, seed_words
+from loong_jax.sampling import MAX_BANNED, MAX_EOS_IDS, MAX_LOGIT_BIAS, SamplerFlags, SamplerInputs, seed_words
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -64,7 +64,7 @@ def sampler_inputs(
             seed[k, i] = seed_words(r.seed)
             step[k, i] = len(r.output_ids)
             if len(r.output_ids) < p.min_tokens:  # neither EOS nor a stop token may end it yet
-                ban = [*(() if p.ignore_eos else r.eos_ids[:4]), *p.stop_token_ids][:MAX_BANNED]
+                ban = [*(() if p.ignore_eos else r.eos_ids[:MAX_EOS_IDS]), *p.stop_token_ids][:MAX_BANNED]
                 banned[k, i, : len(ban)] = ban
             if flags.extras and p.logit_bias:
                 bias_ids[k, i, : len(p.logit_bias)] = list(p.logit_bias)

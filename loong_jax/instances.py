@@ -68,10 +68,10 @@ class Instances:
         self._params: dict[Group, Any] = {}
         self.weights: list[Any] = []  # None for an instance of another process
         self.pools: list[KVCache | None] = []
-        pid = jax.process_index()
-        self.local = [all(d.process_index == pid for d in row) for row in self.devices]
-        if any(any(d.process_index == pid for d in row) != local for row, local in zip(self.devices, self.local)):
+        owners = [{d.process_index for d in row} for row in self.devices]
+        if any(len(o) > 1 for o in owners):
             raise ValueError("an instance's tp devices must all belong to one process")
+        self.local = [o == {jax.process_index()} for o in owners]  # this process holds its buffers
 
     def allocate(self, state: nnx.State, num_slots: int) -> None:
         """Put a copy of the weights (sharded over its tp devices) and an empty KV pool on every instance."""

@@ -198,11 +198,9 @@ def memory_map_room() -> int | None:
     try:
         with open("/proc/sys/vm/max_map_count") as f:
             limit = int(f.read())
-        with open("/proc/self/maps") as f:
-            used = sum(1 for _ in f)
     except (OSError, ValueError):
         return None
-    return max(0, limit - used)
+    return max(0, limit - count_memory_maps())
 
 
 def count_memory_maps() -> int:

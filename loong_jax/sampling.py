@@ -19,7 +19,8 @@ import numpy as np
 
 MAX_LOGPROBS = 20
 MAX_STOP_TOKEN_IDS = 16
-MAX_BANNED = 4 + MAX_STOP_TOKEN_IDS  # EOS and stop token ids masked before min_tokens
+MAX_EOS_IDS = 4  # a model's end-of-sequence ids banned before min_tokens
+MAX_BANNED = MAX_EOS_IDS + MAX_STOP_TOKEN_IDS  # EOS and stop token ids masked before min_tokens
 MAX_LOGIT_BIAS = 300  # entries of one request's logit_bias
 MIN_TEMPERATURE = 1e-5  # below this, dividing the logits overflows: such temperatures sample greedily
 MAX_INT32 = 2**31 - 1
@@ -100,7 +101,7 @@ class SamplingParams:
             raise bad("min_tokens", "an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad("min_tokens", f"at most max_tokens ({self.max_tokens})")
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t <= MAX_INT32 for t in self.stop_token_ids):
+        if not all(_is_token_id(t) for t in self.stop_token_ids):
             raise bad("stop_token_ids", "a list of token ids (integers >= 0)")
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise bad("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} token ids")
@@ -108,7 +109,7 @@ class SamplingParams:
             if len(self.logit_bias) > MAX_LOGIT_BIAS:
                 raise bad("logit_bias", f"at most {MAX_LOGIT_BIAS} entries")
             for t, v in self.logit_bias.items():
-                if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t <= MAX_INT32:
+                if not _is_token_id(t):
                     raise bad("logit_bias", "a mapping of token ids (integers >= 0) to numbers in [-100, 100]")
                 if isinstance(v, bool) or not isinstance(v, numbers.Real) or not -100.0 <= v <= 100.0:
                     raise bad("logit_bias", "a mapping of token ids to numbers in [-100, 100]")
@@ -123,6 +124,10 @@ class SamplingParams:
     def uses_extras(self) -> bool:
         """Whether sampling needs the extras variant of the sampler (penalties, logit bias, logprobs)."""
         return self.uses_penalties or bool(self.logit_bias) or self.logprobs is not None
+
+
+def _is_token_id(t: object) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= MAX_INT32
 
 
 def _int(x: object) -> object:

@@ -47,11 +47,8 @@ def attention_backend(name: str = "auto", platform: str = "cpu") -> AttentionBac
     )
 
 
-XLA = attention_backend("xla")
-
 __all__ = [
     "BACKENDS",
-    "XLA",
     "AttentionBackend",
     "attention_backend",
     "block_attention",

@@ -20,7 +20,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.reference import merge_attention_many
-from pallas_kernels.tiles import MASK_VALUE, finish_rows, matmul, online_update, pow2_at_least
+from pallas_kernels.tiles import MASK_VALUE, check_heads, finish_rows, matmul, online_update, pow2_at_least
 
 BLOCK_K = 64  # keys per loop step
 TARGET_PROGRAMS = 512  # split long contexts until about this many programs run (an H100 has 132 SMs)
@@ -107,10 +107,7 @@ def paged_decode_attention(
     """
     b, h, d = q.shape
     layers, kvh, num_slots, _ = k_pool.shape
-    if h % kvh:
-        raise ValueError(f"query heads ({h}) must be a multiple of the key/value heads ({kvh})")
-    if d < 16 or d & (d - 1):
-        raise ValueError(f"the Pallas kernels need a power-of-two head dim >= 16, got {d}")
+    check_heads(h, kvh, d)
     g = h // kvh
     gp = pow2_at_least(g)
     width = page_table.shape[1]

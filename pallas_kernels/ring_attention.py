@@ -22,7 +22,16 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.tiles import MASK_VALUE, finish_rows, matmul, online_update, pad_to, pow2_at_least, tile_summaries
+from pallas_kernels.tiles import (
+    MASK_VALUE,
+    check_heads,
+    finish_rows,
+    matmul,
+    online_update,
+    pad_to,
+    pow2_at_least,
+    tile_summaries,
+)
 
 # Tile sizes for the Triton lowering: matmul operands need every dimension >= 16 and a power of two. On an
 # H200 at head dim 128, 128 x 128 tiles with 8 warps and 3 stages were fastest for long prompts (459 TFLOP/s
@@ -104,10 +113,7 @@ def block_attention(
     """
     t, h, d = q.shape
     s, kvh, _ = k.shape
-    if h % kvh:
-        raise ValueError(f"query heads ({h}) must be a multiple of the key/value heads ({kvh})")
-    if d < 16 or d & (d - 1):
-        raise ValueError(f"the Pallas kernels need a power-of-two head dim >= 16, got {d}")
+    check_heads(h, kvh, d)
     g = h // kvh
     bq = min(block_q, pow2_at_least(t))
     bk = min(block_k, pow2_at_least(s))

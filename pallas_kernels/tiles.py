@@ -19,6 +19,14 @@ def pow2_at_least(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
+def check_heads(heads: int, kv_heads: int, dim: int) -> None:
+    """The shapes both kernels take: query heads a multiple of the K/V heads, a power-of-two head dim >= 16."""
+    if heads % kv_heads:
+        raise ValueError(f"query heads ({heads}) must be a multiple of the key/value heads ({kv_heads})")
+    if dim < 16 or dim & (dim - 1):
+        raise ValueError(f"the Pallas kernels need a power-of-two head dim >= 16, got {dim}")
+
+
 def pad_to(x: jnp.ndarray, multiple: int, value: int | float = 0, axis: int = 0) -> jnp.ndarray:
     """Pad axis `axis` of x with `value` up to a multiple of `multiple` (no copy when it already is)."""
     extra = -x.shape[axis] % multiple

@@ -107,6 +107,10 @@ class Server:
         raw = await _read_body(request, self.max_body_bytes)
         return await asyncio.to_thread(_decode_json, raw, model)
 
+    def dead_reason(self) -> str:
+        """Why the engine cannot serve (for /health and 503 answers)."""
+        return self.engine.dead or "the engine thread is not running"
+
     def _check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
             raise APIError(
@@ -420,7 +424,7 @@ class Server:
     async def health(self, request: Request) -> Response:
         if self.engine.alive:
             return JSONResponse({"status": "ok"})
-        reason = self.engine.dead or "the engine thread is not running"
+        reason = self.dead_reason()
         body = {"status": "unavailable", "reason": reason}
         return JSONResponse({**body, "error": {"message": reason, "type": "service_unavailable", "code": 503}}, 503)
 
@@ -470,7 +474,7 @@ def build_app(server: Server, on_shutdown: Any = None) -> Starlette:
         async def endpoint(request: Request) -> Response:
             try:
                 if needs_engine and not server.engine.alive:
-                    reason = server.engine.dead or "the engine thread is not running"
+                    reason = server.dead_reason()
                     raise APIError(f"the server cannot serve requests: {reason}", 503, "service_unavailable")
                 return await handler(request)
             except APIError as e:

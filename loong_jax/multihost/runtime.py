@@ -65,8 +65,3 @@ def initialize(dist: Distributed, *, local_cpu_devices: int | None = None, timeo
         use_virtual_cpu_devices(local_cpu_devices)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(dist.coordinator, dist.num_processes, dist.process_id, initialization_timeout=timeout_s)
-
-
-def is_local(device: jax.Device) -> bool:
-    """Whether this process drives the device (owns its buffers and launches its programs)."""
-    return device.process_index == jax.process_index()
