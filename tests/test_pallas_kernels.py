@@ -9,11 +9,14 @@ see no key are -inf in both, with output 0.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from esp_helpers import greedy_params, tiny_esp_engine
+from jax.sharding import AbstractDevice, AbstractMesh, Mesh, use_abstract_mesh
 
 from loong_jax.execution import DecodeWork, Iteration, PrefillWork
 from loong_jax.sampling import SamplerFlags
@@ -165,8 +168,23 @@ def test_model_with_pallas_kernels_matches_xla():
         np.testing.assert_allclose(lps, ref_lps, atol=1e-4)
 
 
-@pytest.mark.parametrize("instances,tp", [(1, 1), (4, 1), (2, 2)])
-def test_real_programs_lower_for_cuda_with_the_triton_kernels(instances, tp):
+GPUS = {"A100": "NVIDIA A100-SXM4-80GB", "H100": "NVIDIA H100 80GB HBM3"}  # sm80 and sm90
+
+
+def lower_for_gpu(fn: functools.partial, args, donate, device_kind: str) -> str:
+    """The program's CUDA module for an abstract GPU of that kind (no GPU here): its group mesh swapped for an
+    abstract mesh of that device, arguments as bare shapes. jax 0.11's Triton lowering needs the device kind."""
+    mesh = next(a for a in fn.args if isinstance(a, Mesh))
+    device = AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu")
+    gpu_mesh = AbstractMesh(mesh.axis_sizes, mesh.axis_names, axis_types=mesh.axis_types, abstract_device=device)
+    fn = functools.partial(fn.func, *[gpu_mesh if a is mesh else a for a in fn.args], **fn.keywords)
+    args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
+    with use_abstract_mesh(gpu_mesh):
+        return jax.jit(fn, donate_argnums=donate).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("instances,tp,gpu", [(1, 1, "A100"), (4, 1, "H100"), (4, 1, "A100"), (2, 2, "H100")])
+def test_real_programs_lower_for_cuda_with_the_triton_kernels(instances, tp, gpu):
     engine = tiny_esp_engine(num_instances=instances, tp=tp, kv_tokens=1024)
     ex = engine.executor
     ex.attention = attention_backend("pallas", "gpu")  # the kernels as on a GPU: no interpret mode
@@ -176,6 +194,6 @@ def test_real_programs_lower_for_cuda_with_the_triton_kernels(instances, tp):
             continue
         g = group[:2] if kind == "migrate" else group
         _, fn, args, donate = ex._program_args(kind, g, size, rows, SamplerFlags(extras=True), ex.page_size)
-        text = jax.jit(fn, donate_argnums=donate).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        text = lower_for_gpu(fn, args, donate, GPUS[gpu])
         if kind != "migrate":
             assert "__gpu$xla.gpu.triton" in text, f"{kind}: no Triton kernel in the CUDA module"
