@@ -25,7 +25,7 @@ def worker(coordinator: str, num: int, pid: int) -> None:
     """One process: join, then lead (process 0) or follow STEPS plans; process 0 prints its timings."""
     import numpy as np
 
-    from loong_jax.multihost import Distributed, initialize
+    from loong_jax.multihost import Distributed, initialize, shutdown
     from loong_jax.multihost.channel import PlanChannel
 
     initialize(Distributed(coordinator, num, pid), local_cpu_devices=1, timeout_s=60)
@@ -53,6 +53,7 @@ def worker(coordinator: str, num: int, pid: int) -> None:
             channel.reply(seq, {"tokens": got["tokens"]})
     if pid == 0:
         print("RESULT " + json.dumps(seconds[20:]), flush=True)  # the first ones warm up the connections
+    shutdown()
 
 
 def round_trips(num: int) -> list[float]:

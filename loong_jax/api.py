@@ -7,10 +7,13 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import jax
 from tqdm.auto import tqdm
 
 from loong_jax.cost_model import CostModel
 from loong_jax.engine import EngineConfig, build_engine, warmup_jobs
+from loong_jax.multihost.channel import PlanChannel
+from loong_jax.multihost.follower import Follower
 from loong_jax.outputs import RequestOutput
 from loong_jax.platform import DEFAULT_CACHE_DIR, enable_compilation_cache, parse_dtype
 from loong_jax.profiling import DEFAULT_PROFILE_DIR, profile_key, profile_path
@@ -49,6 +52,8 @@ class LLM:
         output_estimate: int = 256,
         policy: str = "elastic",
         attention_backend: str = "auto",
+        heartbeat_timeout_s: float = 30.0,
+        step_timeout_s: float = 300.0,
         seed: int | None = None,
         warmup: bool = False,
         compilation_cache_dir: str | None = DEFAULT_CACHE_DIR,
@@ -77,6 +82,8 @@ class LLM:
             output_estimate=output_estimate,
             policy=policy,
             attention_backend=attention_backend,
+            heartbeat_timeout_s=heartbeat_timeout_s,
+            step_timeout_s=step_timeout_s,
         )
         self.engine = build_engine(self.config, ckpt.graphdef, ckpt.state, self.tokenizer, ecfg, self.dtype, seed)
         log.info(
@@ -100,8 +107,29 @@ class LLM:
                 self.use_cost_model(CostModel.load(path))
                 self.cost_model_source = str(path)
             log.info("policy: elastic; scheduler cost model: %s", self.cost_model_source)
-        if warmup:
+        if warmup and not self.is_follower:
             self.warmup()
+
+    @property
+    def is_follower(self) -> bool:
+        """A process of a multi-host run other than process 0: it takes no requests, it runs `follow()`."""
+        return jax.process_index() != 0
+
+    def follow(self) -> None:
+        """Follower: carry out process 0's operations on this process's instances until it stops."""
+        if not self.is_follower:
+            raise RuntimeError("process 0 leads a multi-host run; only the other processes follow")
+        Follower(self.engine.executor, PlanChannel.from_jax()).run()
+
+    def close(self) -> None:
+        """Leader of a multi-host run: release the followers (their `follow()` returns). A no-op otherwise."""
+        peers = self.engine.executor.peers
+        if peers is not None:
+            peers.stop()
+
+    def _check_leader(self) -> None:
+        if self.is_follower:
+            raise RuntimeError(f"process {jax.process_index()} follows process 0, which takes the requests")
 
     def use_cost_model(self, cost: CostModel) -> None:
         """Schedule with this cost model from now on (e.g. one `profile()` just fitted); the shared policy
@@ -109,7 +137,10 @@ class LLM:
         self.engine.policy = self.engine.default_policy(cost)
 
     def warmup(self, show_progress: bool = True) -> int:
-        """Compile the programs the engine's policy uses (see `warmup_jobs`); returns how many compiled."""
+        """Compile the programs the engine's policy uses (see `warmup_jobs`); returns how many compiled. In a
+        multi-host run the leader's warm-up is every process's (followers warm up when it sends them)."""
+        if self.is_follower:
+            return 0
         t0 = time.perf_counter()
         n = self.engine.executor.warmup(warmup_jobs(self.engine.ecfg), show_progress)
         log.info("warmed up %d programs in %.1fs", n, time.perf_counter() - t0)
@@ -135,6 +166,7 @@ class LLM:
         plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"got {len(plist)} sampling params for {len(prompts)} prompts")
+        self._check_leader()
         encoded = [self._encode(p) for p in prompts]
         reqs = []
         try:
@@ -156,6 +188,7 @@ class LLM:
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Generate one completion and yield its text as it is produced (other requests keep running)."""
+        self._check_leader()
         req = self.engine.add_request(self._encode(prompt), sampling_params or SamplingParams())
         try:
             while not req.finished:

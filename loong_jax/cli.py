@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 
+from loong_jax.multihost import Distributed, initialize, shutdown
 from loong_jax.platform import use_virtual_cpu_devices
 
 
@@ -56,6 +57,36 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _multihost_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "multi-host",
+        "one row of instances over several processes (one per host): run the same command on every host with "
+        "its own --process-id; process 0 serves HTTP. --num-instances counts the instances of all hosts, split "
+        "evenly. Or set LOONG_COORDINATOR, LOONG_NUM_PROCESSES and LOONG_PROCESS_ID.",
+    )
+    g.add_argument("--coordinator", default=None, help="HOST:PORT where process 0 coordinates the run")
+    g.add_argument("--num-processes", type=int, default=None)
+    g.add_argument("--process-id", type=int, default=None)
+    g.add_argument(
+        "--heartbeat-timeout", type=float, default=30.0, help="seconds without a heartbeat before a process is lost"
+    )
+    g.add_argument("--step-timeout", type=float, default=300.0, help="seconds a process may take to answer one launch")
+
+
+def distributed_settings(args: argparse.Namespace) -> Distributed | None:
+    """The multi-host settings of `serve` (all three options, or the environment), checked; None if none."""
+    given = [getattr(args, name, None) for name in ("coordinator", "num_processes", "process_id")]
+    if any(v is not None for v in given) and any(v is None for v in given):
+        raise ValueError("a multi-host run needs all of --coordinator, --num-processes and --process-id")
+    dist = Distributed.from_env() if given[0] is None else Distributed(*given)
+    devices = args.num_instances * args.tp
+    if dist is not None and devices % dist.num_processes:
+        raise ValueError(
+            f"--num-instances x --tp ({devices}) must split evenly over the {dist.num_processes} processes"
+        )
+    return dist
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loong", description="loong-jax: long-context LLM serving on JAX")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -70,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         _sampling_args(p)
     srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
     _model_args(srv)
+    _multihost_args(srv)
     from serving.server import add_serve_args  # noqa: PLC0415
 
     add_serve_args(srv)
@@ -100,6 +132,8 @@ def load_llm(args: argparse.Namespace, **limits: int):
         memory_utilization=args.memory_utilization,
         policy=args.policy,
         attention_backend=args.attention_backend,
+        heartbeat_timeout_s=getattr(args, "heartbeat_timeout", 30.0),
+        step_timeout_s=getattr(args, "step_timeout", 300.0),
         **limits,
     )
 
@@ -164,14 +198,28 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
     from checkpoints.load import CheckpointError  # noqa: PLC0415
 
-    if getattr(args, "num_instances", 1) * getattr(args, "tp", 1) > 1:
-        use_virtual_cpu_devices(args.num_instances * args.tp)
     try:
+        dist = distributed_settings(args) if args.command == "serve" else None
+        devices = getattr(args, "num_instances", 1) * getattr(args, "tp", 1)
+        if dist is not None:
+            initialize(dist, local_cpu_devices=devices // dist.num_processes)
+        elif devices > 1:
+            use_virtual_cpu_devices(devices)
         if args.command == "serve":
             from serving.server import serve  # noqa: PLC0415
 
             llm = load_llm(args, max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens)
-            return serve(args, llm)
+            if llm.is_follower:
+                logging.getLogger("loong_jax").info("process %d: following process 0", dist.process_id)
+                llm.follow()
+                shutdown()
+                return 0
+            try:
+                return serve(args, llm)
+            finally:
+                llm.close()
+                if dist is not None:
+                    shutdown()
         if args.command == "profile":
             return _profile(args)
         return _convert(args) if args.command == "convert" else _generate(args)

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -26,7 +27,7 @@ from checkpoints.tokenizer import Tokenizer
 from loong_jax.batching import bucket, prefill_rows
 from loong_jax.config import ModelConfig
 from loong_jax.cost_model import CostModel, rough_cost_model
-from loong_jax.execution import DecodeWork, Executor, Iteration, Launch, Migration
+from loong_jax.execution import DecodeWork, Executor, FatalError, Iteration, Launch, Migration
 from loong_jax.executor import MAX_MIGRATE_TOKENS, JaxExecutor
 from loong_jax.instances import Group
 from loong_jax.kv_pool import PagePool
@@ -38,6 +39,8 @@ from loong_jax.memory import (
     program_limit,
     size_kv_pools,
 )
+from loong_jax.multihost.channel import PlanChannel
+from loong_jax.multihost.leader import Leader
 from loong_jax.policy import Policy, SchedulerView, SharedComputePolicy, pages_to_reserve
 from loong_jax.request import IncrementalDetokenizer, Request, Status
 from loong_jax.sampling import SamplingParams
@@ -69,6 +72,8 @@ class EngineConfig:
     aligned_groups: bool = True
     policy: str = "elastic"  # "elastic": the cost-model scheduler; "shared": instances share one processor
     attention_backend: str = "auto"  # "auto" (Pallas on GPU, XLA elsewhere), "xla" or "pallas"
+    heartbeat_timeout_s: float = 30.0  # multi-host: a follower silent this long is lost
+    step_timeout_s: float = 300.0  # multi-host: a follower that has not answered a launch by then is lost
 
     POLICIES = ("elastic", "shared")
 
@@ -91,6 +96,11 @@ class EngineConfig:
             raise ValueError("max_num_seqs and max_prefill_tokens must be >= 1")
         if self.num_instances < 1 or self.tp < 1:
             raise ValueError(f"num_instances and tp must be >= 1, got {self.num_instances}, {self.tp}")
+        if not (self.heartbeat_timeout_s > 0 and self.step_timeout_s > 0):
+            raise ValueError(
+                "heartbeat_timeout_s and step_timeout_s must be > 0, "
+                f"got {self.heartbeat_timeout_s} and {self.step_timeout_s}"
+            )
 
     @property
     def num_pages(self) -> int:
@@ -409,7 +419,9 @@ class Engine:
     def _launch_failed(self, kind: str, group: Group, requests: Sequence[Request], error: BaseException) -> None:
         """A program that failed to start or to finish: its requests end with an error (answered, their KV
         freed); instances whose KV pools it left unusable get empty ones, and the other requests that held
-        KV there are recomputed. Every other launch and request goes on."""
+        KV there are recomputed. Every other launch and request goes on. A FatalError is raised again."""
+        if isinstance(error, FatalError):
+            raise error
         failed = [r for r in requests if not r.finished]
         log.error(
             "%s on instances %s failed (%s: %s); failing its %d request(s)",
@@ -568,6 +580,19 @@ def build_engine(
         # every running request at full length on one instance, each with a partial page
         useful_tokens=ecfg.max_num_seqs * (ecfg.max_model_len + ecfg.page_size),
     )
+    if jax.process_count() > 1:  # one model and layout, pools of one size everywhere (programs share shapes)
+        channel = PlanChannel.from_jax()
+        channel.check_same("model", f"{cfg!r} {jnp.dtype(dtype).name}")
+        channel.check_same("engine configuration", repr(dataclasses.replace(ecfg, kv_tokens_per_instance=None)))
+        tokens = channel.agree_min("kv_tokens_per_instance", capacity.tokens_per_instance)
+        capacity = dataclasses.replace(capacity, tokens_per_instance=tokens)
+        if jax.process_index() == 0:
+            executor.peers = Leader(
+                channel,
+                executor.instances.owner,
+                heartbeat_timeout_s=ecfg.heartbeat_timeout_s,
+                step_timeout_s=ecfg.step_timeout_s,
+            )
     ecfg = dataclasses.replace(ecfg, kv_tokens_per_instance=capacity.tokens_per_instance)
     ecfg.check_fits_one_request()
     executor.allocate(ecfg.num_pages)

@@ -19,6 +19,11 @@ from loong_jax.request import Request
 from loong_jax.sampling import SamplerOutputs
 
 
+class FatalError(RuntimeError):
+    """The engine cannot go on (a process of a multi-host run is lost): not one launch's failure but every
+    request's; the engine stops and answers them all with this error."""
+
+
 class Pending(Protocol):
     """The outputs of a dispatched program."""
 

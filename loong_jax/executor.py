@@ -59,6 +59,10 @@ class DevicePending:
     def result(self) -> SamplerOutputs:
         return SamplerOutputs(*(np.asarray(x) for x in jax.device_get(tuple(self.out))))
 
+    def outputs(self) -> Any:
+        """The program's outputs as device arrays (of a group that may span processes)."""
+        return self.out
+
 
 @dataclasses.dataclass
 class CompilingPending:
@@ -73,6 +77,9 @@ class CompilingPending:
 
     def result(self) -> SamplerOutputs:
         return DevicePending(self.future.result()).result()  # raises what compiling or running raised
+
+    def outputs(self) -> Any:
+        return self.future.result()
 
 
 class JaxExecutor:
@@ -113,6 +120,7 @@ class JaxExecutor:
         self._compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="loong-compile")
         self.migrations = 0  # KV transfers between instances (migrate calls), for tests and metrics
         self.migrated_tokens = 0
+        self.peers: Any = None  # multi-host leader: sends operations on groups with other processes' instances
 
     @property
     def devices(self) -> list[jax.Device]:
@@ -160,6 +168,8 @@ class JaxExecutor:
         """Poll until one launch is ready (programs of disjoint groups finish in any order) or time is up."""
         end = None if timeout is None else time.monotonic() + timeout
         while not any(x.pending.ready() for x in launches):
+            if self.peers is not None:
+                self.peers.check()  # a lost follower is an error even while only local programs run
             if end is not None and time.monotonic() >= end:
                 return
             time.sleep(0.0005)
@@ -181,9 +191,8 @@ class JaxExecutor:
         for req, rank in zip(requests, plan.sample_rank):
             ranks[rank].append(req)
         flags = sampler_flags(requests)
-        fn = functools.partial(prefill_program, *self._common(group), flags)
         samp = sampler_inputs(ranks, plan.rows, flags, self.penalty_len)
-        pending = self._run("prefill", group, fn, plan.inputs, samp, flags)
+        pending = self._run("prefill", group, flags, plan.inputs, samp)
         return Launch("prefill", group, ranks, pending, list(requests))
 
     def decode(self, work: DecodeWork, pools: Sequence[PagePool]) -> Launch:
@@ -199,15 +208,26 @@ class JaxExecutor:
         )
         ranks = [[requests[i] for i in members] for members in plan.rank_requests]
         flags = sampler_flags(requests)
-        fn = functools.partial(decode_program, *self._common(group), self.page_size, flags)
         samp = sampler_inputs(ranks, plan.rows, flags, self.penalty_len)
-        pending = self._run("decode", group, fn, plan.inputs, samp, flags)
+        pending = self._run("decode", group, flags, plan.inputs, samp)
         return Launch("decode", group, ranks, pending, list(requests))
 
-    def _run(self, kind: str, group: Group, fn: Any, inp: Any, samp: Any, flags: SamplerFlags) -> Pending:
-        """Dispatch a compiled program at once; one not compiled yet (a new sampler variant or shape) is
-        compiled and dispatched on the compile thread, so the programs of other groups go on meanwhile."""
+    def _run(self, kind: str, group: Group, flags: SamplerFlags, inp: Any, samp: Any) -> Pending:
+        """Dispatch a prefill or decode on the group; with other processes' instances in it, they are sent
+        the same inputs first and the pending outputs gather every process's rows."""
+        if self.peers is None or self.instances.is_local(group):
+            return self.run_local(kind, group, flags, inp, samp)
+        op = {"op": "run", "kind": kind, "group": list(group), "extras": flags.extras, "inp": list(inp)}
+        seq = self.peers.send({**op, "samp": list(samp)})
+        local = self.run_local(kind, group, flags, inp, samp) if self.instances.has_local(group) else None
+        return self.peers.gather(seq, kind, group, local)
+
+    def run_local(self, kind: str, group: Group, flags: SamplerFlags, inp: Any, samp: Any) -> Pending:
+        """This process's part of a prefill or decode: dispatch a compiled program at once; one not compiled
+        yet (a new sampler variant or shape) is compiled and dispatched on the compile thread, so the
+        programs of other groups go on meanwhile."""
         inst = self.instances
+        fn = self._program_fn(kind, group, flags)
         rows = inst.sharding(group, P(SP))
         inp, samp = jax.device_put((inp, samp), rows)
         args = (inst.group_params(group), inst.group_pools(group), inp, samp)
@@ -221,6 +241,12 @@ class JaxExecutor:
 
         return CompilingPending(self._compiler.submit(compile_and_dispatch))
 
+    def _program_fn(self, kind: str, group: Group, flags: SamplerFlags) -> Any:
+        """The prefill or decode program of a group and sampler variant, its inputs left to give."""
+        if kind == "prefill":
+            return functools.partial(prefill_program, *self._common(group), flags)
+        return functools.partial(decode_program, *self._common(group), self.page_size, flags)
+
     def _dispatch(self, program: Any, group: Group, args: tuple) -> Any:
         """Run a program on the group (its pools are donated and replaced by the outputs); returns its samples."""
         out, pools = program(*args)
@@ -230,6 +256,21 @@ class JaxExecutor:
     def migrate(self, src: int, dst: int, src_slots: np.ndarray, dst_slots: np.ndarray) -> Launch:
         """Copy K/V at src_slots of instance src into dst_slots of instance dst, in transfers of at most
         MAX_MIGRATE_TOKENS tokens (padded to a bucket), so that a transfer's buffers stay bounded."""
+        group = (src, dst)
+        seq = None
+        if self.peers is not None and not self.instances.is_local(group):
+            op = {"op": "migrate", "src": src, "dst": dst, "src_slots": src_slots, "dst_slots": dst_slots}
+            seq = self.peers.send(op)
+        if self.instances.has_local(group):
+            self.migrate_local(src, dst, src_slots, dst_slots)
+        if seq is not None:
+            self.peers.answers(seq, group)  # raises a follower's error
+        self.migrations += 1
+        self.migrated_tokens += len(src_slots)
+        return Launch("migrate", group, [], DevicePending(()))
+
+    def migrate_local(self, src: int, dst: int, src_slots: np.ndarray, dst_slots: np.ndarray) -> None:
+        """This process's part of a migration (every transfer runs to completion)."""
         group, inst = (src, dst), self.instances
         for at in range(0, len(src_slots), MAX_MIGRATE_TOKENS):
             part_src = src_slots[at : at + MAX_MIGRATE_TOKENS]
@@ -243,13 +284,20 @@ class JaxExecutor:
             program = self.programs.get(("migrate", group, shape_key(inp)), fn, args, donate_argnums=(0,))
             pools = jax.block_until_ready(program(*args))  # rare; the next program donates these buffers
             inst.put_group_pools(group, pools)
-        self.migrations += 1
-        self.migrated_tokens += len(src_slots)
-        return Launch("migrate", group, [], DevicePending(()))
 
     def repair(self, group: Group) -> list[int]:
         """Instances of the group whose pools a failed program left deleted (donated) or in error get new
-        empty pools; returns them (their KV is lost)."""
+        empty pools; returns them (their KV is lost), on every process."""
+        seq = None
+        if self.peers is not None and not self.instances.is_local(group):
+            seq = self.peers.send({"op": "repair", "group": list(group)})
+        lost = self.repair_local(group)
+        if seq is not None:
+            lost += [i for answer in self.peers.answers(seq, group) for i in answer["lost"]]
+        return sorted(lost)
+
+    def repair_local(self, group: Group) -> list[int]:
+        """repair() of this process's instances of the group."""
         lost = []
         for i in [i for i in group if self.instances.local[i]]:
             try:
@@ -264,7 +312,19 @@ class JaxExecutor:
 
     def warmup(self, jobs: Sequence[tuple[str, Group, int, int, bool]], show: bool) -> int:
         """Compile programs: (kind, group, tokens or rows per rank, sampled rows, sampler extras) each; no
-        more than the program cache keeps (the first ones: the rest would only evict them)."""
+        more than the program cache keeps (the first ones: the rest would only evict them). In a multi-host
+        run every process does the same, in the same order, and runs each group that spans processes once."""
+        seq = None
+        if self.peers is not None:
+            seq = self.peers.send({"op": "warmup", "jobs": [list(job) for job in jobs]})
+        compiled = self.warmup_local(jobs, show)
+        if seq is not None:
+            self.peers.answers(seq, range(self.instances.n), timeout_s=float("inf"))  # heartbeats still count
+        return compiled
+
+    def warmup_local(self, jobs: Sequence[tuple[str, Group, int, int, bool]], show: bool) -> int:
+        """warmup() of this process's programs; then every group of the jobs that spans several processes
+        runs once (its collectives' connections are made before serving), in the jobs' order."""
         keep = self.programs.max_programs
         if keep is not None and len(jobs) > keep:
             log.warning(
@@ -274,10 +334,16 @@ class JaxExecutor:
                 len(jobs),
                 keep,
             )
-            jobs = jobs[:keep]
         before = self.programs.compiles
-        for job in tqdm(jobs, desc="warming up programs", disable=not show, unit="program"):
-            self.compiled(*job)
+        for job in tqdm(jobs[:keep], desc="warming up programs", disable=not show, unit="program"):
+            if self.instances.has_local(job[1]):
+                self.compiled(*job)
+        inst = self.instances
+        for group in dict.fromkeys(tuple(job[1]) for job in jobs):
+            if inst.has_local(group) and len({inst.owner[i] for i in group}) > 1:
+                key, fn, args, donate = self._program_args("decode", group, 1, 1, SamplerFlags())
+                program = self.programs.get(key, fn, args, donate_argnums=donate)
+                jax.block_until_ready(self._dispatch(program, group, args))
         return self.programs.compiles - before
 
     def compiled(self, kind: str, group: Group, size: int, rows: int, extras: bool = False) -> Any:
@@ -311,11 +377,10 @@ class JaxExecutor:
         if kind == "prefill":
             keep = np.full((d, d, size), num_slots, np.int32)
             inp = PrefillInputs(z, z, z - 1, z + 1, keep, np.zeros((d, rows), np.int32))
-            fn = functools.partial(prefill_program, *self._common(group), flags)
         else:
             table = np.zeros((d, d * size, self.page_table_width), np.int32)
             inp = DecodeInputs(z, z, z + num_slots, table, np.zeros((d, d * size), np.int32))
-            fn = functools.partial(decode_program, *self._common(group), self.page_size, flags)
+        fn = self._program_fn(kind, group, flags)
         params = inst.abstract_params(group) if abstract else inst.group_params(group)
         args = (params, pools, *_place((inp, samp), rows_sharding, abstract))
         return (kind, group, flags, shape_key((inp, samp))), fn, args, (1,)

@@ -71,7 +71,16 @@ class Instances:
         owners = [{d.process_index for d in row} for row in self.devices]
         if any(len(o) > 1 for o in owners):
             raise ValueError("an instance's tp devices must all belong to one process")
-        self.local = [o == {jax.process_index()} for o in owners]  # this process holds its buffers
+        self.owner = [o.pop() for o in owners]  # the process holding each instance's buffers
+        self.local = [p == jax.process_index() for p in self.owner]
+
+    def is_local(self, group: Group) -> bool:
+        """Every instance of the group is this process's."""
+        return all(self.local[i] for i in group)
+
+    def has_local(self, group: Group) -> bool:
+        """Some instance of the group is this process's (so it takes part in the group's programs)."""
+        return any(self.local[i] for i in group)
 
     def allocate(self, state: nnx.State, num_slots: int) -> None:
         """Put a copy of the weights (sharded over its tp devices) and an empty KV pool on every instance."""

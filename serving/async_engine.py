@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from loong_jax.engine import Engine
+from loong_jax.execution import FatalError
 from loong_jax.request import Request, Status
 from loong_jax.sampling import SamplingParams
 
@@ -163,6 +164,8 @@ class AsyncEngine:
             try:
                 touched = engine.step(timeout=0.005)
                 failures = 0
+            except FatalError:
+                raise  # the engine cannot go on: answer everyone (see _run)
             except Exception as e:
                 failures += 1
                 self.errors += 1

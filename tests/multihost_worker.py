@@ -108,7 +108,83 @@ def plan_round_trips() -> dict:
     return out
 
 
-SCENARIOS = {"migrate": migrate_across_processes, "plan": plan_round_trips}
+LAYOUT_STEPS = 24
+LAYOUT_QUESTIONS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how rainbows form.",
+    "List some facts about the Moon.",
+]
+
+
+def layouts_across_processes() -> dict:
+    """Greedy SmolLM2 on 8 instances under hand-built layouts that cross the process boundary when run as
+    2 processes x 4 devices (instances 0-3 on process 0, 4-7 on process 1): a ring prefill on 2-5 whose
+    KV lands on 3 (process 0), on 3 and 4 (both) and on 5 (process 1); decodes whose requests' KV lies on
+    both processes, with masters alternating across the boundary; a migration from 5 to 1; a scale-up of
+    request 0 from 3 onto 6; then all 8 instances. The leader reports the tokens and KV use."""
+    import numpy as np
+
+    from loong_jax import LLM, SamplingParams
+    from loong_jax.execution import DecodeWork, Iteration, PrefillWork
+
+    llm = LLM(
+        num_instances=8,
+        kv_tokens_per_instance=1024,
+        max_model_len=2048,
+        max_num_seqs=8,
+        seed=0,
+        compilation_cache_dir=None,
+        heartbeat_timeout_s=60,
+    )
+    if llm.is_follower:
+        llm.follow()
+        return {"followed": True}
+    engine = llm.engine
+    prompts = [llm.chat_prompt_ids([{"role": "user", "content": q}]) for q in LAYOUT_QUESTIONS]
+    params = SamplingParams(max_tokens=LAYOUT_STEPS, temperature=0.0, ignore_eos=True, logprobs=0)
+    reqs = [engine.add_request(p, params) for p in prompts]
+    n1 = len(prompts[1])
+    plans = [[1] * len(prompts[0]), [1] * (n1 // 2) + [2] * (n1 - n1 // 2), [3] * len(prompts[2])]
+    engine.execute(Iteration(prefills=[PrefillWork((2, 3, 4, 5), reqs, [np.asarray(p, np.int32) for p in plans])]))
+    for step in range(LAYOUT_STEPS - 1):
+        if step == 8:  # request 2's KV from instance 5 (process 1) to 1 (process 0)
+            engine.migrate(reqs[2].rid, 5, 1, engine.pools[5].tokens[reqs[2].rid])
+        if step < 8:
+            group, masters = (3, 4, 5), [0, step % 2, 2]
+        elif step < 16:
+            group, masters = (1, 3, 4, 6), [3, 1 + step % 2, 0]  # request 0's new tokens on 6
+        else:
+            group, masters = tuple(range(8)), [step % 8, (step + 3) % 8, (step + 5) % 8]
+        engine.execute(Iteration(decodes=[DecodeWork(group, reqs, masters)]))
+    out = {
+        "tokens": [r.output_ids for r in reqs],
+        "logprobs": [r.logprobs for r in reqs],
+        "finished": all(r.finished for r in reqs),
+        "kv_used": [pool.used_tokens for pool in engine.pools],
+        "migrations": engine.executor.migrations,
+    }
+    llm.close()
+    return out
+
+
+def mismatched_models() -> dict:
+    """Process 1 loads a model with one layer more than process 0's: both must refuse, naming it."""
+    import jax
+    from esp_helpers import tiny_esp_engine
+
+    try:
+        tiny_esp_engine(num_instances=2, kv_tokens=64, num_layers=2 + jax.process_index())
+        return {"error": None}
+    except ValueError as e:
+        return {"error": str(e)}
+
+
+SCENARIOS = {
+    "mismatch": mismatched_models,
+    "migrate": migrate_across_processes,
+    "plan": plan_round_trips,
+    "layouts": layouts_across_processes,
+}
 
 
 def main() -> None:
@@ -119,14 +195,12 @@ def main() -> None:
         int(sys.argv[4]),
         int(sys.argv[5]),
     )
-    from loong_jax.multihost import Distributed, initialize
+    from loong_jax.multihost import Distributed, initialize, shutdown
 
     initialize(Distributed(coordinator, num, pid), local_cpu_devices=local, timeout_s=60)
     result = SCENARIOS[scenario]()
     print("RESULT " + json.dumps(result), flush=True)
-    import jax
-
-    jax.distributed.shutdown()
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -40,6 +40,25 @@ def test_convert_then_generate_from_orbax(tmp_path):
         (("generate", "hi", "--memory-utilization", "1.5"), "memory_utilization must be in (0, 1], got 1.5"),
         (("generate", "hi", "--kv-tokens-per-instance", "100000000"), "kv_tokens_per_instance=100,000,000 does not"),
         (("chat", "hi", "--kv-tokens-per-instance", "1024"), "cannot hold one request of max_model_len=8,192"),
+        (("serve", "--coordinator", "127.0.0.1:1", "--num-processes", "2"), "needs all of --coordinator"),
+        (
+            (
+                "serve",
+                "--num-instances",
+                "3",
+                "--coordinator",
+                "127.0.0.1:1",
+                "--num-processes",
+                "2",
+                "--process-id",
+                "0",
+            ),
+            "(3) must split evenly over the 2 processes",
+        ),
+        (
+            ("serve", "--coordinator", "nohost", "--num-processes", "2", "--process-id", "0"),
+            "coordinator must be HOST:PORT",
+        ),
     ],
 )
 def test_bad_arguments_fail_with_a_clear_message(args, message):

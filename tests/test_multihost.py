@@ -5,13 +5,17 @@ Each test starts its processes and always stops them, within a wall-clock limit.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
+import httpx
+import numpy as np
 import pytest
 
 from loong_jax.multihost import Distributed
@@ -87,3 +91,136 @@ def test_plans_reach_every_follower_in_order_and_a_silent_leader_is_a_timeout():
     assert results[0]["round_trip_ms_median"] < 1000  # measured in benchmarks; here only "it answers"
     for r in results[1:]:
         assert r["timeout"].startswith("process 0 (the leader) sent nothing") and r["waited_s"] < 10
+
+
+def test_greedy_layouts_across_two_processes_match_one_process():
+    # prefill on 2-5 kept on 3 / 3+4 / 5, decodes with KV on both processes, a migration 5 -> 1 and a
+    # scale-up 3 -> 6 across the boundary, then all 8 instances (see multihost_worker.py)
+    (one,) = run_processes("layouts", num=1, local_devices=8, timeout=600)
+    leader, follower = run_processes("layouts", num=2, local_devices=4, timeout=600)
+    assert follower == {"followed": True}
+    assert leader["finished"] and leader["migrations"] == 1
+    assert leader["tokens"] == one["tokens"] and all(len(t) == 24 for t in leader["tokens"])
+    for got, want in zip(leader["logprobs"], one["logprobs"]):
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    assert leader["kv_used"] == [0] * 8  # the pages of every instance, both processes', are free again
+
+
+def test_processes_with_different_models_refuse_to_run():
+    for result in run_processes("mismatch", num=2, local_devices=1, timeout=120):
+        assert result["error"].startswith("process 1 has a different model than process 0"), result
+
+
+class Cluster:
+    """`loong serve` in 2 processes x 2 virtual devices (4 instances: 0-1 on process 0, 2-3 on process 1)."""
+
+    HEARTBEAT_S = 5
+
+    def __init__(self, tmp: str):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+        cmd = [sys.executable, "-m", "loong_jax.cli", "serve", "--coordinator", f"127.0.0.1:{_free_port()}"]
+        cmd += ["--num-processes", "2", "--num-instances", "4", "--kv-tokens-per-instance", "4096", "--no-warmup"]
+        cmd += ["--max-model-len", "1024", "--max-num-seqs", "16", "--port", str(self.port)]
+        cmd += ["--heartbeat-timeout", str(self.HEARTBEAT_S)]
+        self.logs = [os.path.join(tmp, f"process{i}.log") for i in range(2)]
+        self.procs = []
+        for i in range(2):
+            with open(self.logs[i], "w") as out:
+                self.procs.append(subprocess.Popen([*cmd, "--process-id", str(i)], stdout=out, stderr=out, env=env))
+
+    def log(self) -> str:
+        return "\n".join(f"--- process {i}\n{open(p).read()[-4000:]}" for i, p in enumerate(self.logs))
+
+    def wait_healthy(self, timeout: float = 300) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            assert all(p.poll() is None for p in self.procs), "a process exited:\n" + self.log()
+            try:
+                if httpx.get(f"{self.url}/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError("the leader did not become healthy:\n" + self.log())
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(str(tmp_path_factory.mktemp("cluster")))
+    try:
+        c.wait_healthy()
+        yield c
+    finally:
+        c.stop()
+
+
+def _stream(url: str, prompt: str, max_tokens: int, on_first=None, timeout: float = 300) -> dict:
+    """One streamed completion: its text, finish reason and error event (if any)."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": True}
+    out = {"text": "", "finish": None, "error": None, "chunks": 0}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=timeout) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                out["error"] = chunk["error"]
+                continue
+            out["chunks"] += 1
+            if out["chunks"] == 1 and on_first is not None:
+                on_first()
+            out["text"] += chunk["choices"][0]["text"]
+            out["finish"] = chunk["choices"][0]["finish_reason"] or out["finish"]
+    return out
+
+
+def _kv_usage(url: str) -> list[float]:
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    return [float(line.split()[-1]) for line in lines if line.startswith("loong:kv_cache_usage_perc_instance{")]
+
+
+def test_the_leader_serves_16_streams_with_the_follower(cluster):
+    prompts = [f"Story number {i}: once upon a time" for i in range(16)]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda p: _stream(cluster.url, p, 12), prompts))
+    assert all(r["error"] is None and r["finish"] == "length" for r in results), results
+    assert all(r["chunks"] >= 1 and r["text"] for r in results)
+    end = time.monotonic() + 30
+    while any(_kv_usage(cluster.url)) and time.monotonic() < end:
+        time.sleep(0.2)
+    usage = _kv_usage(cluster.url)
+    assert len(usage) == 4 and not any(usage), usage  # every instance's KV, on both processes, is free
+    models = httpx.get(f"{cluster.url}/v1/models").json()
+    assert models["data"][0]["id"]
+
+
+def test_killing_a_follower_fails_every_stream_within_the_deadline(cluster):
+    started = threading.Barrier(17)
+
+    def first():
+        started.wait(timeout=300)
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        futures = [
+            pool.submit(_stream, cluster.url, f"Chapter {i}. It was a dark night", 400, first) for i in range(16)
+        ]
+        started.wait(timeout=300)  # every stream has its first token
+        cluster.procs[1].kill()
+        t0 = time.monotonic()
+        results = [f.result(timeout=Cluster.HEARTBEAT_S + 60) for f in futures]
+        took = time.monotonic() - t0
+    assert took < Cluster.HEARTBEAT_S + 30, took
+    assert all(r["error"] is not None for r in results), results  # none ran to its 400 tokens
+    assert all("process 1" in r["error"]["message"] for r in results), results[0]
+    health = httpx.get(f"{cluster.url}/health")
+    assert health.status_code == 503 and "process 1" in health.text, health.text
+    assert cluster.procs[0].poll() is None  # the leader answers, it does not hang or crash

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -105,15 +106,66 @@ class PlanChannel:
         """Follower: its answer to message seq."""
         self.client.key_value_set_bytes(f"{PREFIX}/reply/{seq}/{self.process_id}", encode(message))
 
-    def replies(self, seq: int) -> list[Any]:
-        """Leader: every follower's answer to message seq, by process id (1, 2, ...)."""
-        return [decode(self._get(f"{PREFIX}/reply/{seq}/{p}", f"process {p}")) for p in range(1, self.num_processes)]
+    def replies(self, seq: int, processes: Iterable[int] | None = None) -> list[Any]:
+        """Leader: the answers to message seq of the given followers (default: all), in that order; waits."""
+        procs = range(1, self.num_processes) if processes is None else processes
+        return [decode(self._get(f"{PREFIX}/reply/{seq}/{p}", f"process {p}")) for p in procs]
+
+    def try_reply(self, seq: int, process: int) -> Any | None:
+        """Leader: a follower's answer to message seq if it is there, else None (does not wait)."""
+        data = self._try_get(f"{PREFIX}/reply/{seq}/{process}")
+        return None if data is None else decode(data)
+
+    def forget_plan(self, seq: int) -> None:
+        """Leader: drop message seq from the store (once every follower has read it)."""
+        self.client.key_value_delete(f"{PREFIX}/plan/{seq}")
+
+    def try_receive(self, seq: int) -> Any | None:
+        """Follower: message number seq if it is there, else None (does not wait)."""
+        data = self._try_get(f"{PREFIX}/plan/{seq}")
+        return None if data is None else decode(data)
+
+    def forget_reply(self, seq: int, process: int) -> None:
+        self.client.key_value_delete(f"{PREFIX}/reply/{seq}/{process}")
 
     def forget(self, seq: int) -> None:
         """Leader: drop message seq and its replies from the store (once every follower has answered it)."""
         self.client.key_value_delete(f"{PREFIX}/plan/{seq}")
         for p in range(1, self.num_processes):
             self.client.key_value_delete(f"{PREFIX}/reply/{seq}/{p}")
+
+    def beat(self, message: Any) -> None:
+        """Follower: its heartbeat (the latest replaces the one before)."""
+        self.client.key_value_set_bytes(f"{PREFIX}/alive/{self.process_id}", encode(message), allow_overwrite=True)
+
+    def last_beat(self, process: int) -> Any | None:
+        """Leader: a follower's latest heartbeat, None before its first."""
+        data = self._try_get(f"{PREFIX}/alive/{process}")
+        return None if data is None else decode(data)
+
+    def agree_min(self, name: str, value: int) -> int:
+        """Every process: the smallest of the values every process gives under this name (waits for all)."""
+        self.client.key_value_set_bytes(f"{PREFIX}/agree/{name}/{self.process_id}", encode(int(value)))
+        keys = [f"{PREFIX}/agree/{name}/{p}" for p in range(self.num_processes)]
+        return min(int(decode(self._get(k, f"process {k.rsplit('/', 1)[1]}"))) for k in keys)
+
+    def check_same(self, name: str, value: str) -> None:
+        """Every process: raise ValueError unless every process gives the same value under this name."""
+        self.client.key_value_set_bytes(f"{PREFIX}/same/{name}/{self.process_id}", encode(value))
+        values = [decode(self._get(f"{PREFIX}/same/{name}/{p}", f"process {p}")) for p in range(self.num_processes)]
+        differ = [p for p, v in enumerate(values) if v != values[0]]
+        if differ:
+            raise ValueError(
+                f"process {differ[0]} has a different {name} than process 0: {values[differ[0]]!r} vs {values[0]!r}"
+            )
+
+    def _try_get(self, key: str) -> bytes | None:
+        try:
+            return self.client.key_value_try_get_bytes(key)
+        except Exception as e:  # the client raises its own error type
+            if "NOT_FOUND" in str(e):
+                return None
+            raise
 
     def _get(self, key: str, who: str) -> bytes:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 from collections.abc import Mapping
 
 import jax
@@ -64,4 +65,24 @@ def initialize(dist: Distributed, *, local_cpu_devices: int | None = None, timeo
     if local_cpu_devices is not None:
         use_virtual_cpu_devices(local_cpu_devices)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # A process that dies must not take the others down with it (JAX's default): the leader then answers
+    # every request with the error and reports the lost process (loong_jax.multihost.leader).
+    jax.config.update("jax_enable_recoverability", True)
     jax.distributed.initialize(dist.coordinator, dist.num_processes, dist.process_id, initialization_timeout=timeout_s)
+
+
+def shutdown(timeout_s: float = 30.0) -> None:
+    """Leave the run in order: followers disconnect first, and process 0, whose process hosts the
+    coordination service, waits (up to timeout_s) until they have, so that no follower loses the service
+    while it disconnects (JAX aborts such a process)."""
+    from jax._src import distributed  # noqa: PLC0415 (the client has no public accessor)
+
+    client = distributed.global_state.client
+    if client is None:
+        return
+    if jax.process_index() == 0:
+        # returns once every other process is gone (a follower that disconnected is no longer alive)
+        waiting = threading.Thread(target=client.get_live_nodes, args=(list(range(jax.process_count())),), daemon=True)
+        waiting.start()
+        waiting.join(timeout_s)
+    jax.distributed.shutdown()
