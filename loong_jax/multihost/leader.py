@@ -60,7 +60,7 @@ class Leader:
         """Publish the next operation (every follower reads it; those holding instances of its group act
         on it); returns its number."""
         t0 = time.perf_counter()
-        self.check(force=True)
+        self.check()
         seq = self.seq
         self.channel.publish(seq, op)
         self.seq += 1
@@ -100,9 +100,11 @@ class Leader:
         for p in self.followers:
             beat = self.channel.last_beat(p)
             last, seen = self._beats[p]
+            # before its first heartbeat a follower may still be loading: it gets the step deadline
+            limit = self.heartbeat_timeout_s if last is not None else max(self.heartbeat_timeout_s, self.step_timeout_s)
             if beat is not None and beat != last:
                 self._beats[p] = (beat, now)
-            elif now - seen > self.heartbeat_timeout_s:
+            elif now - seen > limit:
                 self.fail(f"process {p} is lost: no heartbeat for {now - seen:.1f}s")
             done.append(-1 if beat is None else int(beat["done"]))
         for seq in range(self._forgotten, min(done, default=-1) + 1):
