@@ -9,6 +9,9 @@ blocks of the unified distributed pool: any token of any request may live in any
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax.numpy as jnp
@@ -25,7 +28,12 @@ class OutOfPages(RuntimeError):
 
 
 class PagePool:
-    """Free-list allocator of one instance's pages, plus the token slots each request holds there."""
+    """Free-list allocator of one instance's pages, plus the token slots each request holds there.
+
+    Pages may be shared: a full page can be published under a prefix key (see `prefix_keys`) and later
+    given to other requests whose tokens start the same way. A page counts the requests holding it; a
+    cached page no request holds stays cached but counts as free, and is evicted, least recently released
+    first, when a page is needed and the free list is empty. A page a request holds is never evicted."""
 
     def __init__(self, num_pages: int, page_size: int):
         if num_pages < 1 or page_size < 1:
@@ -35,6 +43,11 @@ class PagePool:
         self._free = list(range(num_pages - 1, -1, -1))
         self.pages: dict[int, list[int]] = {}  # request id -> its pages here, in fill order
         self.tokens: dict[int, int] = {}  # request id -> tokens it holds here
+        self._refs: dict[int, int] = {}  # page -> how many requests hold it (free and idle pages: none)
+        self.cached: dict[bytes, int] = {}  # prefix key -> the page holding that prefix's last page of tokens
+        self._key_of: dict[int, bytes] = {}  # cached page -> its key
+        self._idle: OrderedDict[int, None] = OrderedDict()  # cached pages no request holds, oldest first
+        self.evictions = 0
 
     @property
     def num_slots(self) -> int:
@@ -42,7 +55,8 @@ class PagePool:
 
     @property
     def free_pages(self) -> int:
-        return len(self._free)
+        """Pages a request can get: free ones and cached ones no request holds (evicted when taken)."""
+        return len(self._free) + len(self._idle)
 
     @property
     def used_tokens(self) -> int:
@@ -56,14 +70,34 @@ class PagePool:
     def append(self, rid: int, n: int) -> np.ndarray:
         """Reserve the next n token slots of request rid here; returns their slot ids."""
         extra = self.pages_needed(rid, n)
-        if extra > len(self._free):
-            raise OutOfPages(f"need {extra} pages, {len(self._free)} free")
+        if extra > self.free_pages:
+            raise OutOfPages(f"need {extra} pages, {self.free_pages} free")
         pages = self.pages.setdefault(rid, [])
         for _ in range(extra):
-            pages.append(self._free.pop())
+            page = self._take()
+            self._refs[page] = 1
+            pages.append(page)
         start = self.tokens.get(rid, 0)
         self.tokens[rid] = start + n
         return self._slot_ids(rid, np.arange(start, start + n))
+
+    def _take(self) -> int:
+        """A page for a new use: a free one, else the least recently released cached page (evicted)."""
+        if self._free:
+            return self._free.pop()
+        page, _ = self._idle.popitem(last=False)
+        del self.cached[self._key_of.pop(page)]
+        self.evictions += 1
+        return page
+
+    def _unref(self, page: int) -> None:
+        self._refs[page] -= 1
+        if self._refs[page] == 0:
+            del self._refs[page]
+            if page in self._key_of:
+                self._idle[page] = None
+            else:
+                self._free.append(page)
 
     def _slot_ids(self, rid: int, idx: np.ndarray) -> np.ndarray:
         """Slots of request rid's local tokens number idx (its pages are filled in order)."""
@@ -75,7 +109,7 @@ class PagePool:
         return self._slot_ids(rid, np.arange(self.tokens.get(rid, 0)))
 
     def truncate(self, rid: int, n: int) -> None:
-        """Forget the last n tokens request rid holds here and free the pages they leave empty."""
+        """Forget the last n tokens request rid holds here and let go of the pages they leave empty."""
         have = self.tokens.get(rid, 0)
         if not 0 <= n <= have:
             raise ValueError(f"request {rid} holds {have} tokens here, cannot drop {n}")
@@ -85,10 +119,56 @@ class PagePool:
         self.tokens[rid] = have - n
         keep = -(-(have - n) // self.page_size)
         pages = self.pages[rid]
-        self._free.extend(reversed(pages[keep:]))
+        for page in reversed(pages[keep:]):
+            self._unref(page)
         del pages[keep:]
 
     def release(self, rid: int) -> None:
-        """Free every page of request rid."""
-        self._free.extend(reversed(self.pages.pop(rid, [])))
+        """Let go of every page of request rid (cached ones stay cached)."""
+        for page in reversed(self.pages.pop(rid, [])):
+            self._unref(page)
         self.tokens.pop(rid, None)
+
+    def publish(self, rid: int, index: int, key: bytes) -> None:
+        """Cache request rid's page number `index` here (a full page) under a prefix key; a key cached
+        already keeps its page."""
+        page = self.pages[rid][index]
+        if (index + 1) * self.page_size > self.tokens[rid]:
+            raise ValueError(f"page {index} of request {rid} is not full; only full pages are shared")
+        if key not in self.cached and page not in self._key_of:
+            self.cached[key] = page
+            self._key_of[page] = key
+
+    def share(self, rid: int, keys: list[bytes]) -> None:
+        """Give request rid, which holds nothing here yet, the cached pages of these keys as its first
+        tokens here, in order."""
+        if rid in self.pages:
+            raise ValueError(f"request {rid} already holds tokens here; shared pages come first")
+        missing = [k for k in keys if k not in self.cached]
+        if missing:
+            raise KeyError(f"{len(missing)} of the prefix pages are not cached here")
+        pages = [self.cached[k] for k in keys]
+        for page in pages:
+            self._idle.pop(page, None)
+            self._refs[page] = self._refs.get(page, 0) + 1
+        self.pages[rid] = pages
+        self.tokens[rid] = len(pages) * self.page_size
+
+    def flush(self) -> None:
+        """Drop every cached key; pages no request holds become free."""
+        for page in self._idle:
+            self._free.append(page)
+        self._idle.clear()
+        self.cached.clear()
+        self._key_of.clear()
+
+
+def prefix_keys(token_ids: Sequence[int], page_size: int, salt: bytes = b"") -> list[bytes]:
+    """The key of every full page of a token sequence: a hash chained over the token ids of that page and
+    all before it (and a salt naming the model), so equal keys mean equal prefixes."""
+    keys, parent = [], hashlib.blake2b(salt, digest_size=16).digest()
+    ids = np.asarray(token_ids, np.int64)
+    for end in range(page_size, len(ids) + 1, page_size):
+        parent = hashlib.blake2b(parent + ids[end - page_size : end].tobytes(), digest_size=16).digest()
+        keys.append(parent)
+    return keys
