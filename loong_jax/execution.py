@@ -55,8 +55,10 @@ class DecodeWork:
 class PrefillWork:
     """One striped ring prefill of a group; plans[i][t] is the group rank that keeps request i's token t.
 
-    `chunk` (simulated executor only, for the chunked-prefill baseline): tokens of each request to
-    compute in this pass, continuing where its last chunk ended, with `piggyback` decodes fused in.
+    `chunk`: tokens of each request to compute in this pass, continuing where its last chunk ended (the
+    pass attends to the K/V the earlier chunks left in the group's pools: an appending prefill; the group
+    must include every instance holding them). `piggyback` decodes fused in: simulated executor only (the
+    chunked-prefill baseline).
     """
 
     group: Group

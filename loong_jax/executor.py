@@ -176,20 +176,34 @@ class JaxExecutor:
 
     def prefill(self, work: PrefillWork, pools: Sequence[PagePool]) -> Launch:
         """Allocate the kept tokens' slots, lay out the ring inputs and dispatch the group's prefill."""
-        if work.chunk is not None or work.piggyback is not None:
-            raise NotImplementedError("the JAX executor prefills whole prompts; chunks are simulated only")
-        group, requests, plans = work.group, work.requests, work.plans
+        if work.piggyback is not None:
+            raise NotImplementedError("the JAX executor runs no decodes inside a prefill; that is simulated only")
+        group, requests = work.group, work.requests
+        prompts, plans, starts, sampled = [], [], [], []
+        for i, req in enumerate(requests):
+            n = req.prefill_len if work.chunk is None else work.chunk[i]
+            start = req.prefilled - n  # the engine counted this pass already; a chunk appends to the ones before
+            if n < 1:
+                raise ValueError(f"request {req.rid}: a prefill pass computes at least one token, got {n}")
+            prompts.append(req.prefill_ids[start : start + n])
+            plans.append(np.asarray(work.plans[i])[start : start + n])
+            starts.append(start)
+            sampled.append(start + n >= req.prefill_len)
         plan = build_prefill(
-            [r.prefill_ids for r in requests],
+            prompts,
             [r.rid for r in requests],
             plans,
             pools,
+            starts=starts,
+            totals=[r.prefill_len for r in requests],
+            sampled=sampled,
             min_tokens=self.min_prefill_bucket,
             max_rows=self.max_rows,
         )
         ranks: list[list[Request]] = [[] for _ in group]
         for req, rank in zip(requests, plan.sample_rank):
-            ranks[rank].append(req)
+            if rank is not None:
+                ranks[rank].append(req)
         flags = sampler_flags(requests)
         samp = sampler_inputs(ranks, plan.rows, flags, self.penalty_len)
         pending = self._run("prefill", group, flags, plan.inputs, samp)
@@ -376,7 +390,8 @@ class JaxExecutor:
         z = np.zeros((d, size), np.int32)
         if kind == "prefill":
             keep = np.full((d, d, size), num_slots, np.int32)
-            inp = PrefillInputs(z, z, z - 1, z + 1, keep, np.zeros((d, rows), np.int32))
+            none = np.zeros((d, 0), np.int32)  # no K/V held before: the warmed programs prefill whole prompts
+            inp = PrefillInputs(z, z, z - 1, z + 1, keep, np.zeros((d, rows), np.int32), none, none)
         else:
             table = np.zeros((d, d * size, self.page_table_width), np.int32)
             inp = DecodeInputs(z, z, z + num_slots, table, np.zeros((d, d * size), np.int32))

@@ -60,8 +60,8 @@ class PrefillPlan:
     """Per-rank inputs of one ring prefill and where each request's first token is sampled."""
 
     inputs: PrefillInputs
-    sample_rank: list[int]  # per request: the rank holding its last prompt token
-    sample_row: list[int]  # per request: its row among that rank's sampled rows
+    sample_rank: list[int | None]  # per request: the rank holding its last prompt token (None: not sampled)
+    sample_row: list[int | None]  # per request: its row among that rank's sampled rows
     rows: int  # sampled rows per rank (bucketed)
 
 
@@ -84,13 +84,33 @@ def build_prefill(
     plans: Sequence[np.ndarray],
     pools: Sequence[PagePool],
     *,
+    starts: Sequence[int] | None = None,
+    totals: Sequence[int] | None = None,
+    sampled: Sequence[bool] | None = None,
     min_tokens: int = 16,
     max_rows: int = 64,
 ) -> PrefillPlan:
-    """Allocate each kept token's slot in its keeper's pool and lay out the ring inputs for every rank."""
+    """Allocate each kept token's slot in its keeper's pool and lay out the ring inputs for every rank.
+
+    prompts are the tokens this pass computes of each request; with `starts` they continue a prompt whose
+    first starts[i] tokens' K/V the request already holds in the group's pools (appending prefill: those
+    are attended where they lie), `totals` its whole length, and `sampled` whether this pass ends it (its
+    first new token is sampled)."""
     d = len(pools)
     num_slots = pools[0].num_slots
     lengths = [len(p) for p in prompts]
+    starts = [0] * len(prompts) if starts is None else list(starts)
+    totals = [s + n for s, n in zip(starts, lengths)] if totals is None else list(totals)
+    sampled = [True] * len(prompts) if sampled is None else list(sampled)
+    held = [
+        [pools[r].slots(rid) if start else np.zeros(0, np.int64) for r in range(d)] for rid, start in zip(rids, starts)
+    ]
+    for i, (rid, start) in enumerate(zip(rids, starts)):
+        if sum(len(h) for h in held[i]) != start:
+            raise ValueError(
+                f"request {rid} continues at token {start} but holds {sum(len(h) for h in held[i])} tokens' K/V in "
+                "this group's pools (an appending prefill's group must include every instance holding its K/V)"
+            )
     # Slots: each rank appends the tokens it keeps of each request (in position order) to its pool.
     slot_of = [np.empty(n, np.int64) for n in lengths]
     for i, (rid, plan) in enumerate(zip(rids, plans)):
@@ -101,7 +121,7 @@ def build_prefill(
             if len(mine):
                 slot_of[i][mine] = pools[r].append(rid, len(mine))
     stripes = stripe(lengths, d)
-    samplers = np.bincount([(n - 1) % d for n in lengths], minlength=d).max()  # last tokens per rank
+    samplers = np.bincount([(n - 1) % d for n, s in zip(lengths, sampled) if s], minlength=d).max()
     t = bucket(max(max(len(s[0]) for s in stripes), min_tokens * samplers), min_tokens)
     tokens = np.zeros((d, t), np.int32)
     positions = np.zeros((d, t), np.int32)
@@ -115,8 +135,8 @@ def build_prefill(
     for r, (req, pos) in enumerate(stripes):
         n, g = len(req), offsets[req] + pos
         tokens[r, :n], keeper[r, :n], slot[r, :n] = all_tokens[g], all_keeper[g], all_slot[g]
-        positions[r, :n], seg[r, :n] = pos, req
-        seq_lens[r, :n] = np.asarray(lengths, np.int32)[req]
+        positions[r, :n], seg[r, :n] = pos + np.asarray(starts, np.int32)[req], req
+        seq_lens[r, :n] = np.asarray(totals, np.int32)[req]
     keep_slots = np.full((d, d, t), num_slots, np.int32)
     for r in range(d):
         for step in range(d):
@@ -124,8 +144,12 @@ def build_prefill(
             keep_slots[r, step] = np.where(keeper[origin] == r, slot[origin], num_slots)
     sample_rank, sample_row, per_rank = [], [], [[] for _ in range(d)]
     for i, n in enumerate(lengths):
+        if not sampled[i]:
+            sample_rank.append(None)
+            sample_row.append(None)
+            continue
         r = (n - 1) % d
-        local = int(np.nonzero((seg[r] == i) & (positions[r] == n - 1))[0][0])
+        local = int(np.nonzero((seg[r] == i) & (positions[r] == starts[i] + n - 1))[0][0])
         sample_rank.append(r)
         sample_row.append(len(per_rank[r]))
         per_rank[r].append(local)
@@ -133,7 +157,17 @@ def build_prefill(
     last_idx = np.zeros((d, rows), np.int32)
     for r, locs in enumerate(per_rank):
         last_idx[r, : len(locs)] = locs
-    inputs = PrefillInputs(tokens, positions, seg, seq_lens, keep_slots, last_idx)
+    width = max(sum(len(per_req[r]) for per_req in held) for r in range(d))
+    width = bucket(width, min_tokens) if width else 0  # 0: no request continues, no appending work
+    prefix_slots = np.full((d, width), num_slots, np.int32)
+    prefix_seg = np.full((d, width), -1, np.int32)
+    for r in range(d):
+        at = 0
+        for i in range(len(prompts)):
+            h = held[i][r]
+            prefix_slots[r, at : at + len(h)], prefix_seg[r, at : at + len(h)] = h, i
+            at += len(h)
+    inputs = PrefillInputs(tokens, positions, seg, seq_lens, keep_slots, last_idx, prefix_slots, prefix_seg)
     return PrefillPlan(inputs, sample_rank, sample_row, rows)
 
 

@@ -4,6 +4,9 @@
   request; per layer the K/V blocks travel round the ring with `ppermute`, each rank attends its queries
   to every block and, as a block passes, writes the tokens the placement plan gives it into its own pool
   in place (proactive scale-down, DESIGN 2.2: no byte moves that the ring does not already move).
+  Appending: where the batch's requests already hold K/V in the group's pools (earlier chunks of their
+  prompts), queries are also all-gathered and every rank attends them to the K/V it holds, as decoding
+  does; the partials go back with an all-to-all and are merged with the ring's by log-sum-exp.
 * `decode_program`: multi-master decoding (DESIGN 2.3). Masters run the dense layers for their requests;
   per layer queries are all-gathered, every rank attends them to the K/V it holds, the (output,
   log-sum-exp) partials go back to the masters with an all-to-all and are merged exactly.
@@ -42,6 +45,9 @@ class PrefillInputs(NamedTuple):
     keep_slots: jnp.ndarray  # [d, d, T] at ring step s: this rank's pool slot for each token of the
     #                          visiting block (the plan), >= pool size where another rank keeps it
     last_idx: jnp.ndarray  # [d, R] local row of each last prompt token this rank samples
+    prefix_slots: jnp.ndarray  # [d, S] slots in this rank's pool of K/V the batch's requests already hold
+    #                            (appending prefill: earlier chunks; >= pool size: padding); S may be 0
+    prefix_seg: jnp.ndarray  # [d, S] request row of each of those tokens, -1 for padding
 
 
 class DecodeInputs(NamedTuple):
@@ -102,6 +108,11 @@ def prefill_program(
     def body(params, pools, inp, samp):
         inp, samp = _row(inp), _row(samp)
         model = nnx.merge(graphdef, params)
+        appending = inp.prefix_slots.shape[0] > 0
+        if appending:  # every query of the batch, for the K/V this rank already holds
+            gather = functools.partial(jax.lax.all_gather, axis_name=SP, tiled=True)
+            q_pos_all, q_seg_all = (gather(inp.positions), gather(inp.seg)) if d > 1 else (inp.positions, inp.seg)
+            prefix_pos = jnp.zeros_like(inp.prefix_seg)  # every held token precedes every new one
 
         def attend(layer, q, k, v, pool):
             block = (k, v, inp.positions, inp.seg)
@@ -117,6 +128,30 @@ def prefill_program(
                 )
                 if step + 1 < d:
                     block = jax.tree.map(lambda x: jax.lax.ppermute(x, SP, ring), block)
+            if appending:
+                held_k, held_v = (
+                    jnp.take(x[0, layer], inp.prefix_slots, axis=1, mode="fill", fill_value=0).swapaxes(0, 1)
+                    for x in pool
+                )
+                q_all = gather(q) if d > 1 else q
+                o, part_lse = attn.block_attention(
+                    q_all,
+                    held_k.astype(q.dtype),
+                    held_v.astype(q.dtype),
+                    q_pos_all,
+                    q_seg_all,
+                    prefix_pos,
+                    inp.prefix_seg,
+                )
+                t = q.shape[0]
+                if d > 1:  # the partials of my queries, from every rank: [d, T, ...]
+                    o = jax.lax.all_to_all(o, SP, 0, 0, tiled=True).reshape(d, t, *o.shape[1:])
+                    part_lse = jax.lax.all_to_all(part_lse, SP, 0, 0, tiled=True).reshape(d, t, *part_lse.shape[1:])
+                else:
+                    o, part_lse = o[None], part_lse[None]
+                out, lse = merge_attention_many(
+                    jnp.concatenate([o, out[None].astype(o.dtype)]), jnp.concatenate([part_lse, lse[None]])
+                )
             return out, pool
 
         h, pools = model.hidden_states(inp.tokens, inp.positions, inp.seq_lens, attend, pools, tp)

@@ -194,6 +194,11 @@ def test_real_programs_lower_for_cuda_with_the_triton_kernels(instances, tp, gpu
             continue
         g = group[:2] if kind == "migrate" else group
         _, fn, args, donate = ex._program_args(kind, g, size, rows, SamplerFlags(extras=True), ex.page_size)
-        text = lower_for_gpu(fn, args, donate, GPUS[gpu])
-        if kind != "migrate":
-            assert "__gpu$xla.gpu.triton" in text, f"{kind}: no Triton kernel in the CUDA module"
+        variants = [args]
+        if kind == "prefill":  # and an appending prefill: K/V held before, attended where it lies
+            held = jax.ShapeDtypeStruct((len(g), 32), np.int32)
+            variants.append((*args[:2], args[2]._replace(prefix_slots=held, prefix_seg=held), *args[3:]))
+        for variant in variants:
+            text = lower_for_gpu(fn, variant, donate, GPUS[gpu])
+            if kind != "migrate":
+                assert "__gpu$xla.gpu.triton" in text, f"{kind}: no Triton kernel in the CUDA module"
