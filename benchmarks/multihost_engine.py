@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from worker_processes import ROOT, leader_result
+
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 BATCH, STEPS, WARM_STEPS = 16, 40, 5
 
@@ -83,28 +82,7 @@ def worker(coordinator: str, num: int, pid: int, instances: int) -> None:
 
 
 def run(num: int, instances: int, timeout: float) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"127.0.0.1:{port}", str(num), str(instances)]
-    procs = [
-        subprocess.Popen([*cmd, str(i)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) for i in range(num)
-    ]
-    try:
-        out = procs[0].communicate(timeout=timeout)[0].decode(errors="replace")
-        for p in procs[1:]:
-            p.communicate(timeout=60)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
-    if not lines:
-        raise RuntimeError(f"the leader printed no result:\n{out[-3000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
+    return leader_result(__file__, [str(instances)], num, timeout)
 
 
 def main() -> None:

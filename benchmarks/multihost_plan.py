@@ -10,13 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from worker_processes import ROOT, leader_result
+
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 BATCH, PAGES, STEPS = 16, 64, 300
 
@@ -57,26 +55,7 @@ def worker(coordinator: str, num: int, pid: int) -> None:
 
 
 def round_trips(num: int) -> list[float]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"127.0.0.1:{port}", str(num)]
-    procs = [
-        subprocess.Popen([*cmd, str(i)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) for i in range(num)
-    ]
-    try:
-        out = [p.communicate(timeout=300)[0].decode(errors="replace") for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    lines = [line for line in out[0].splitlines() if line.startswith("RESULT ")]
-    if not lines:
-        raise RuntimeError(f"the leader printed no result:\n{out[0][-2000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
+    return leader_result(__file__, [], num, timeout=300)
 
 
 def decode_step_seconds() -> float:

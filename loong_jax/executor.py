@@ -231,8 +231,15 @@ class JaxExecutor:
         the same inputs first and the pending outputs gather every process's rows."""
         if self.peers is None or self.instances.is_local(group):
             return self.run_local(kind, group, flags, inp, samp)
-        op = {"op": "run", "kind": kind, "group": list(group), "extras": flags.extras, "inp": list(inp)}
-        seq = self.peers.send({**op, "samp": list(samp)})
+        op = {
+            "op": "run",
+            "kind": kind,
+            "group": list(group),
+            "extras": flags.extras,
+            "inp": list(inp),
+            "samp": list(samp),
+        }
+        seq = self.peers.send(op)
         local = self.run_local(kind, group, flags, inp, samp) if self.instances.has_local(group) else None
         return self.peers.gather(seq, kind, group, local)
 
@@ -241,7 +248,6 @@ class JaxExecutor:
         yet (a new sampler variant or shape) is compiled and dispatched on the compile thread, so the
         programs of other groups go on meanwhile."""
         inst = self.instances
-        fn = self._program_fn(kind, group, flags)
         rows = inst.sharding(group, P(SP))
         inp, samp = jax.device_put((inp, samp), rows)
         args = (inst.group_params(group), inst.group_pools(group), inp, samp)
@@ -251,6 +257,7 @@ class JaxExecutor:
             return DevicePending(self._dispatch(program, group, args))
 
         def compile_and_dispatch() -> Any:
+            fn = self._program_fn(kind, group, flags)
             return self._dispatch(self.programs.get(key, fn, args, donate_argnums=(1,)), group, args)
 
         return CompilingPending(self._compiler.submit(compile_and_dispatch))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import struct
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -106,10 +105,9 @@ class PlanChannel:
         """Follower: its answer to message seq."""
         self.client.key_value_set_bytes(f"{PREFIX}/reply/{seq}/{self.process_id}", encode(message))
 
-    def replies(self, seq: int, processes: Iterable[int] | None = None) -> list[Any]:
-        """Leader: the answers to message seq of the given followers (default: all), in that order; waits."""
-        procs = range(1, self.num_processes) if processes is None else processes
-        return [decode(self._get(f"{PREFIX}/reply/{seq}/{p}", f"process {p}")) for p in procs]
+    def replies(self, seq: int) -> list[Any]:
+        """Leader: every follower's answer to message seq, by process id (1, 2, ...); waits."""
+        return [decode(self._get(f"{PREFIX}/reply/{seq}/{p}", f"process {p}")) for p in range(1, self.num_processes)]
 
     def try_reply(self, seq: int, process: int) -> Any | None:
         """Leader: a follower's answer to message seq if it is there, else None (does not wait)."""

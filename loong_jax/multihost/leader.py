@@ -87,13 +87,13 @@ class Leader:
             self.channel.publish(self.seq, {"op": "stop"})
             self.seq += 1
 
-    def check(self, force: bool = False) -> None:
+    def check(self) -> None:
         """Raise PeerLost if a follower's heartbeat is older than the timeout (read at most every
-        CHECK_EVERY_S unless forced); drop operations every follower has read from the store."""
+        CHECK_EVERY_S); drop operations every follower has read from the store."""
         if self.lost is not None:
             raise PeerLost(self.lost)
         now = time.monotonic()
-        if not force and now - self._checked < CHECK_EVERY_S:
+        if now - self._checked < CHECK_EVERY_S:
             return
         self._checked = now
         done = []
