@@ -52,6 +52,7 @@ class LLM:
         output_estimate: int = 256,
         policy: str = "elastic",
         attention_backend: str = "auto",
+        enable_prefix_caching: bool = True,
         heartbeat_timeout_s: float = 30.0,
         step_timeout_s: float = 300.0,
         seed: int | None = None,
@@ -82,6 +83,7 @@ class LLM:
             output_estimate=output_estimate,
             policy=policy,
             attention_backend=attention_backend,
+            enable_prefix_caching=enable_prefix_caching,
             heartbeat_timeout_s=heartbeat_timeout_s,
             step_timeout_s=step_timeout_s,
         )

@@ -55,6 +55,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         help="auto: the Pallas kernels on GPU, XLA elsewhere (default); pallas on CPU runs them in interpret "
         "mode (slow)",
     )
+    p.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="do not reuse the KV of earlier requests' prompt prefixes (on by default: exact, evicted when room "
+        "is needed)",
+    )
 
 
 def _multihost_args(p: argparse.ArgumentParser) -> None:
@@ -132,6 +139,7 @@ def load_llm(args: argparse.Namespace, **limits: int):
         memory_utilization=args.memory_utilization,
         policy=args.policy,
         attention_backend=args.attention_backend,
+        enable_prefix_caching=args.prefix_caching,
         heartbeat_timeout_s=getattr(args, "heartbeat_timeout", 30.0),
         step_timeout_s=getattr(args, "step_timeout", 300.0),
         **limits,

@@ -2,6 +2,8 @@
 
 Per degree of parallelism d (instances in the group):
 * prefill of a batch with lengths l: `a + b * sum(l) + c * sum(l^2)` (linear layers, then causal attention);
+  a prompt whose first h tokens' K/V is cached computes its n = l - h new tokens: `b * n + c * (n^2 + 2 n h)`
+  (its attention is the causal one over l tokens less the one over h);
 * one decode step: `a + b * batch + c * context` (weights and per-step overhead, per-request work, KV read);
 * migration of n tokens: `latency + n / tokens_per_s`.
 Coefficients are fitted by least squares on relative error, saved as JSON keyed by model and hardware.
@@ -36,9 +38,13 @@ class CostModel:
         per_rank = np.maximum(np.ceil(np.asarray(total, np.float64) / degree), self.prefill_bucket)
         return degree * 2.0 ** np.ceil(np.log2(per_rank))
 
-    def prefill_terms(self, degree: int, lengths: Sequence[int]) -> list[float]:
-        """The features the prefill coefficients multiply: [1, tokens, sum of squared lengths]."""
-        return [1.0, float(self.prefill_tokens(degree, sum(lengths))), float(sum(n * n for n in lengths))]
+    def prefill_terms(self, degree: int, lengths: Sequence[int], cached: Sequence[int] = ()) -> list[float]:
+        """The features the prefill coefficients multiply: [1, tokens, sum of squared lengths]; with `cached`
+        (tokens of each prompt whose K/V is cached), lengths are the new tokens and attention to the cached
+        ones counts too."""
+        cached = list(cached) or [0] * len(lengths)
+        attention = sum(n * n + 2 * n * h for n, h in zip(lengths, cached))
+        return [1.0, float(self.prefill_tokens(degree, sum(lengths))), float(attention)]
 
     def coefficients(self, table: dict[int, tuple[float, float, float]], degree: int) -> tuple[float, float, float]:
         if degree in table:
@@ -47,9 +53,9 @@ class CostModel:
         a, b, c = table[near]
         return a, b * near / degree, c * near / degree  # work per token spreads over the group
 
-    def prefill_time(self, degree: int, lengths: Sequence[int]) -> float:
+    def prefill_time(self, degree: int, lengths: Sequence[int], cached: Sequence[int] = ()) -> float:
         a, b, c = self.coefficients(self.prefill, degree)
-        _, s1, s2 = self.prefill_terms(degree, lengths)
+        _, s1, s2 = self.prefill_terms(degree, lengths, cached)
         return a + b * s1 + c * s2
 
     def decode_time(self, degree: int, batch: int, context: int) -> float:

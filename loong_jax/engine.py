@@ -11,6 +11,7 @@ request's prompt plus its maximum number of new tokens is reserved in the whole 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import logging
 import secrets
@@ -42,6 +43,7 @@ from loong_jax.memory import (
 from loong_jax.multihost.channel import PlanChannel
 from loong_jax.multihost.leader import Leader
 from loong_jax.policy import Policy, SchedulerView, SharedComputePolicy, pages_to_reserve
+from loong_jax.prefix import PrefixCache
 from loong_jax.request import IncrementalDetokenizer, Request, Status
 from loong_jax.sampling import SamplingParams
 from loong_jax.scheduler import ElasticScheduler, SchedulerConfig
@@ -72,6 +74,7 @@ class EngineConfig:
     aligned_groups: bool = True
     policy: str = "elastic"  # "elastic": the cost-model scheduler; "shared": instances share one processor
     attention_backend: str = "auto"  # "auto" (Pallas on GPU, XLA elsewhere), "xla" or "pallas"
+    enable_prefix_caching: bool = True  # reuse the K/V of full pages of earlier requests' prefixes
     heartbeat_timeout_s: float = 30.0  # multi-host: a follower silent this long is lost
     step_timeout_s: float = 300.0  # multi-host: a follower that has not answered a launch by then is lost
 
@@ -168,6 +171,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.executor = executor
         self.pools = [PagePool(ecfg.num_pages, ecfg.page_size) for _ in range(ecfg.num_instances)]
+        salt = hashlib.blake2b(repr(cfg).encode(), digest_size=16).digest()  # keys of one model only
+        self.prefix_cache = PrefixCache(self.pools, salt, enabled=ecfg.enable_prefix_caching)
         self.policy: Policy = policy or self.default_policy(rough_cost_model())
         self.waiting: list[Request] = []
         self.running: list[Request] = []
@@ -307,6 +312,7 @@ class Engine:
             prefilling=prefilling,
             running=tuple(self.running),
             stepping=[(x.group, x.requests) for x in self.launches if x.kind == "decode"],
+            cached=self.prefix_cache.locator() if self.prefix_cache.enabled else None,
         )
 
     def step(self, timeout: float | None = None) -> list[Request]:
@@ -376,16 +382,18 @@ class Engine:
                         self._preempt(req)
         now = self.executor.now()
         for work in it.prefills:
+            fresh = [req for req in work.requests if req.status is Status.WAITING]
+            for req in fresh:
+                self.waiting.remove(req)
+                req.status = Status.RUNNING
+                req.scheduled_time = now if req.scheduled_time is None else req.scheduled_time
+                if not req.reserved_pages:
+                    req.reserved_pages = pages_to_reserve(req, self.pools)
+                    self._reserved_pages += req.reserved_pages
+                self.running.append(req)
+                req.prefill_len, req.prefilled = req.num_prefill_tokens, 0
+            self.prefix_cache.attach(work, fresh)  # a cached prefix on the group: only the rest is computed
             for i, req in enumerate(work.requests):
-                if req.status is Status.WAITING:
-                    self.waiting.remove(req)
-                    req.status = Status.RUNNING
-                    req.scheduled_time = now if req.scheduled_time is None else req.scheduled_time
-                    if not req.reserved_pages:
-                        req.reserved_pages = pages_to_reserve(req, self.pools)
-                        self._reserved_pages += req.reserved_pages
-                    self.running.append(req)
-                    req.prefill_len, req.prefilled = req.num_prefill_tokens, 0
                 remaining = req.prefill_len - req.prefilled
                 if work.chunk is not None:  # the executor reads the chunk actually computed
                     work.chunk[i] = remaining = min(work.chunk[i], remaining)
@@ -439,6 +447,7 @@ class Engine:
         for i in self.executor.repair(group):
             for req in [r for r in self.running if self.pools[i].tokens.get(r.rid, 0)]:
                 self._preempt(req)
+            self.prefix_cache.flush([i])  # its cached pages' K/V is gone too
 
     def _fail(self, req: Request, message: str) -> None:
         """End a request with an error (its KV is freed, its reservation returned)."""
@@ -462,7 +471,7 @@ class Engine:
     def _collect(self) -> list[Request]:
         """Apply the sampled tokens of every ready launch and free its instances."""
         touched: list[Request] = []
-        still = []
+        still, done = [], []
         for launch in self.launches:
             if not launch.pending.ready():
                 still.append(launch)
@@ -475,6 +484,8 @@ class Engine:
             except Exception as e:  # the program failed while running
                 self._launch_failed(launch.kind, launch.group, launch.requests, e)
                 continue
+            if launch.kind == "prefill":
+                done.append(launch)
             now = self.executor.now()
             for k, reqs in enumerate(launch.ranks):
                 for i, r in enumerate(reqs):
@@ -484,6 +495,10 @@ class Engine:
                     r.append_token(int(out.tokens[k, i]), float(out.logprob[k, i]), top[: r.params.logprobs or 0], now)
                     touched.append(r)
         self.launches = still
+        for launch in done:  # K/V written by finished prefills can serve other requests now
+            for r in launch.requests:
+                if not r.finished:
+                    self.prefix_cache.publish(r, launch.group)
         for r in touched:
             if r.finished:
                 self._retire(r)
@@ -503,7 +518,8 @@ class Engine:
             if not 0 < move.tokens <= have:
                 raise ValueError(f"instance {src} holds {have} tokens of request {move.rid}; cannot move {move.tokens}")
             src_slots.append(self.pools[src].slots(move.rid)[have - move.tokens :])
-            dst_slots.append(self.pools[dst].append(move.rid, move.tokens))
+            positions = self.pools[src].positions(move.rid)[have - move.tokens :]
+            dst_slots.append(self.pools[dst].append(move.rid, move.tokens, positions))
             self.pools[src].truncate(move.rid, move.tokens)
             self.stats.migrations += 1
         launch = self.executor.migrate(src, dst, np.concatenate(src_slots), np.concatenate(dst_slots))
@@ -522,6 +538,8 @@ class Engine:
         self.waiting.insert(0, req)
 
     def _retire(self, req: Request) -> None:
+        if req.finish_reason in ("stop", "length"):  # its K/V is complete: the next turn may start from it
+            self.prefix_cache.publish(req, range(len(self.pools)))
         self.requests.pop(req.rid, None)
         if req in self.running:
             self.running.remove(req)

@@ -11,6 +11,7 @@ from loong_jax.request import Request
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
 
     @property
     def total_tokens(self) -> int:
@@ -43,7 +44,7 @@ class RequestOutput:
             token_ids=list(r.output_ids),
             finish_reason=r.finish_reason,
             stop_reason=r.stop_reason,
-            usage=Usage(len(r.prompt_ids), len(r.output_ids)),
+            usage=Usage(len(r.prompt_ids), len(r.output_ids), r.cached_tokens),
             logprobs=list(r.logprobs) if want else None,
             top_logprobs=[dict(t) for t in r.top_logprobs] if want else None,
             time_to_first_token=None if r.first_token_time is None else r.first_token_time - r.arrival,

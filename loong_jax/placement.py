@@ -119,7 +119,7 @@ def build_prefill(
         for r in range(d):
             mine = np.nonzero(plan == r)[0]
             if len(mine):
-                slot_of[i][mine] = pools[r].append(rid, len(mine))
+                slot_of[i][mine] = pools[r].append(rid, len(mine), starts[i] + mine)
     stripes = stripe(lengths, d)
     samplers = np.bincount([(n - 1) % d for n, s in zip(lengths, sampled) if s], minlength=d).max()
     t = bucket(max(max(len(s[0]) for s in stripes), min_tokens * samplers), min_tokens)
@@ -210,5 +210,5 @@ def build_decode(
                     kv_lens[r, row] = pool.tokens[rids[i]]
                     table[r, row, : len(pages)] = pages
             tokens[m, j], pos[m, j] = last_tokens[i], positions[i]
-            slots[m, j] = pools[m].append(rids[i], 1)[0]
+            slots[m, j] = pools[m].append(rids[i], 1, positions[i])[0]
     return DecodePlan(DecodeInputs(tokens, pos, slots, table, kv_lens), b, rank_requests)

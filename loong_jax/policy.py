@@ -48,6 +48,12 @@ class SchedulerView:
     prefilling: Sequence[Request] = ()  # running requests whose chunked prefill is not complete
     running: Sequence[Request] = ()  # every running request, in a program or not
     stepping: Sequence[tuple[Group, Sequence[Request]]] = ()  # decode steps in flight: group and requests
+    cached: Callable[[Request, Sequence[int]], int] | None = None  # see cached_pages (None: no prefix cache)
+
+    def cached_pages(self, req: Request, instances: Sequence[int]) -> int:
+        """Pages of a waiting request's longest prefix cached on these instances (a prefill group of them
+        computes only the rest)."""
+        return 0 if self.cached is None else self.cached(req, instances)
 
     def rank_token_cap(self, degree: int) -> int:
         """Tokens per rank a prefill of this degree may hold: the largest warmed-up token bucket."""
@@ -325,7 +331,9 @@ class SharedComputePolicy:
         if view.busy:  # a program is running: it has the whole processor
             return it
         if view.waiting:
-            for home in sorted(range(self.n), key=lambda i: (-view.pools[i].used_tokens, i)):
+            head = view.waiting[0]  # where its cached prefix lies first, then the busiest
+            order = sorted(range(self.n), key=lambda i: (-view.cached_pages(head, [i]), -view.pools[i].used_tokens, i))
+            for home in order:
                 work = admit_fcfs(view, (home,), busiest_first_plan)
                 if work is not None:
                     it.prefills.append(work)

@@ -69,6 +69,8 @@ class Request:
     prefill_len: int = 0  # tokens its prefill computes, fixed when it is dispatched
     preemptions: int = 0  # times its KV was dropped to be recomputed
     skipped: int = 0  # times later requests were dispatched ahead of it
+    cached_tokens: int = 0  # tokens of its prefill whose K/V came from the prefix cache
+    page_keys: list[bytes] = dataclasses.field(default_factory=list)  # prefix keys of its full pages so far
     _emitted_text: int = 0
     _stop_checked: int = 0
     _stop_floor: int = 0  # stop strings only count from here: the text of the first min_tokens tokens is exempt

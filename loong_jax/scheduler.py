@@ -86,6 +86,7 @@ class ElasticScheduler:
         self.n = num_instances
         self.cost = cost
         self.cfg = config or SchedulerConfig()
+        self._cached: dict[int, int] = {}  # request id -> cached prefix tokens (this decision's admitted)
 
     # ----- the decision ----------------------------------------------------------------------------
 
@@ -98,6 +99,8 @@ class ElasticScheduler:
         idle = [i for i in range(self.n) if i not in view.busy and i not in in_decode]
         it = Iteration()
         admitted, blocked = self._dispatch(view, idle + sorted(in_decode))
+        page = view.pools[0].page_size  # tokens of each admitted request's longest cached prefix
+        self._cached = {r.rid: view.cached_pages(r, range(self.n)) * page for r in admitted}
         if admitted:
             paused, packed, hold, now = self._allocate(view, admitted, idle, groups)
             if hold:  # the prefill waits for decode steps in flight; the groups it pauses stay still
@@ -169,6 +172,11 @@ class ElasticScheduler:
             return sum(1.0 / max(1, r.num_prefill_tokens) for r in reqs)
         return sum(1.0 / max(1, r.expected_new_tokens) for r in reqs)
 
+    def _prefill_time(self, degree: int, reqs: Sequence[Request]) -> float:
+        """Predicted prefill of these requests at this degree; a cached prefix is not computed again."""
+        cached = [self._cached.get(r.rid, 0) for r in reqs]
+        return self.cost.prefill_time(degree, [r.num_prefill_tokens - h for r, h in zip(reqs, cached)], cached)
+
     def _step_time(self, group: Group, reqs: Sequence[Request]) -> float:
         return self.cost.decode_time(len(group), len(reqs), sum(r.num_tokens for r in reqs))
 
@@ -178,17 +186,17 @@ class ElasticScheduler:
         """Decode groups to pause for the prefill, or migrations that free one decode instance for it; whether
         the prefill waits for paused groups whose decode step is still in flight (hold); and the admitted
         requests to prefill now (with latency targets, a pause may be for the shortest of them only)."""
-        lengths = [r.num_prefill_tokens for r in admitted]
+        batch = admitted
         gain_w = self._norm(admitted, inputs=True)
         drain = 0.0
         if idle:
-            latency = self.cost.prefill_time(len(idle), lengths)
+            latency = self._prefill_time(len(idle), batch)
         elif groups:  # no idle instance: the new requests wait for the first decode group to drain
             drain = min(
                 max(r.expected_new_tokens - len(r.output_ids) for r in reqs) * self._step_time(g, reqs)
                 for g, reqs in groups
             )
-            latency = drain + self.cost.prefill_time(1, lengths)
+            latency = drain + self._prefill_time(1, batch)
         else:
             return [], [], False, admitted
         paused: list = []
@@ -201,9 +209,9 @@ class ElasticScheduler:
             size, wait = len(idle), 0.0
             waiting = latency * gain_w  # the admitted requests' normalised latency if nothing is paused now
             if self.cfg.pause_later and not idle:
-                waiting = min([waiting] + [self._pause_later(g, reqs, lengths, gain_w) for g, reqs in view.stepping])
+                waiting = min([waiting] + [self._pause_later(g, reqs, batch, gain_w) for g, reqs in view.stepping])
             for g, reqs, ends in sorted(options, key=lambda o: (o[2] > 0, self._norm(o[1], inputs=False), -len(o[0]))):
-                with_g = max(wait, ends) + self.cost.prefill_time(size + len(g), lengths)
+                with_g = max(wait, ends) + self._prefill_time(size + len(g), batch)
                 gain = waiting - with_g * gain_w
                 cost = with_g * self._norm(reqs, inputs=False)
                 k = len(now) if gain > cost * self.cfg.pause_weight else 0
@@ -212,13 +220,13 @@ class ElasticScheduler:
                 if k:
                     paused.append((g, reqs))
                     now = now[:k]
-                    lengths = [r.num_prefill_tokens for r in now]
+                    batch = now
                     size, latency, wait = size + len(g), with_g, max(wait, ends)
                     waiting = latency * gain_w
                     hold = hold or ends > 0
         if paused or not self.cfg.pack_decodes or not idle:
             return paused, [], hold, now
-        return [], self._pack(view, lengths, gain_w, latency, len(idle), groups), False, admitted
+        return [], self._pack(view, batch, gain_w, latency, len(idle), groups), False, admitted
 
     def _slo_pause(
         self,
@@ -236,17 +244,16 @@ class ElasticScheduler:
         `base_wait` on the `size` instances already chosen (or on one drained instance if none)."""
         step = self._step_time(group, reqs)
         for j in range(len(now), 0, -1):
-            ls = [r.num_prefill_tokens for r in now[:j]]
-            base = base_wait + self.cost.prefill_time(size or 1, ls)
-            with_j = start + self.cost.prefill_time(size + len(group), ls)
+            base = base_wait + self._prefill_time(size or 1, now[:j])
+            with_j = start + self._prefill_time(size + len(group), now[:j])
             if self._ttft_helped(view, now[:j], base, with_j) and self._tpot_kept(view, reqs, with_j, step):
                 return j, with_j
         return 0, 0.0
 
-    def _pause_later(self, group: Group, reqs: Sequence[Request], lengths: list[int], gain_w: float) -> float:
+    def _pause_later(self, group: Group, reqs: Sequence[Request], batch: Sequence[Request], gain_w: float) -> float:
         """Normalised cost of not pausing now but pausing a group whose decode step is in flight when that step
         ends: the admitted requests wait for the step, and that group's decodes wait for the prefill."""
-        prefill = self.cost.prefill_time(len(group), lengths)
+        prefill = self._prefill_time(len(group), batch)
         return (self._step_time(group, reqs) + prefill) * gain_w + prefill * self._norm(reqs, inputs=False)
 
     def _ttft_helped(self, view: SchedulerView, admitted: list[Request], latency: float, faster: float) -> bool:
@@ -274,7 +281,7 @@ class ElasticScheduler:
         return True
 
     def _pack(
-        self, view: SchedulerView, lengths: list[int], gain_w: float, latency: float, n_idle: int, groups: list
+        self, view: SchedulerView, batch: list[Request], gain_w: float, latency: float, n_idle: int, groups: list
     ) -> list[Migration]:
         """Free the instance holding the least KV of a multi-instance decode group by moving that KV to the
         group instance with the most room (one transfer), if the faster prefill is worth the move."""
@@ -290,7 +297,7 @@ class ElasticScheduler:
             if not moving or sum(pool.pages_needed(r.rid, held[r.rid]) for r in moving) > pool.free_pages:
                 continue
             move = self.cost.migrate_time(tokens)
-            faster = move + self.cost.prefill_time(n_idle + 1, lengths)
+            faster = move + self._prefill_time(n_idle + 1, batch)
             if (latency - faster) * gain_w > move * self._norm(reqs, inputs=False):
                 return [Migration(r.rid, src, dst, held[r.rid]) for r in moving]
         return []
@@ -316,12 +323,14 @@ class ElasticScheduler:
         order = sorted(free, key=lambda i: (view.pools[i].free_pages, i))  # least free memory first
         reqs = sorted(admitted, key=lambda r: r.num_prefill_tokens)
         lens = np.array([r.num_prefill_tokens for r in reqs], np.float64)
+        hit = np.array([self._cached.get(r.rid, 0) for r in reqs], np.float64)
+        new = lens - hit  # tokens computed; their attention also covers the cached ones
         r_n, e_n = len(reqs), len(order)
         degrees = np.array(self._degrees(e_n))
         coeffs = np.array([self.cost.coefficients(self.cost.prefill, int(k)) for k in degrees])  # [K, 3]
         caps = np.array([view.rank_token_cap(int(k)) for k in degrees], np.float64)
-        p1 = np.concatenate([[0.0], np.cumsum(lens)])
-        p2 = np.concatenate([[0.0], np.cumsum(lens**2)])
+        p1 = np.concatenate([[0.0], np.cumsum(new)])
+        p2 = np.concatenate([[0.0], np.cumsum(new**2 + 2 * new * hit)])
         pw = np.concatenate([[0.0], np.cumsum(1.0 / lens)])
         pp = np.concatenate([[0.0], np.cumsum(np.ceil(lens / page))])
         cap_pages = np.concatenate([[0.0], np.cumsum([view.pools[i].free_pages for i in order])])
@@ -362,7 +371,7 @@ class ElasticScheduler:
         # Prefill the i shortest now; each longer one waits until these batches end, then prefills alone on
         # all these instances (priced the same way, per input token). Requests at the skip bound must be in.
         must = max([k + 1 for k, r in enumerate(reqs) if r.skipped >= self.cfg.max_skips] + [1])
-        alone = [self.cost.prefill_time(e_n, [int(n)]) / n for n in lens]
+        alone = [self._prefill_time(e_n, [r]) / r.num_prefill_tokens for r in reqs]
         later = np.concatenate([np.cumsum(alone[::-1])[::-1], [0.0]])  # later[i]: sum over requests >= i
         best, best_cost = None, np.inf
         for i in range(must if self.cfg.defer_long else r_n, r_n + 1):
@@ -370,7 +379,7 @@ class ElasticScheduler:
             if not np.isfinite(f[i, e]):
                 continue
             splits = trace(i, e)
-            wait = max(self.cost.prefill_time(len(inst), [r.num_prefill_tokens for r in rs]) for rs, inst in splits)
+            wait = max(self._prefill_time(len(inst), rs) for rs, inst in splits)
             total = f[i, e] + wait * (pw[r_n] - pw[i]) + later[i]
             if total < best_cost:
                 best, best_cost = splits, total
@@ -392,11 +401,9 @@ class ElasticScheduler:
             k = len(inst)
             block = None
             while k >= 1 and block is None:
-                for start in range(0, self.n, k):
-                    cand = tuple(range(start, start + k))
-                    if left.issuperset(cand):
-                        block = cand
-                        break
+                blocks = [tuple(range(s, s + k)) for s in range(0, self.n, k) if left.issuperset(range(s, s + k))]
+                if blocks:  # the one holding most of the batch's cached prefixes (it computes only the rest)
+                    block = max(blocks, key=lambda b: (sum(view.cached_pages(r, b) for r in reqs), -b[0]))
                 else:
                     k //= 2
             if block is None:

@@ -94,10 +94,10 @@ class SimExecutor:
             total = req.prefill_len
             n = total if work.chunk is None else work.chunk[i]
             start = req.prefilled - n  # the engine already counted this pass
-            counts = np.bincount(np.asarray(work.plans[i])[start : start + n], minlength=d)
-            for r, c in enumerate(counts):
-                if c:
-                    pools[r].append(req.rid, int(c))
+            plan = np.asarray(work.plans[i])[start : start + n]
+            for r in np.unique(plan):
+                mine = np.nonzero(plan == r)[0]
+                pools[r].append(req.rid, len(mine), start + mine)
             lengths.append((start, n))
             if start + n >= total:
                 done.append(req)
@@ -121,7 +121,7 @@ class SimExecutor:
     @staticmethod
     def _reserve_decode(work: DecodeWork, pools: Sequence[PagePool]) -> None:
         for req, m in zip(work.requests, work.masters):
-            pools[m].append(req.rid, 1)
+            pools[m].append(req.rid, 1, req.num_tokens)
 
     def decode(self, work: DecodeWork, pools: Sequence[PagePool]) -> Launch:
         self._reserve_decode(work, pools)

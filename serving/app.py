@@ -238,21 +238,18 @@ class Server:
         errors = [d.error for deltas in results for d in deltas if d.error]
         if errors:  # an engine failure is an error response, never a 200 with finish_reason "error"
             raise APIError(errors[0], 503 if not self.engine.alive else 500, "server_error")
-        choices, completion = [], 0
+        choices, completion, cached = [], 0, [0] * len(results)
         for index, deltas in enumerate(results):
             choices.append(choice_fn(index, deltas, final=True))
             completion += deltas[-1].completion_tokens if deltas else 0
+            cached[index] = deltas[-1].cached_tokens if deltas else 0
         payload = {
             "id": rid,
             "object": kind,
             "created": int(time.time()),
             "model": self.model_name,
             "choices": choices,
-            "usage": {
-                "prompt_tokens": usage_prompt,
-                "completion_tokens": completion,
-                "total_tokens": usage_prompt + completion,
-            },
+            "usage": _usage(usage_prompt, completion, cached, body.n),
         }
         return JSONResponse(payload)
 
@@ -282,7 +279,7 @@ class Server:
         created = int(time.time())
         merged: asyncio.Queue = asyncio.Queue()
         pending = {index for index in range(len(started))}
-        completion = [0] * len(started)
+        completion, cached = [0] * len(started), [0] * len(started)
 
         async def forward(index: int, q: asyncio.Queue) -> None:
             while True:
@@ -313,7 +310,7 @@ class Server:
                     )
             while pending:
                 index, delta = await merged.get()
-                completion[index] = delta.completion_tokens
+                completion[index], cached[index] = delta.completion_tokens, delta.cached_tokens
                 if delta.error:  # the engine failed it: an error event ends the stream
                     code, kind = (503, "service_unavailable") if not self.engine.alive else (500, "server_error")
                     yield _sse({"error": {"message": delta.error, "type": kind, "param": None, "code": code}})
@@ -331,12 +328,7 @@ class Server:
                 }
                 yield _sse(chunk)
             if body.stream_options and body.stream_options.include_usage:
-                total = sum(completion)
-                usage = {
-                    "prompt_tokens": usage_prompt,
-                    "completion_tokens": total,
-                    "total_tokens": usage_prompt + total,
-                }
+                usage = _usage(usage_prompt, sum(completion), cached, body.n)
                 yield _sse(
                     {
                         "id": rid,
@@ -505,3 +497,13 @@ def build_app(server: Server, on_shutdown: Any = None) -> Starlette:
             await asyncio.get_running_loop().run_in_executor(None, on_shutdown)
 
     return Starlette(routes=routes, lifespan=lifespan)
+
+
+def _usage(prompt: int, completion: int, cached: list[int], n: int) -> dict[str, Any]:
+    """OpenAI's usage object; a prompt's cached tokens are its first choice's (each prompt counts once)."""
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(cached[::n])},
+    }

@@ -41,6 +41,7 @@ class Delta:
     stop_reason: str | int | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     wants_logprobs: bool = False
     error: str | None = None  # why the engine failed the request (finish_reason "error")
 
@@ -232,6 +233,7 @@ class AsyncEngine:
                 stop_reason=req.stop_reason,
                 prompt_tokens=len(req.prompt_ids),
                 completion_tokens=len(req.output_ids),
+                cached_tokens=req.cached_tokens,
                 wants_logprobs=req.params.logprobs is not None,
                 error=req.error,
             )

@@ -50,9 +50,34 @@ class Metrics:
         self.scale_ups = Counter("loong:scale_ups", "Decode steps giving a request a new master instance.", registry=r)
         self.scale_downs = Counter("loong:scale_downs", "Prefills keeping KV on fewer instances.", registry=r)
         self.migrations = Counter("loong:migrations", "KV migrations between instances.", registry=r)
+        self.cache_counters = {  # prefix cache: counter -> where the engine counts it
+            Counter("loong:prefix_cache_queries", "Prefills that looked for a cached prefix.", registry=r): (
+                lambda e: e.prefix_cache.stats.queries
+            ),
+            Counter("loong:prefix_cache_query_tokens", "Prompt tokens of those prefills.", registry=r): (
+                lambda e: e.prefix_cache.stats.query_tokens
+            ),
+            Counter("loong:prefix_cache_hits", "Prefills that found a cached prefix.", registry=r): (
+                lambda e: e.prefix_cache.stats.hits
+            ),
+            Counter("loong:prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache.", registry=r): (
+                lambda e: e.prefix_cache.stats.hit_tokens
+            ),
+            Counter("loong:prefix_cache_evictions", "Cached pages evicted to make room.", registry=r): (
+                lambda e: e.prefix_cache.evictions
+            ),
+        }
+        self._cache_seen = dict.fromkeys(self.cache_counters, 0)
+        self.cache_pages = Gauge(
+            "loong:prefix_cache_pages_instance",
+            "Cached prefix pages in one instance's KV pool.",
+            ["instance"],
+            registry=r,
+        )
         self.iteration = Histogram("loong:iteration_seconds", "Engine iteration time.", buckets=_LATENCY, registry=r)
         for i in range(num_instances):
             self.kv_instance.labels(instance=str(i)).set(0)
+            self.cache_pages.labels(instance=str(i)).set(0)
         if capacity is not None:
             self._capacity(capacity)
         self._seen = dict.fromkeys(("scale_ups", "scale_downs", "migrations", "preemptions"), 0)
@@ -133,6 +158,11 @@ class Metrics:
         self.kv_usage.set(engine.kv_used_tokens / total)
         for i, pool in enumerate(engine.pools):
             self.kv_instance.labels(instance=str(i)).set(pool.used_tokens / pool.num_slots)
+            self.cache_pages.labels(instance=str(i)).set(len(pool.cached))
+        for counter, count in self.cache_counters.items():
+            value = count(engine)
+            counter.inc(value - self._cache_seen[counter])
+            self._cache_seen[counter] = value
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

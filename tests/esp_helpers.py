@@ -63,5 +63,20 @@ def pool_tokens(engine: Engine, instance: int, rid: int) -> tuple[np.ndarray, np
     return np.asarray(pools.k)[0][:, :, slots].swapaxes(1, 2), np.asarray(pools.v)[0][:, :, slots].swapaxes(1, 2)
 
 
+def smollm2_on_8_instances(max_model_len: int = 4096):
+    """SmolLM2 on 8 virtual instances with small pools (for the elastic runtime on real weights)."""
+    from loong_jax import LLM  # noqa: PLC0415
+
+    return LLM(
+        num_instances=8,
+        kv_tokens_per_instance=1024,
+        max_model_len=max_model_len,
+        max_num_seqs=8,
+        memory_utilization=0.9,  # the test process already holds other models
+        seed=0,
+        compilation_cache_dir=None,
+    )
+
+
 def greedy_params(max_tokens: int, **kw) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, **GREEDY, **kw)

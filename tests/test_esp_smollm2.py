@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from esp_helpers import greedy_params
+from esp_helpers import greedy_params, smollm2_on_8_instances
 
-from loong_jax import LLM
 from loong_jax.execution import DecodeWork, Iteration, PrefillWork
 
 STEPS = 64
@@ -19,15 +18,7 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def esp_llm():
-    return LLM(
-        num_instances=8,
-        kv_tokens_per_instance=1024,
-        max_model_len=4096,
-        max_num_seqs=8,
-        memory_utilization=0.9,  # this test process already holds other models
-        seed=0,
-        compilation_cache_dir=None,
-    )
+    return smollm2_on_8_instances()
 
 
 @pytest.fixture(scope="module")

@@ -89,16 +89,45 @@ def test_a_randomised_workload_keeps_the_invariants():
         for i in range(hit, len(keys)):
             pool.publish(rid, i, keys[i])
         live[rid] = 1
-        counts: dict[int, int] = {}
-        for pages in pool.pages.values():
-            for p in pages:
-                counts[p] = counts.get(p, 0) + 1
-        assert counts == pool._refs  # reference counts are exactly the holders
-        assert len(set(pool._free)) == len(pool._free) and not set(pool._free) & set(counts)
-        assert not set(pool._idle) & set(counts)  # evictable pages are held by nobody
-        assert len(pool._free) + len(pool._idle) + len(counts) == pool.num_pages
+        pool.check()  # reference counts are the holders; nothing held is free, evictable or lost
     assert pool.evictions > 0 and pool.cached  # the workload did reuse and evict
     for rid in list(live):
         pool.release(rid)
     pool.flush()
     assert pool.free_pages == pool.num_pages and not pool._refs and pool.used_tokens == 0
+
+
+def test_pages_know_which_positions_they_hold_and_only_whole_aligned_pages_can_be_cached():
+    pool = PagePool(16, 4)
+    pool.append(1, 6, 0)  # positions 0-5: page 0 holds 0-3 (aligned), page 1 holds 4-5 (partial)
+    pool.append(1, 2, np.array([6, 7]))  # page 1 now holds 4-7
+    assert pool.aligned_pages(1) == [(0, 0), (1, 1)]
+    pool.append(2, 6, np.array([2, 3, 4, 5, 6, 7]))  # starts mid-page: page 0 holds 2-5, not a whole page
+    assert pool.aligned_pages(2) == []
+    pool.append(3, 8, np.array([0, 1, 2, 3, 8, 9, 10, 11]))  # scattered by a plan: pages 0 and 2 of the sequence
+    assert pool.aligned_pages(3) == [(0, 0), (1, 2)]
+    pool.append(4, 4, None)  # positions unknown (never cached)
+    assert pool.aligned_pages(4) == []
+    keys = [b"a", b"b", b"c"]
+    pool.publish(3, 0, keys[0])
+    pool.publish(3, 1, keys[2])
+    pool.share(5, [keys[0], keys[2]], [0, 2])
+    assert pool.positions(5).tolist() == [0, 1, 2, 3, 8, 9, 10, 11]
+    pool.truncate(1, 2)  # 4-5 stay in page 1
+    assert pool.positions(1).tolist() == [0, 1, 2, 3, 4, 5] and pool.aligned_pages(1) == [(0, 0)]
+
+
+def test_a_cut_never_reopens_a_page_others_read():
+    pool = PagePool(8, 4)
+    pool.append(1, 8, 0)
+    keys = prefix_keys(range(8), 4)
+    pool.publish(1, 1, keys[1])
+    pool.truncate(1, 2)  # only request 1 holds its cached page 1: it leaves the cache, 1 refills it
+    assert keys[1] not in pool.cached
+    pool.append(1, 2, 6)
+    pool.publish(1, 1, keys[1])
+    pool.share(2, [keys[1]], [1])
+    with pytest.raises(ValueError, match="shares with other requests"):
+        pool.truncate(1, 2)
+    pool.truncate(1, 4)  # a whole page may go: request 2 keeps it
+    assert pool.cached[keys[1]] == pool.pages[2][0]

@@ -1,0 +1,169 @@
+"""The prefix cache over the unified distributed KV pool.
+
+Full pages are cached under keys chained over every token before them (`kv_pool.prefix_keys`), in the
+pool of whichever instance holds them: a cached prefix may lie on any instances in any proportion, like
+any request's KV. When a waiting request starts its prefill on a group, the longest run of its prefix
+pages cached on the group's instances is shared with it (reference counts; nothing held is ever evicted)
+and its prefill computes only the tokens after them, appending to that K/V where it lies (the appending
+ring prefill). A request's full aligned pages are published when its prefill ends and when it finishes
+(its generated tokens too, for the next turn of a conversation). The last, partial page is never shared:
+a request always computes at least its last prompt token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from loong_jax.execution import PrefillWork
+from loong_jax.kv_pool import PagePool, prefix_keys
+from loong_jax.placement import busiest_first_plan
+from loong_jax.request import Request
+
+
+@dataclasses.dataclass
+class PrefixStats:
+    """Counters of the cache (exported as metrics)."""
+
+    queries: int = 0  # prefills that looked for a cached prefix
+    query_tokens: int = 0  # their prompt tokens
+    hits: int = 0  # prefills that found one
+    hit_tokens: int = 0  # prompt tokens not computed thanks to it
+
+
+class PrefixCache:
+    """Looks up, shares and publishes cached prefix pages in the instances' page pools."""
+
+    def __init__(self, pools: Sequence[PagePool], salt: bytes = b"", enabled: bool = True):
+        self.pools = pools
+        self.page_size = pools[0].page_size
+        self.salt = salt
+        self.enabled = enabled
+        self.stats = PrefixStats()
+
+    def keys(self, req: Request, tokens: int) -> list[bytes]:
+        """The keys of the full pages among the first `tokens` tokens of the request's sequence (its prompt
+        then its sampled tokens), extending the ones computed before."""
+        pages = tokens // self.page_size
+        if len(req.page_keys) < pages:
+            ids = (req.prompt_ids + req.output_ids)[: pages * self.page_size]
+            req.page_keys = prefix_keys(ids, self.page_size, self.salt, req.page_keys)
+        return req.page_keys[:pages]
+
+    def lookup(self, req: Request, instances: Sequence[int]) -> list[int]:
+        """Where the request's cached prefix lies: per page of its longest cached prefix, the instance (of
+        `instances`) holding it. Leaves at least the last prefill token to compute."""
+        keys = self.keys(req, req.num_prefill_tokens - 1)
+        where: list[int] = []
+        for key in keys:
+            holder = next((i for i in instances if key in self.pools[i].cached), None)
+            if holder is None:
+                break
+            where.append(holder)
+        return where
+
+    def locator(self) -> Callable[[Request, Sequence[int]], int]:
+        """Pages of a request's longest prefix cached on some instances, remembered per request and
+        instances (for one scheduling decision: the pools do not change meanwhile)."""
+        seen: dict[tuple[int, tuple[int, ...]], int] = {}
+
+        def pages(req: Request, instances: Sequence[int]) -> int:
+            key = (req.rid, tuple(instances))
+            if key not in seen:
+                seen[key] = len(self.lookup(req, instances))
+            return seen[key]
+
+        return pages
+
+    def attach(self, work: PrefillWork, fresh: Sequence[Request]) -> None:
+        """Give the requests starting their prefill in this work their prefix cached on the group: shared
+        pages, `prefilled` and `cached_tokens` set, and the pass set to compute only the tokens after
+        them. If the placement plan no longer fits the group's pools (shared pages that were cached but
+        unheld counted as free), the new tokens are placed busiest-first; if they cannot be placed at all,
+        no prefix is used (the plan fitted without it)."""
+        if not self.enabled:
+            return
+        group, page = work.group, self.page_size
+        hits: list[Request] = []
+        for req in fresh:
+            self.stats.queries += 1
+            self.stats.query_tokens += req.prefill_len
+            where = self.lookup(req, group)
+            if not where:
+                continue
+            keys = self.keys(req, len(where) * page)
+            for i in dict.fromkeys(where):
+                numbers = [j for j, w in enumerate(where) if w == i]
+                self.pools[i].share(req.rid, [keys[j] for j in numbers], numbers)
+            req.prefilled = req.cached_tokens = len(where) * page
+            hits.append(req)
+        if not hits:
+            return
+        if work.chunk is None:
+            work.chunk = [r.prefill_len - r.prefilled for r in work.requests]
+        else:
+            work.chunk = [min(c, r.prefill_len - r.prefilled) for c, r in zip(work.chunk, work.requests)]
+        pools = [self.pools[i] for i in group]
+        if not _fits(work, pools):
+            try:
+                placed = busiest_first_plan(work.chunk, pools)
+            except ValueError:
+                placed = None
+            if placed is None:
+                self._detach(work, hits)
+                return
+            plans = [np.array(p, np.int32) for p in work.plans]
+            for plan, req, n, new in zip(plans, work.requests, work.chunk, placed):
+                plan[req.prefilled : req.prefilled + n] = new
+            work.plans = plans
+        for req in hits:
+            self.stats.hits += 1
+            self.stats.hit_tokens += req.cached_tokens
+
+    def _detach(self, work: PrefillWork, hits: Sequence[Request]) -> None:
+        """Undo `attach` for these requests: they compute their whole prompt."""
+        for req in hits:
+            for i in work.group:
+                self.pools[i].release(req.rid)
+            req.prefilled = req.cached_tokens = 0
+        work.chunk = [r.prefill_len - r.prefilled for r in work.requests]
+
+    def publish(self, req: Request, instances: Sequence[int]) -> None:
+        """Cache the request's full pages on these instances that hold whole aligned pages of its sequence
+        (call only when no program is writing its K/V)."""
+        if not self.enabled:
+            return
+        found = [(i, self.pools[i].aligned_pages(req.rid)) for i in instances if self.pools[i].tokens.get(req.rid)]
+        last = max((j for _, pages in found for _, j in pages), default=-1)
+        if last < 0:
+            return
+        keys = self.keys(req, (last + 1) * self.page_size)
+        for i, pages in found:
+            for k, j in pages:
+                if j < len(keys):
+                    self.pools[i].publish(req.rid, k, keys[j])
+
+    def flush(self, instances: Sequence[int] | None = None) -> None:
+        """Drop the cached pages of these instances (all by default), e.g. after their K/V was lost."""
+        for i in range(len(self.pools)) if instances is None else instances:
+            self.pools[i].flush()
+
+    def cached_pages(self) -> list[int]:
+        """Cached pages per instance."""
+        return [len(p.cached) for p in self.pools]
+
+    @property
+    def evictions(self) -> int:
+        return sum(p.evictions for p in self.pools)
+
+
+def _fits(work: PrefillWork, pools: Sequence[PagePool]) -> bool:
+    """Whether every rank has the free pages for the tokens the work's plans give it in this pass."""
+    need = [0] * len(pools)
+    for req, plan, n in zip(work.requests, work.plans, work.chunk or []):
+        counts = np.bincount(np.asarray(plan)[req.prefilled : req.prefilled + n], minlength=len(pools))
+        for r, c in enumerate(counts):
+            need[r] += pools[r].pages_needed(req.rid, int(c))
+    return all(n <= p.free_pages for n, p in zip(need, pools))
