@@ -127,12 +127,15 @@ class DisaggregatedPolicy:
 
 class ReplicaPolicy:
     """Independent instances behind a load balancer: each request is assigned to one instance when it
-    arrives (round robin, or the instance with the most free memory) and is prefilled and decoded there,
-    prefill-first, in that instance's own queue."""
+    arrives (round robin; the instance with the most free memory; or, with "prefix", the instance caching
+    most of its prefix, round robin when none does, as a prefix-aware router does) and is prefilled and
+    decoded there, prefill-first, in that instance's own queue."""
+
+    BALANCES = ("round_robin", "most_free", "prefix")
 
     def __init__(self, num_instances: int, balance: str = "round_robin"):
-        if balance not in ("round_robin", "most_free"):
-            raise ValueError(f"balance must be 'round_robin' or 'most_free', got {balance!r}")
+        if balance not in self.BALANCES:
+            raise ValueError(f"balance must be one of {', '.join(self.BALANCES)}, got {balance!r}")
         self.n = num_instances
         self.balance = balance
         self.assigned: dict[int, int] = {}
@@ -141,7 +144,10 @@ class ReplicaPolicy:
     def _assign(self, view: SchedulerView) -> None:
         for req in view.waiting:
             if req.rid not in self.assigned:
-                if self.balance == "round_robin":
+                cached = [view.cached_pages(req, [i]) if self.balance == "prefix" else 0 for i in range(self.n)]
+                if max(cached) > 0:
+                    self.assigned[req.rid] = max(range(self.n), key=lambda i: (cached[i], -i))
+                elif self.balance in ("round_robin", "prefix"):
                     self.assigned[req.rid] = self._next % self.n
                     self._next += 1
                 else:

@@ -16,7 +16,7 @@ from loong_jax.engine import Engine, EngineConfig, RequestRejected
 from loong_jax.policy import Policy
 from loong_jax.sampling import SamplingParams
 from loong_jax.sim_executor import SimExecutor, Span, Timing
-from loong_jax.workloads import WorkloadRequest
+from loong_jax.workloads import WorkloadRequest, prompt_ids
 
 
 class SimulationStalled(RuntimeError):
@@ -76,6 +76,7 @@ class SimCluster:
     page_size: int = 16
     max_num_seqs: int = 256
     max_request_tokens: int | None = None  # larger requests are rejected (e.g. one replica's memory)
+    prefix_caching: bool = False  # cache prefix pages (the workload's hash ids say which inputs share them)
 
 
 def simulate(
@@ -90,7 +91,10 @@ def simulate(
         max_num_seqs=cluster.max_num_seqs,
         max_prefill_tokens=cluster.max_model_len,
         aligned_groups=False,
+        enable_prefix_caching=cluster.prefix_caching,
     )
+    if cluster.prefix_caching and not all(w.hash_ids for w in workload):
+        raise ValueError("prefix caching in the simulator needs a workload with hash ids (the Mooncake trace)")
     ex = SimExecutor(cluster.timing, record=record)
     engine = Engine(tiny_config(), ecfg, ex, seed=0, policy=policy)
     order = sorted(range(len(workload)), key=lambda k: workload[k].arrival)
@@ -109,7 +113,7 @@ def simulate(
                 continue
             params = SamplingParams(max_tokens=w.output_len, ignore_eos=True, temperature=0.0)
             try:
-                req = engine.add_request([0] * w.input_len, params)
+                req = engine.add_request(prompt_ids(w, engine.cfg.vocab_size), params)
             except RequestRejected as e:
                 rec.rejected = str(e)
                 continue
@@ -139,6 +143,9 @@ def simulate(
         "mean_prefill_degree": _mean_degree(s.prefill_degrees),
         "mean_decode_degree": _mean_degree(s.decode_degrees),
         "kv_left": engine.kv_used_tokens,
+        "prefix_query_tokens": engine.prefix_cache.stats.query_tokens,
+        "prefix_hit_tokens": engine.prefix_cache.stats.hit_tokens,
+        "prefix_evictions": engine.prefix_cache.evictions,
     }
     return SimResult(records, ex.spans, stats, ex.now())
 

@@ -13,12 +13,25 @@ from pathlib import Path
 
 import numpy as np
 
+BLOCK_TOKENS = 512  # tokens per hash id of the Mooncake trace
+
 
 @dataclasses.dataclass(frozen=True)
 class WorkloadRequest:
     arrival: float  # seconds from the start
     input_len: int
     output_len: int
+    hash_ids: tuple[int, ...] = ()  # per 512-token block of the input: equal ids, equal blocks (and prefixes)
+
+
+def prompt_ids(req: WorkloadRequest, vocab_size: int) -> list[int]:
+    """Token ids standing for a request's input: each hash id's block drawn from a generator seeded by the
+    id (equal ids give equal blocks, so cached prefixes are found as in the trace); without hash ids, a
+    block of zeros (any two such prompts of one length are equal)."""
+    if not req.hash_ids:
+        return [0] * req.input_len
+    blocks = [np.random.default_rng(h).integers(3, vocab_size, BLOCK_TOKENS) for h in req.hash_ids]
+    return np.concatenate(blocks)[: req.input_len].tolist()
 
 
 # dataset -> (input range, output range), tokens; all log-uniform
@@ -82,7 +95,8 @@ def mooncake(path: str | Path, n: int | None = None, speedup: float = 1.0, max_l
             i, o = int(row["input_length"]), max(1, int(row["output_length"]))
             if max_len is not None:
                 i = min(i, max_len - o)
-            out.append(WorkloadRequest(row["timestamp"] / 1000.0 / speedup, i, o))
+            ids = tuple(row.get("hash_ids", ()))[: -(-i // BLOCK_TOKENS)]
+            out.append(WorkloadRequest(row["timestamp"] / 1000.0 / speedup, i, o, ids))
     t0 = out[0].arrival if out else 0.0
     return [dataclasses.replace(r, arrival=r.arrival - t0) for r in out]
 

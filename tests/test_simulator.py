@@ -9,6 +9,7 @@ plans and masters), without changing what the policy decides.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections import Counter
@@ -551,3 +552,57 @@ def test_fitted_cost_model_predicts_held_out_points(instances, tp):
     err = relative_errors(pred, true)
     assert np.median(err) < 0.10, np.median(err)
     assert cm.migrate_time(5000) == pytest.approx(c.migrate_time(5000), rel=1e-6)
+
+
+# ----- prefix caching ------------------------------------------------------------------------------------
+
+
+class PoolsChecked:
+    """Wraps a policy; checks every pool's bookkeeping (shared pages included) at every decision."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def schedule(self, view: SchedulerView):
+        for p in view.pools:
+            p.check()
+        return self.policy.schedule(view)
+
+
+def shared_prefix_workload(seed: int, n: int = 48, rate: float = 2.0) -> list:
+    """Requests over a few long documents (4-12 blocks of 512 tokens, shared), each with 1-2 blocks of its own:
+    the pattern the Mooncake trace's hash ids show."""
+    rng = np.random.default_rng(seed)
+    docs = [list(range(100 * d, 100 * d + int(rng.integers(4, 13)))) for d in range(4)]
+    out, own = [], 10_000
+    for t in np.cumsum(rng.exponential(1.0 / rate, n)):
+        mine = list(range(own, own + int(rng.integers(1, 3))))
+        own += len(mine)
+        ids = docs[rng.integers(len(docs))] + mine
+        out.append(
+            WorkloadRequest(float(t), len(ids) * 512 - int(rng.integers(0, 400)), int(rng.integers(8, 128)), tuple(ids))
+        )
+    return out
+
+
+@pytest.mark.parametrize("system", ["elastic", "vllm", "replicas_prefix"])
+def test_prefix_caching_in_the_simulator(system):
+    """Cached prefixes are found (replicas: routed to the replica holding them), every request finishes,
+    no KV is left held, the pools' bookkeeping holds at every decision, and time to first token drops."""
+    wl = shared_prefix_workload(0)
+    make = SYSTEMS[system] if system != "replicas_prefix" else lambda kv: _four(kv, ReplicaPolicy(4, "prefix"), True)
+    ttft = {}
+    for caching in (False, True):
+        cluster, policy = make(None)
+        cluster = dataclasses.replace(cluster, prefix_caching=caching)
+        res = simulate(cluster, PoolsChecked(policy), wl)
+        assert all(r.rejected is None for r in res.records) and res.stats["kv_left"] == 0
+        assert (res.stats["prefix_hit_tokens"] > 0) == caching
+        ttft[caching] = np.mean([r.ttft for r in res.records])
+    assert ttft[True] < ttft[False]
+
+
+def test_prefix_caching_needs_hash_ids():
+    cluster, policy = SYSTEMS["vllm"](None)
+    with pytest.raises(ValueError, match="hash ids"):
+        simulate(dataclasses.replace(cluster, prefix_caching=True), policy, short_workload(0, n=3))
