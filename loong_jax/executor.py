@@ -31,6 +31,7 @@ from loong_jax.memory import Footprint, count_memory_maps
 from loong_jax.placement import build_decode, build_prefill
 from loong_jax.program_cache import ProgramCache, shape_key
 from loong_jax.programs import (
+    PREFIX_BLOCK,
     DecodeInputs,
     MigrateInputs,
     PrefillInputs,
@@ -157,6 +158,11 @@ class JaxExecutor:
         """The model weights (instance 0's copy): for scoring, conversion and inspection."""
         return self.instances.weights[0]
 
+    @staticmethod
+    def prefix_width(num_slots: int) -> int:
+        """Room per rank in a prefill's inputs for the slots of K/V its requests already hold: a whole pool."""
+        return -(-num_slots // PREFIX_BLOCK) * PREFIX_BLOCK
+
     def _common(self, group: Group) -> tuple:
         inst = self.instances
         return (self.graphdef, inst.mesh(group), inst.param_specs, inst.pool_spec, inst.tp_plan, self.attention)
@@ -199,6 +205,7 @@ class JaxExecutor:
             sampled=sampled,
             min_tokens=self.min_prefill_bucket,
             max_rows=self.max_rows,
+            prefix_width=self.prefix_width(self.num_slots),
         )
         ranks: list[list[Request]] = [[] for _ in group]
         for req, rank in zip(requests, plan.sample_rank):
@@ -397,8 +404,11 @@ class JaxExecutor:
         z = np.zeros((d, size), np.int32)
         if kind == "prefill":
             keep = np.full((d, d, size), num_slots, np.int32)
-            none = np.zeros((d, 0), np.int32)  # no K/V held before: the warmed programs prefill whole prompts
-            inp = PrefillInputs(z, z, z - 1, z + 1, keep, np.zeros((d, rows), np.int32), none, none)
+            held = np.full((d, self.prefix_width(num_slots)), num_slots, np.int32)  # none, but room for any
+            nothing = np.zeros(d, np.int32)
+            inp = PrefillInputs(
+                z, z, z - 1, z + 1, keep, np.zeros((d, rows), np.int32), held, held * 0 - 1, nothing, nothing
+            )
         else:
             table = np.zeros((d, d * size, self.page_table_width), np.int32)
             inp = DecodeInputs(z, z, z + num_slots, table, np.zeros((d, d * size), np.int32))

@@ -12,7 +12,7 @@ import numpy as np
 
 from loong_jax.batching import bucket, prefill_rows
 from loong_jax.kv_pool import PagePool
-from loong_jax.programs import DecodeInputs, PrefillInputs
+from loong_jax.programs import PREFIX_BLOCK, DecodeInputs, PrefillInputs
 
 
 def _fill_plan(lengths: Sequence[int], pools: Sequence[PagePool], busiest: bool) -> list[np.ndarray]:
@@ -89,13 +89,16 @@ def build_prefill(
     sampled: Sequence[bool] | None = None,
     min_tokens: int = 16,
     max_rows: int = 64,
+    prefix_width: int | None = None,
 ) -> PrefillPlan:
     """Allocate each kept token's slot in its keeper's pool and lay out the ring inputs for every rank.
 
     prompts are the tokens this pass computes of each request; with `starts` they continue a prompt whose
     first starts[i] tokens' K/V the request already holds in the group's pools (appending prefill: those
     are attended where they lie), `totals` its whole length, and `sampled` whether this pass ends it (its
-    first new token is sampled)."""
+    first new token is sampled). `prefix_width`: room per rank for the slots of held K/V (a multiple of
+    PREFIX_BLOCK; the executor gives what a whole pool needs, so that shapes never depend on it; default:
+    what this batch needs)."""
     d = len(pools)
     num_slots = pools[0].num_slots
     lengths = [len(p) for p in prompts]
@@ -157,8 +160,10 @@ def build_prefill(
     last_idx = np.zeros((d, rows), np.int32)
     for r, locs in enumerate(per_rank):
         last_idx[r, : len(locs)] = locs
-    width = max(sum(len(per_req[r]) for per_req in held) for r in range(d))
-    width = bucket(width, min_tokens) if width else 0  # 0: no request continues, no appending work
+    counts = np.array([sum(len(per_req[r]) for per_req in held) for r in range(d)], np.int32)
+    width = prefix_width or max(PREFIX_BLOCK, -(-int(counts.max()) // PREFIX_BLOCK) * PREFIX_BLOCK)
+    if counts.max() > width:
+        raise ValueError(f"a rank holds {counts.max()} tokens of the batch's K/V, more than prefix_width={width}")
     prefix_slots = np.full((d, width), num_slots, np.int32)
     prefix_seg = np.full((d, width), -1, np.int32)
     for r in range(d):
@@ -167,7 +172,10 @@ def build_prefill(
             h = held[i][r]
             prefix_slots[r, at : at + len(h)], prefix_seg[r, at : at + len(h)] = h, i
             at += len(h)
-    inputs = PrefillInputs(tokens, positions, seg, seq_lens, keep_slots, last_idx, prefix_slots, prefix_seg)
+    appending = np.full(d, int(counts.sum() > 0), np.int32)
+    inputs = PrefillInputs(
+        tokens, positions, seg, seq_lens, keep_slots, last_idx, prefix_slots, prefix_seg, counts, appending
+    )
     return PrefillPlan(inputs, sample_rank, sample_row, rows)
 
 

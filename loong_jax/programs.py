@@ -5,8 +5,10 @@
   to every block and, as a block passes, writes the tokens the placement plan gives it into its own pool
   in place (proactive scale-down, DESIGN 2.2: no byte moves that the ring does not already move).
   Appending: where the batch's requests already hold K/V in the group's pools (earlier chunks of their
-  prompts), queries are also all-gathered and every rank attends them to the K/V it holds, as decoding
-  does; the partials go back with an all-to-all and are merged with the ring's by log-sum-exp.
+  prompts, or a cached prefix), queries are also all-gathered and every rank attends them to the K/V it
+  holds, as decoding does, in blocks of PREFIX_BLOCK tokens up to what it holds (so the program's shapes do
+  not depend on how much is held: the warmed programs serve every hit); the partials go back with an
+  all-to-all and are merged with the ring's by log-sum-exp. A batch holding nothing skips all of this.
 * `decode_program`: multi-master decoding (DESIGN 2.3). Masters run the dense layers for their requests;
   per layer queries are all-gathered, every rank attends them to the K/V it holds, the (output,
   log-sum-exp) partials go back to the masters with an all-to-all and are merged exactly.
@@ -33,6 +35,7 @@ from loong_jax.sampling import SamplerFlags, SamplerInputs, SamplerOutputs, samp
 from pallas_kernels import AttentionBackend, block_attention, merge_attention, merge_attention_many, self_attention_term
 
 SP = "sp"
+PREFIX_BLOCK = 512  # tokens of held K/V an appending prefill attends to at a time
 
 
 class PrefillInputs(NamedTuple):
@@ -46,8 +49,11 @@ class PrefillInputs(NamedTuple):
     #                          visiting block (the plan), >= pool size where another rank keeps it
     last_idx: jnp.ndarray  # [d, R] local row of each last prompt token this rank samples
     prefix_slots: jnp.ndarray  # [d, S] slots in this rank's pool of K/V the batch's requests already hold
-    #                            (appending prefill: earlier chunks; >= pool size: padding); S may be 0
+    #                            (earlier chunks, a cached prefix; >= pool size: padding); S: a multiple
+    #                            of PREFIX_BLOCK that holds a whole pool
     prefix_seg: jnp.ndarray  # [d, S] request row of each of those tokens, -1 for padding
+    prefix_len: jnp.ndarray  # [d] how many of this rank's prefix_slots are listed (the rest is padding)
+    appending: jnp.ndarray  # [d] the same on every rank: 1 if any rank holds K/V of the batch, else 0
 
 
 class DecodeInputs(NamedTuple):
@@ -108,11 +114,26 @@ def prefill_program(
     def body(params, pools, inp, samp):
         inp, samp = _row(inp), _row(samp)
         model = nnx.merge(graphdef, params)
-        appending = inp.prefix_slots.shape[0] > 0
-        if appending:  # every query of the batch, for the K/V this rank already holds
-            gather = functools.partial(jax.lax.all_gather, axis_name=SP, tiled=True)
-            q_pos_all, q_seg_all = (gather(inp.positions), gather(inp.seg)) if d > 1 else (inp.positions, inp.seg)
-            prefix_pos = jnp.zeros_like(inp.prefix_seg)  # every held token precedes every new one
+        gather = functools.partial(jax.lax.all_gather, axis_name=SP, tiled=True)
+
+        def held_attention(q, pool, layer):
+            """Every query of the batch (all ranks') against the K/V this rank already holds, a block at a time."""
+            q_all = gather(q) if d > 1 else q
+            q_pos, q_seg = (gather(inp.positions), gather(inp.seg)) if d > 1 else (inp.positions, inp.seg)
+            zeros = jnp.zeros((PREFIX_BLOCK,), jnp.int32)  # every held token precedes every new one
+
+            def block(i, acc):
+                slots = jax.lax.dynamic_slice_in_dim(inp.prefix_slots, i * PREFIX_BLOCK, PREFIX_BLOCK)
+                seg = jax.lax.dynamic_slice_in_dim(inp.prefix_seg, i * PREFIX_BLOCK, PREFIX_BLOCK)
+                k, v = (
+                    jnp.take(x[0, layer], slots, axis=1, mode="fill", fill_value=0).swapaxes(0, 1).astype(q.dtype)
+                    for x in pool
+                )
+                return merge_attention(*acc, *attn.block_attention(q_all, k, v, q_pos, q_seg, zeros, seg))
+
+            out = jnp.zeros(q_all.shape, q.dtype)
+            lse = jnp.full(q_all.shape[:2], -jnp.inf, jnp.float32)
+            return jax.lax.fori_loop(0, -(-inp.prefix_len // PREFIX_BLOCK), block, (out, lse))
 
         def attend(layer, q, k, v, pool):
             block = (k, v, inp.positions, inp.seg)
@@ -128,30 +149,21 @@ def prefill_program(
                 )
                 if step + 1 < d:
                     block = jax.tree.map(lambda x: jax.lax.ppermute(x, SP, ring), block)
-            if appending:
-                held_k, held_v = (
-                    jnp.take(x[0, layer], inp.prefix_slots, axis=1, mode="fill", fill_value=0).swapaxes(0, 1)
-                    for x in pool
-                )
-                q_all = gather(q) if d > 1 else q
-                o, part_lse = attn.block_attention(
-                    q_all,
-                    held_k.astype(q.dtype),
-                    held_v.astype(q.dtype),
-                    q_pos_all,
-                    q_seg_all,
-                    prefix_pos,
-                    inp.prefix_seg,
-                )
+
+            def with_held(out, lse):
+                o, part_lse = held_attention(q, pool, layer)
                 t = q.shape[0]
                 if d > 1:  # the partials of my queries, from every rank: [d, T, ...]
                     o = jax.lax.all_to_all(o, SP, 0, 0, tiled=True).reshape(d, t, *o.shape[1:])
                     part_lse = jax.lax.all_to_all(part_lse, SP, 0, 0, tiled=True).reshape(d, t, *part_lse.shape[1:])
                 else:
                     o, part_lse = o[None], part_lse[None]
-                out, lse = merge_attention_many(
+                merged, _ = merge_attention_many(
                     jnp.concatenate([o, out[None].astype(o.dtype)]), jnp.concatenate([part_lse, lse[None]])
                 )
+                return merged.astype(out.dtype)
+
+            out = jax.lax.cond(inp.appending > 0, with_held, lambda out, lse: out, out, lse)
             return out, pool
 
         h, pools = model.hidden_states(inp.tokens, inp.positions, inp.seq_lens, attend, pools, tp)

@@ -47,7 +47,7 @@ def test_policy_serves_a_mixed_workload_exactly():
 
 def test_no_compile_after_warmup():
     limits = dict(max_model_len=512, max_num_seqs=8, max_prefill_tokens=256)
-    engine = tiny_esp_engine(num_instances=4, kv_tokens=256, page_size=8, seed=0, limits=limits)
+    engine = tiny_esp_engine(num_instances=4, kv_tokens=1024, page_size=8, seed=0, limits=limits)
     ecfg = engine.ecfg
     jobs = warmup_jobs(ecfg)
     assert engine.executor.warmup(jobs, show=False) == len(jobs)
@@ -67,6 +67,13 @@ def test_no_compile_after_warmup():
     reqs = _drive(engine, waves, rng)
     assert all(r.finished for r in reqs)
     assert len(set(engine.stats.prefill_degrees)) > 1 and len(set(engine.stats.decode_degrees)) >= 1
+    # next turns of those conversations: prefill appending to their cached prefixes, on the warmed shapes
+    turns = [r.prompt_ids + r.output_ids + [7, 8, 9] for r in reqs if len(r.prompt_ids) + len(r.output_ids) < 200]
+    for prompt in turns:
+        engine.add_request(prompt, greedy_params(3))
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.prefix_cache.stats.hits >= len(turns) // 2 > 0
     assert engine.executor.programs.compiles == compiled, "the steady state compiled a program"
 
 
