@@ -48,12 +48,16 @@ class SchedulerView:
     prefilling: Sequence[Request] = ()  # running requests whose chunked prefill is not complete
     running: Sequence[Request] = ()  # every running request, in a program or not
     stepping: Sequence[tuple[Group, Sequence[Request]]] = ()  # decode steps in flight: group and requests
-    cached: Callable[[Request, Sequence[int]], int] | None = None  # see cached_pages (None: no prefix cache)
+    cached: Callable[[Request, Sequence[int]], list[int]] | None = None  # see cached_on (None: no prefix cache)
+
+    def cached_on(self, req: Request, instances: Sequence[int]) -> list[int]:
+        """Where a waiting request's longest prefix cached on these instances lies: the instance holding
+        each of its pages (a prefill group including them computes only the rest)."""
+        return [] if self.cached is None else self.cached(req, instances)
 
     def cached_pages(self, req: Request, instances: Sequence[int]) -> int:
-        """Pages of a waiting request's longest prefix cached on these instances (a prefill group of them
-        computes only the rest)."""
-        return 0 if self.cached is None else self.cached(req, instances)
+        """Pages of a waiting request's longest prefix cached on these instances."""
+        return len(self.cached_on(req, instances))
 
     def rank_token_cap(self, degree: int) -> int:
         """Tokens per rank a prefill of this degree may hold: the largest warmed-up token bucket."""

@@ -13,8 +13,10 @@ Four steps (DESIGN.md 2.4), all priced by the cost model:
    the alternative to pausing a free group is also pausing a group in flight when its step ends, so the
    pause goes to the group whose decodes lose least rather than to whichever step ended first. Or a group
    is packed onto fewer instances by migrating KV when the faster prefill is worth the migration time.
-3. Batching: a dynamic program over the admitted requests sorted by length and the free instances sorted
-   by free memory splits them into prefill batches with a degree each, minimising the sum of
+3. Batching: a request whose cached prefix lies on free instances is batched on them when computing only
+   its new tokens there beats computing all of it on every free instance (a prefix's K/V does not move);
+   a dynamic program over the other admitted requests sorted by length and the instances left sorted by
+   free memory splits them into prefill batches with a degree each, minimising the sum of
    input-length-normalised prefill latencies subject to memory.
 4. Scaling plan: busiest-first scale-down placement for every prefill batch; masters and scale-up for
    every decode group. Running out of memory anyway (admission without growth) preempts the newest
@@ -34,6 +36,7 @@ from loong_jax.instances import Group
 from loong_jax.placement import busiest_first_plan, least_loaded_plan
 from loong_jax.policy import (
     SchedulerView,
+    aligned_block,
     assign_masters,
     decode_groups,
     fits_rank_cap,
@@ -112,7 +115,8 @@ class ElasticScheduler:
                 groups = [g for g in groups if not moved.intersection(g[0])]
             else:
                 free = idle + [i for g in paused for i in g[0]]
-                batches = self._batch(view, now, free)
+                batches, rest, free = self._pin(view, now, free)
+                batches += self._batch(view, rest, free)
                 for group, reqs in batches:
                     pools = [view.pools[i] for i in group]
                     plans = self._plan([r.num_prefill_tokens for r in reqs], pools)
@@ -304,6 +308,60 @@ class ElasticScheduler:
 
     # ----- step 3: batching ------------------------------------------------------------------------
 
+    def _pin(
+        self, view: SchedulerView, admitted: list[Request], free: list[int]
+    ) -> tuple[list[tuple[Group, list[Request]]], list[Request], list[int]]:
+        """Prefill batches of requests whose cached prefix lies on free instances, on those instances: a
+        request joins the batch of the (aligned) block holding its prefix pages when computing only its new
+        tokens there is predicted faster than computing its whole prompt on every free instance (its prefix
+        is useless elsewhere: K/V never moves for a prefill). Returns those batches, the other requests and
+        the instances left for them."""
+        page = view.pools[0].page_size
+        left = set(free)
+        homes: dict[Group, list[Request]] = {}
+        for req in admitted:
+            where = set(view.cached_on(req, range(self.n)))
+            if not where:
+                continue
+            home = aligned_block(sorted(where), self.n) if self.cfg.aligned_groups else tuple(sorted(where))
+            if not left.issuperset(home):
+                continue
+            n, h = req.num_prefill_tokens, len(view.cached_on(req, home)) * page
+            if self.cost.prefill_time(len(home), [n - h], [h]) < self.cost.prefill_time(len(free), [n]):
+                homes.setdefault(home, []).append(req)
+        groups: list[tuple[set[int], list[Request]]] = []  # overlapping homes merged (nested aligned blocks)
+        for home, reqs in sorted(homes.items(), key=lambda kv: -len(kv[0])):
+            inside = [g for g in groups if g[0] & set(home)]
+            merged = set(home).union(*(g[0] for g in inside))
+            groups = [g for g in groups if g not in inside] + [(merged, [r for g in inside for r in g[1]] + reqs)]
+        batches, pinned = [], set()
+        for members, reqs in groups:
+            group = tuple(sorted(members))
+            if self.cfg.aligned_groups:
+                group = aligned_block(group, self.n)
+            if not left.issuperset(group):
+                continue
+            room = sum(view.pools[i].free_pages for i in group)
+            batch, new, pages = [], [], 0
+            for req in sorted(reqs, key=lambda r: (-r.priority, r.arrival, r.rid)):
+                n = req.num_prefill_tokens - len(view.cached_on(req, group)) * page
+                if sum(new) + n > view.max_prefill_tokens or not fits_rank_cap(view, new + [n], len(group)):
+                    continue
+                if pages + _pages(n, page) + len(group) > room:
+                    continue
+                batch.append(req)
+                new.append(n)
+                pages += _pages(n, page) + len(group)
+            if batch:
+                batches.append((group, batch))
+                pinned.update(r.rid for r in batch)
+                left -= set(group)
+        rest = [r for r in admitted if r.rid not in pinned]
+        remaining = [i for i in free if i in left]
+        for r in rest:  # the rest can only find what is cached on the instances left
+            self._cached[r.rid] = view.cached_pages(r, remaining) * page
+        return batches, rest, remaining
+
     def max_prompt_tokens(self, num_pages: int, page_size: int, max_prefill_tokens: int, min_bucket: int) -> int:
         degrees = prefill_degrees(self.n, self.cfg.aligned_groups)
         return longest_prompt(degrees, num_pages, page_size, max_prefill_tokens, min_bucket)
@@ -317,7 +375,7 @@ class ElasticScheduler:
     def _batch(self, view: SchedulerView, admitted: list[Request], free: list[int]) -> list[tuple[Group, list]]:
         """Split the admitted requests into prefill batches with a degree each (dynamic program), then
         place every batch on concrete instances."""
-        if not free:
+        if not free or not admitted:
             return []
         page = view.pools[0].page_size
         order = sorted(free, key=lambda i: (view.pools[i].free_pages, i))  # least free memory first

@@ -218,6 +218,29 @@ def test_short_requests_do_not_all_go_to_one_big_group():
 
 
 @pytest.mark.parametrize("aligned", [False, True])
+def test_requests_prefill_where_their_cached_prefix_lies(aligned):
+    """Prompts whose long prefixes are cached on instance 3, on 2, on 1, and on 0 and 1 each prefill on a
+    group holding their prefix (they compute only their new tokens there), before a long prompt with
+    nothing cached gets instances."""
+    pools = [PagePool(4096, PAGE) for _ in range(4)]
+    homes = {0: [3] * 400, 1: [2] * 400, 2: [1] * 400, 3: [0] * 200 + [1] * 200, 4: []}
+    reqs = [make_request(i, 8_000, 16) for i in range(4)] + [make_request(4, 30_000, 16)]
+
+    def cached(req, instances):  # the longest run of its cached pages on these instances
+        where = homes[req.rid]
+        k = next((k for k, i in enumerate(where) if i not in instances), len(where))
+        return where[:k]
+
+    view = make_view(pools, waiting=reqs, cached=cached)
+    it = elastic(aligned_groups=aligned).schedule(view)
+    check_valid(view, it, 4)
+    group_of = {r.rid: w.group for w in it.prefills for r in w.requests}
+    assert sorted(group_of)[:4] == [0, 1, 2, 3]
+    for rid in range(4):
+        assert set(homes[rid]) <= set(group_of[rid]), group_of
+
+
+@pytest.mark.parametrize("aligned", [False, True])
 def test_idle_instances_prefill_while_decode_groups_keep_decoding(aligned):
     pools = [PagePool(4096, PAGE) for _ in range(4)]
     dec = [make_decoding(1 + k, 500, 16, pools, k % 2, outputs=3) for k in range(16)]  # 8 on 0, 8 on 1

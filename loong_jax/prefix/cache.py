@@ -64,18 +64,18 @@ class PrefixCache:
             where.append(holder)
         return where
 
-    def locator(self) -> Callable[[Request, Sequence[int]], int]:
-        """Pages of a request's longest prefix cached on some instances, remembered per request and
-        instances (for one scheduling decision: the pools do not change meanwhile)."""
-        seen: dict[tuple[int, tuple[int, ...]], int] = {}
+    def locator(self) -> Callable[[Request, Sequence[int]], list[int]]:
+        """`lookup` remembered per request and instances (for one scheduling decision: the pools do not
+        change meanwhile)."""
+        seen: dict[tuple[int, tuple[int, ...]], list[int]] = {}
 
-        def pages(req: Request, instances: Sequence[int]) -> int:
+        def where(req: Request, instances: Sequence[int]) -> list[int]:
             key = (req.rid, tuple(instances))
             if key not in seen:
-                seen[key] = len(self.lookup(req, instances))
+                seen[key] = self.lookup(req, instances)
             return seen[key]
 
-        return pages
+        return where
 
     def attach(self, work: PrefillWork, fresh: Sequence[Request]) -> None:
         """Give the requests starting their prefill in this work their prefix cached on the group: shared
