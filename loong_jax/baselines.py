@@ -125,10 +125,13 @@ class DisaggregatedPolicy:
         return it
 
 
+PREFIX_IMBALANCE = 8  # requests: a prefix-aware router sends to the least loaded replica beyond this
+
+
 class ReplicaPolicy:
     """Independent instances behind a load balancer: each request is assigned to one instance when it
-    arrives (round robin; the instance with the most free memory; or, with "prefix", the instance caching
-    most of its prefix, round robin when none does, as a prefix-aware router does) and is prefilled and
+    arrives (round robin; the instance with the most free memory; or, with "prefix", by a cache-aware
+    router: see `_prefix_route`) and is prefilled and
     decoded there, prefill-first, in that instance's own queue."""
 
     BALANCES = ("round_robin", "most_free", "prefix")
@@ -142,16 +145,35 @@ class ReplicaPolicy:
         self._next = 0
 
     def _assign(self, view: SchedulerView) -> None:
+        load = [0] * self.n  # requests each replica runs or has queued
+        for r in view.running:
+            load[min(holders(view, r) or {0})] += 1
+        for i in self.assigned.values():
+            load[i] += 1
         for req in view.waiting:
-            if req.rid not in self.assigned:
-                cached = [view.cached_pages(req, [i]) if self.balance == "prefix" else 0 for i in range(self.n)]
-                if max(cached) > 0:
-                    self.assigned[req.rid] = max(range(self.n), key=lambda i: (cached[i], -i))
-                elif self.balance in ("round_robin", "prefix"):
-                    self.assigned[req.rid] = self._next % self.n
-                    self._next += 1
-                else:
-                    self.assigned[req.rid] = max(range(self.n), key=lambda i: (view.pools[i].free_pages, -i))
+            if req.rid in self.assigned:
+                continue
+            if self.balance == "round_robin":
+                i = self._next % self.n
+                self._next += 1
+            elif self.balance == "most_free":
+                i = max(range(self.n), key=lambda i: (view.pools[i].free_pages, -i))
+            else:
+                i = self._prefix_route(view, req, load)
+            self.assigned[req.rid] = i
+            load[i] += 1
+
+    def _prefix_route(self, view: SchedulerView, req: Request, load: list[int]) -> int:
+        """A cache-aware router (as SGLang's): the replica caching most of the prompt if that is at least
+        half of it and the replicas' loads are balanced (within PREFIX_IMBALANCE requests), else the least
+        loaded replica."""
+        cached = [view.cached_pages(req, [i]) for i in range(self.n)]
+        best = max(range(self.n), key=lambda i: (cached[i], -load[i], -i))
+        lightest = min(range(self.n), key=lambda i: (load[i], i))
+        match = cached[best] * view.pools[0].page_size / max(1, req.num_prefill_tokens)
+        if match >= 0.5 and load[best] - load[lightest] <= PREFIX_IMBALANCE:
+            return best
+        return lightest
 
     def schedule(self, view: SchedulerView) -> Iteration:
         self._assign(view)

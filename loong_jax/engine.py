@@ -224,9 +224,9 @@ class Engine:
         longest = self.max_prompt_tokens
         if longest is not None and req.num_prefill_tokens > longest:
             raise RequestRejected(
-                f"the prompt has {n} tokens, but this engine's {self.ecfg.policy} scheduling can prefill at most "
-                f"{longest} (limited by max_prefill_tokens={self.ecfg.max_prefill_tokens} and "
-                f"{self.pools[0].num_slots} KV tokens per instance); shorten the prompt"
+                f"the prompt has {n} tokens, but this engine's {self.ecfg.policy} scheduling can keep the K/V of "
+                f"at most {longest} prompt tokens ({self.pools[0].num_slots} KV tokens per instance); shorten "
+                "the prompt"
             )
         if pages_to_reserve(req, self.pools) > sum(p.num_pages for p in self.pools):
             capacity = sum(p.num_slots for p in self.pools)
@@ -261,10 +261,7 @@ class Engine:
     def max_prompt_tokens(self) -> int | None:
         """The longest prompt the policy can ever prefill here (None: the policy sets no such limit)."""
         limit = getattr(self.policy, "max_prompt_tokens", None)
-        if limit is None:
-            return None
-        e = self.ecfg
-        return limit(self.pools[0].num_pages, e.page_size, e.max_prefill_tokens, e.min_prefill_bucket)
+        return None if limit is None else limit(self.pools[0].num_pages, self.ecfg.page_size)
 
     def default_policy(self, cost: CostModel) -> Policy:
         """The configured policy for this engine's instances: the elastic scheduler priced by `cost`, or
@@ -391,13 +388,16 @@ class Engine:
                     req.reserved_pages = pages_to_reserve(req, self.pools)
                     self._reserved_pages += req.reserved_pages
                 self.running.append(req)
-                req.prefill_len, req.prefilled = req.num_prefill_tokens, 0
+                req.prefill_len, req.prefilled, req.prefill_group = req.num_prefill_tokens, 0, work.group
             self.prefix_cache.attach(work, fresh)  # a cached prefix on the group: only the rest is computed
+            if not work.requests:  # no room for any new token yet: they continue in a later pass
+                continue
             for i, req in enumerate(work.requests):
                 remaining = req.prefill_len - req.prefilled
                 if work.chunk is not None:  # the executor reads the chunk actually computed
                     work.chunk[i] = remaining = min(work.chunk[i], remaining)
                 req.prefilled += remaining
+                req.prefill_group = work.group
             try:
                 self.launches.append(self.executor.prefill(work, [self.pools[i] for i in work.group]))
             except Exception as e:

@@ -15,8 +15,11 @@ from loong_jax.kv_pool import PagePool
 from loong_jax.programs import PREFIX_BLOCK, DecodeInputs, PrefillInputs
 
 
-def _fill_plan(lengths: Sequence[int], pools: Sequence[PagePool], busiest: bool) -> list[np.ndarray]:
-    """Per request, the group rank keeping each token: ranks filled in load order up to their free pages."""
+def _fill_plan(
+    lengths: Sequence[int], pools: Sequence[PagePool], busiest: bool, partial: bool = False
+) -> list[np.ndarray]:
+    """Per request, the group rank keeping each token: ranks filled in load order up to their free pages
+    (partial: a request the ranks cannot hold gets a plan for as many of its tokens as they hold)."""
     load = [p.used_tokens for p in pools]
     free = [p.free_pages for p in pools]
     page = pools[0].page_size
@@ -34,19 +37,19 @@ def _fill_plan(lengths: Sequence[int], pools: Sequence[PagePool], busiest: bool)
                 free[r] -= -(-take // page)
                 load[r] += take
                 at += take
-        if at < n:
+        if at < n and not partial:
             raise ValueError(f"the group cannot hold a {n}-token prompt ({sum(free)} free pages left)")
-        plans.append(plan)
+        plans.append(plan[:at])
     return plans
 
 
-def busiest_first_plan(lengths: Sequence[int], pools: Sequence[PagePool]) -> list[np.ndarray]:
+def busiest_first_plan(lengths: Sequence[int], pools: Sequence[PagePool], partial: bool = False) -> list[np.ndarray]:
     """The paper's default scale-down plan: fill the group's busiest instances first, up to their free pages.
 
     A request thus lands on the fewest instances that can hold it, leaving the others idle for the next
-    prefill. Raises if the group cannot hold the batch.
+    prefill. Raises if the group cannot hold the batch, unless `partial` (then plans may be shorter).
     """
-    return _fill_plan(lengths, pools, busiest=True)
+    return _fill_plan(lengths, pools, busiest=True, partial=partial)
 
 
 def least_loaded_plan(lengths: Sequence[int], pools: Sequence[PagePool]) -> list[np.ndarray]:

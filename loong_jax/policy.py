@@ -82,17 +82,50 @@ class Policy(Protocol):
     def schedule(self, view: SchedulerView) -> Iteration: ...
 
 
-def longest_prompt(
-    degrees: Sequence[int], num_pages: int, page_size: int, max_prefill_tokens: int, min_bucket: int
-) -> int:
-    """The longest prompt a prefill of one of these degrees can hold: striped over d ranks it must fit each
-    rank's largest token bucket (next to its sampling row), and its KV the group's pools (a partial page
-    per rank)."""
-    best = 0
-    for d in degrees:
-        rank_cap = bucket(-(-max_prefill_tokens // d), min_bucket)
-        best = max(best, min(d * (rank_cap - 1), d * (num_pages - 1) * page_size))
-    return best
+def longest_prompt(degrees: Sequence[int], num_pages: int, page_size: int) -> int:
+    """The longest prompt a prefill group of one of these degrees can hold: its KV must fit the group's
+    pools (a partial page per rank). A prompt longer than one pass holds is prefilled in chunks."""
+    return max(degrees) * (num_pages - 1) * page_size
+
+
+def pass_tokens(view: SchedulerView, degree: int) -> int:
+    """Most tokens of one prompt a prefill pass of this degree computes (each rank's largest warmed bucket);
+    a longer prompt is prefilled in chunks of this size, each appending to the K/V of those before."""
+    return degree * view.rank_token_cap(degree)
+
+
+def chunk_to_fit(view: SchedulerView, work: PrefillWork) -> PrefillWork:
+    """A batch of one prompt longer than one pass of its group computes its first chunk now (the rest in
+    later passes: `continue_chunks`); batches of several prompts fit one pass already."""
+    if len(work.requests) == 1 and work.requests[0].num_prefill_tokens > pass_tokens(view, len(work.group)):
+        work.chunk = [pass_tokens(view, len(work.group))]
+    return work
+
+
+def continue_chunks(view: SchedulerView, n: int, aligned: bool) -> list[PrefillWork]:
+    """The next pass of each prompt whose chunked prefill is under way, oldest first: on the group its last
+    pass ran on when all of it is free, else on the (aligned) group of the instances holding its K/V; it
+    computes what one pass of the group holds and its free pages take, placed busiest-first. A prompt whose
+    group is busy, or has no room yet, waits."""
+    taken = set(view.busy)
+    out = []
+    for req in sorted(view.prefilling, key=lambda r: (-r.priority, r.arrival, r.rid)):
+        held = holders(view, req)
+        group = req.prefill_group
+        if not group or taken.intersection(group) or not held <= set(group):
+            group = aligned_block(sorted(held), n) if aligned else tuple(sorted(held))
+        if not group or taken.intersection(group):
+            continue
+        pools = [view.pools[i] for i in group]
+        room = sum(p.free_pages for p in pools) * pools[0].page_size
+        k = min(req.prefill_len - req.prefilled, pass_tokens(view, len(group)), room)
+        if k < 1:
+            continue
+        plan = np.zeros(req.prefill_len, np.int32)
+        plan[req.prefilled : req.prefilled + k] = busiest_first_plan([k], pools)[0]
+        out.append(PrefillWork(tuple(group), [req], [plan], chunk=[k]))
+        taken.update(group)
+    return out
 
 
 def prefill_degrees(n: int, aligned: bool) -> list[int]:
@@ -260,12 +293,14 @@ class IdleFirstPolicy:
         self.aligned = aligned_groups
 
     def schedule(self, view: SchedulerView) -> Iteration:
+        chunks = continue_chunks(view, self.n, self.aligned)  # prompts under way first, then the rest
+        view = dataclasses.replace(view, busy=view.busy | {i for w in chunks for i in w.group})
         groups = decode_groups(view, self.n, self.aligned)
         if self.aligned:
             groups = grow_full_groups(view, groups, self.n)
         busy = {i for g, _ in groups for i in g} | view.busy
         idle = [i for i in range(self.n) if i not in busy]
-        it = Iteration()
+        it = Iteration(prefills=chunks)
         work = None
         if view.waiting:
             if idle:
@@ -276,16 +311,15 @@ class IdleFirstPolicy:
                 if work is not None:
                     groups = [g for g in groups if g[0] != group]
             if work is not None:
-                it.prefills.append(work)
+                it.prefills.append(chunk_to_fit(view, work))
         taken = set(it.instances()) | set(view.busy) | {i for g, _ in groups for i in g}
         for group, reqs in groups:
             it.decodes.append(assign_masters(view, self.n, group, reqs, taken, self.aligned)[0])
             taken |= set(it.decodes[-1].group)
         return it
 
-    def max_prompt_tokens(self, num_pages: int, page_size: int, max_prefill_tokens: int, min_bucket: int) -> int:
-        degrees = prefill_degrees(self.n, self.aligned)
-        return longest_prompt(degrees, num_pages, page_size, max_prefill_tokens, min_bucket)
+    def max_prompt_tokens(self, num_pages: int, page_size: int) -> int:
+        return longest_prompt(prefill_degrees(self.n, self.aligned), num_pages, page_size)
 
     def _prefill_group(self, idle: list[int]) -> Group:
         if not self.aligned:
@@ -327,12 +361,15 @@ class SharedComputePolicy:
         self.n = num_instances
 
     @staticmethod
-    def max_prompt_tokens(num_pages: int, page_size: int, max_prefill_tokens: int, min_bucket: int) -> int:
-        return longest_prompt([1], num_pages, page_size, max_prefill_tokens, min_bucket)  # one instance
+    def max_prompt_tokens(num_pages: int, page_size: int) -> int:
+        return longest_prompt([1], num_pages, page_size)  # one instance
 
     def schedule(self, view: SchedulerView) -> Iteration:
         it = Iteration()
         if view.busy:  # a program is running: it has the whole processor
+            return it
+        it.prefills = continue_chunks(view, self.n, aligned=True)[:1]  # a prompt under way goes on first
+        if it.prefills:
             return it
         if view.waiting:
             head = view.waiting[0]  # where its cached prefix lies first, then the busiest
@@ -340,7 +377,7 @@ class SharedComputePolicy:
             for home in order:
                 work = admit_fcfs(view, (home,), busiest_first_plan)
                 if work is not None:
-                    it.prefills.append(work)
+                    it.prefills.append(chunk_to_fit(view, work))
                     return it
         if not view.decoding:
             return it

@@ -67,6 +67,7 @@ class Request:
     priority: int = 0  # higher is dispatched first
     prefilled: int = 0  # tokens of its prefill whose KV is computed or being computed
     prefill_len: int = 0  # tokens its prefill computes, fixed when it is dispatched
+    prefill_group: tuple[int, ...] = ()  # instances its last prefill pass ran on (a chunked prompt goes on there)
     preemptions: int = 0  # times its KV was dropped to be recomputed
     skipped: int = 0  # times later requests were dispatched ahead of it
     cached_tokens: int = 0  # tokens of its prefill whose K/V came from the prefix cache

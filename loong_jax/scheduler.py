@@ -38,6 +38,8 @@ from loong_jax.policy import (
     SchedulerView,
     aligned_block,
     assign_masters,
+    chunk_to_fit,
+    continue_chunks,
     decode_groups,
     fits_rank_cap,
     grow_full_groups,
@@ -95,12 +97,14 @@ class ElasticScheduler:
 
     def schedule(self, view: SchedulerView) -> Iteration:
         aligned = self.cfg.aligned_groups
+        chunks = continue_chunks(view, self.n, aligned)  # prompts prefilled in chunks go on first
+        view = dataclasses.replace(view, busy=view.busy | {i for w in chunks for i in w.group})
         groups = decode_groups(view, self.n, aligned)
         if aligned:
             groups = grow_full_groups(view, groups, self.n)
         in_decode = {i for g, _ in groups for i in g}
         idle = [i for i in range(self.n) if i not in view.busy and i not in in_decode]
-        it = Iteration()
+        it = Iteration(prefills=chunks)
         admitted, blocked = self._dispatch(view, idle + sorted(in_decode))
         page = view.pools[0].page_size  # tokens of each admitted request's longest cached prefix
         self._cached = {r.rid: view.cached_pages(r, range(self.n)) * page for r in admitted}
@@ -118,9 +122,7 @@ class ElasticScheduler:
                 batches, rest, free = self._pin(view, now, free)
                 batches += self._batch(view, rest, free)
                 for group, reqs in batches:
-                    pools = [view.pools[i] for i in group]
-                    plans = self._plan([r.num_prefill_tokens for r in reqs], pools)
-                    it.prefills.append(PrefillWork(group, reqs, plans))
+                    it.prefills.append(chunk_to_fit(view, PrefillWork(group, reqs, self._plans(view, group, reqs))))
                 used = {i for w in it.prefills for i in w.group}
                 groups = [g for g in groups if not used.intersection(g[0])]
                 launched = [r for w in it.prefills for r in w.requests]
@@ -362,9 +364,8 @@ class ElasticScheduler:
             self._cached[r.rid] = view.cached_pages(r, remaining) * page
         return batches, rest, remaining
 
-    def max_prompt_tokens(self, num_pages: int, page_size: int, max_prefill_tokens: int, min_bucket: int) -> int:
-        degrees = prefill_degrees(self.n, self.cfg.aligned_groups)
-        return longest_prompt(degrees, num_pages, page_size, max_prefill_tokens, min_bucket)
+    def max_prompt_tokens(self, num_pages: int, page_size: int) -> int:
+        return longest_prompt(prefill_degrees(self.n, self.cfg.aligned_groups), num_pages, page_size)
 
     def _degrees(self, e: int) -> list[int]:
         ds = {1 << k for k in range(e.bit_length()) if 1 << k <= e}
@@ -480,6 +481,14 @@ class ElasticScheduler:
         return out
 
     # ----- step 4: scaling plan --------------------------------------------------------------------
+
+    def _plans(self, view: SchedulerView, group: Group, reqs: Sequence[Request]) -> list[np.ndarray]:
+        """Scale-down plans of a batch on its group, for the tokens after each request's prefix cached there
+        (those are not computed again; the plan's entries for them are unused)."""
+        page = view.pools[0].page_size
+        cached = [view.cached_pages(r, group) * page for r in reqs]
+        plans = self._plan([r.num_prefill_tokens - h for r, h in zip(reqs, cached)], [view.pools[i] for i in group])
+        return [np.concatenate([np.zeros(h, np.int32), p]) for h, p in zip(cached, plans)]
 
     def _plan(self, lengths: list[int], pools: list) -> list[np.ndarray]:
         """Scale-down placement. With a decode step target, each request keeps its KV on the fewest of the

@@ -67,14 +67,44 @@ def test_no_compile_after_warmup():
     reqs = _drive(engine, waves, rng)
     assert all(r.finished for r in reqs)
     assert len(set(engine.stats.prefill_degrees)) > 1 and len(set(engine.stats.decode_degrees)) >= 1
-    # next turns of those conversations: prefill appending to their cached prefixes, on the warmed shapes
+    # next turns of those conversations: prefill appending to their cached prefixes, on the warmed shapes;
+    # and prompts longer than max_prefill_tokens, prefilled in chunks of the largest warmed buckets
     turns = [r.prompt_ids + r.output_ids + [7, 8, 9] for r in reqs if len(r.prompt_ids) + len(r.output_ids) < 200]
     for prompt in turns:
         engine.add_request(prompt, greedy_params(3))
+    long = [engine.add_request(rng.integers(3, 256, n).tolist(), greedy_params(2)) for n in (300, 480)]
     while engine.has_unfinished():
         engine.step()
     assert engine.prefix_cache.stats.hits >= len(turns) // 2 > 0
+    assert all(r.finish_reason == "length" for r in long)
     assert engine.executor.programs.compiles == compiled, "the steady state compiled a program"
+
+
+@pytest.mark.parametrize("policy", ["elastic", "shared"])
+def test_prompts_longer_than_one_pass_are_prefilled_in_chunks_exactly(policy):
+    """max_prefill_tokens=64: prompts of up to 300 tokens are prefilled in passes of at most one warmed
+    bucket per rank, each appending to the K/V the passes before it left, while short requests come and go;
+    the outputs are those of whole prefills on one instance."""
+    rng = np.random.default_rng(7)
+    waves = [[(n, greedy_params(m)) for n, m in zip(rng.choice([9, 40, 150, 300], 4), rng.integers(1, 12, 4))]]
+    waves += [[(int(n), greedy_params(5)) for n in rng.integers(5, 30, 3)] for _ in range(2)]
+    limits = dict(max_model_len=400, max_prefill_tokens=64, policy=policy)
+    engine = tiny_esp_engine(num_instances=4, kv_tokens=512, page_size=4, limits=limits)
+    passes = []
+    prefill = engine.executor.prefill
+
+    def record(work, pools):
+        passes.append([work.chunk[i] if work.chunk else r.prefill_len for i, r in enumerate(work.requests)])
+        return prefill(work, pools)
+
+    engine.executor.prefill = record
+    reqs = _drive(engine, waves, np.random.default_rng(8))
+    assert [r.output_ids for r in reqs] == _single_outputs(reqs)
+    long = [r for r in reqs if len(r.prompt_ids) == 300]
+    assert long and engine.stats.prefills > len(reqs)  # chunked
+    biggest = max(len(w) == 1 and w[0] for w in passes)
+    assert biggest <= 64 * (1 if policy == "shared" else 4)  # a pass never exceeds the warmed buckets
+    assert engine.kv_used_tokens == 0
 
 
 def _one_program_at_a_time(engine):

@@ -8,7 +8,7 @@ import pytest
 from esp_helpers import greedy_params, tiny_esp_engine
 
 from loong_jax.engine import RequestRejected
-from loong_jax.policy import IdleFirstPolicy
+from loong_jax.policy import IdleFirstPolicy, SharedComputePolicy
 from loong_jax.request import Status
 from loong_jax.sampling import SamplingParams
 
@@ -115,13 +115,17 @@ def test_pools_a_failed_program_destroyed_are_replaced_and_their_other_requests_
     assert engine.kv_used_tokens == 0
 
 
-def test_a_request_no_group_can_prefill_is_refused_at_once_and_others_are_not():
-    engine = tiny_esp_engine(
-        num_instances=3, kv_tokens=256, page_size=4, limits=dict(max_model_len=256, max_prefill_tokens=128)
-    )
-    with pytest.raises(RequestRejected, match=r"prefill at most \d+ .*max_prefill_tokens=128"):
-        engine.add_request([5] * 250, greedy_params(2))
+def test_a_request_no_group_can_hold_is_refused_at_once_and_others_are_not():
+    """A policy that prefills on one instance of 256 tokens (a partial page kept free): a 300-token prompt
+    is refused when it arrives, with the limit; a 200-token one is served."""
+    engine = tiny_esp_engine(num_instances=3, kv_tokens=256, page_size=4, limits=dict(max_model_len=480))
+    engine.policy = SharedComputePolicy(3)
+    with pytest.raises(RequestRejected, match=r"at most 252 prompt tokens \(256 KV tokens per instance\)"):
+        engine.add_request([5] * 300, greedy_params(2))
     assert not engine.waiting
+    ok = engine.add_request([5] * 200, greedy_params(2))
+    _run(engine)
+    assert ok.finish_reason == "length"
 
 
 def test_a_long_request_that_does_not_fit_yet_waits_while_the_short_ones_run():

@@ -93,6 +93,43 @@ def test_hits_anywhere_in_the_group_are_exact(llm, group):
         assert got[3].cached_tokens > split  # the hit spans two instances
 
 
+@pytest.mark.parametrize("group", [(2,), (0, 1, 2, 3), tuple(range(8))], ids=["1", "4", "8"])
+def test_chunked_prompts_and_their_cached_prefixes_are_exact(llm, group):
+    """A long document prefilled in passes of 128 tokens (as the scheduler runs a prompt longer than one
+    pass), each appending to the K/V of the passes before wherever the plan put it; then a question about
+    it, which finds the document's pages in the cache and computes only the rest. Tokens and
+    log-probabilities are those of whole prefills without the cache."""
+    doc = " ".join(f"Keeper {k} lit the lamp at dusk and logged the weather." for k in range(40))
+    first = llm.chat_prompt_ids([{"role": "system", "content": doc}, {"role": "user", "content": "Summarise."}])
+    second = llm.chat_prompt_ids([{"role": "system", "content": doc}, {"role": "user", "content": "Who was first?"}])
+    engine, d = llm.engine, len(group)
+
+    def run(chunked):
+        out = []
+        for prompt in (first, second):
+            req = engine.add_request(prompt, greedy_params(STEPS, logprobs=0))
+            plan = np.arange(len(prompt), dtype=np.int32) // 16 % d  # page by page over the group
+            while not req.output_ids:
+                work = PrefillWork(group, [req], [plan], [128] if chunked else None)
+                engine.execute(Iteration(prefills=[work]))
+            step = 0
+            while not req.finished:
+                engine.execute(Iteration(decodes=[DecodeWork(group, [req], [step % d])]))
+                step += 1
+            out.append(req)
+        assert engine.kv_used_tokens == 0
+        return out
+
+    want = _with_cache(llm, False, lambda: run(chunked=False))
+    got = _with_cache(llm, True, lambda: run(chunked=True))
+    assert len(first) > 3 * 128
+    for g, w in zip(got, want):
+        _same(g, w)
+    page = engine.ecfg.page_size
+    shared = next(k for k, (a, b) in enumerate(zip(first, second)) if a != b) // page * page
+    assert got[0].cached_tokens == 0 and got[1].cached_tokens == shared
+
+
 def test_the_engine_loop_reuses_prefixes_exactly(llm):
     """Through the scheduler: a repeated prompt, a shared system prompt with different questions, and a
     three-turn conversation, each request after the first finding its prefix wherever the earlier ones left

@@ -80,9 +80,9 @@ class PrefixCache:
     def attach(self, work: PrefillWork, fresh: Sequence[Request]) -> None:
         """Give the requests starting their prefill in this work their prefix cached on the group: shared
         pages, `prefilled` and `cached_tokens` set, and the pass set to compute only the tokens after
-        them. If the placement plan no longer fits the group's pools (shared pages that were cached but
-        unheld counted as free), the new tokens are placed busiest-first; if they cannot be placed at all,
-        no prefix is used (the plan fitted without it)."""
+        them. If the placement plan no longer fits the group's pools (cached pages nobody held counted as
+        free, and the hits now hold them), the new tokens are placed busiest-first, as many as fit: a
+        request for which none fit leaves this pass and continues in a later one (a chunked prefill)."""
         if not self.enabled:
             return
         group, page = work.group, self.page_size
@@ -98,6 +98,8 @@ class PrefixCache:
                 numbers = [j for j, w in enumerate(where) if w == i]
                 self.pools[i].share(req.rid, [keys[j] for j in numbers], numbers)
             req.prefilled = req.cached_tokens = len(where) * page
+            self.stats.hits += 1
+            self.stats.hit_tokens += req.cached_tokens
             hits.append(req)
         if not hits:
             return
@@ -106,29 +108,16 @@ class PrefixCache:
         else:
             work.chunk = [min(c, r.prefill_len - r.prefilled) for c, r in zip(work.chunk, work.requests)]
         pools = [self.pools[i] for i in group]
-        if not _fits(work, pools):
-            try:
-                placed = busiest_first_plan(work.chunk, pools)
-            except ValueError:
-                placed = None
-            if placed is None:
-                self._detach(work, hits)
-                return
-            plans = [np.array(p, np.int32) for p in work.plans]
-            for plan, req, n, new in zip(plans, work.requests, work.chunk, placed):
-                plan[req.prefilled : req.prefilled + n] = new
-            work.plans = plans
-        for req in hits:
-            self.stats.hits += 1
-            self.stats.hit_tokens += req.cached_tokens
-
-    def _detach(self, work: PrefillWork, hits: Sequence[Request]) -> None:
-        """Undo `attach` for these requests: they compute their whole prompt."""
-        for req in hits:
-            for i in work.group:
-                self.pools[i].release(req.rid)
-            req.prefilled = req.cached_tokens = 0
-        work.chunk = [r.prefill_len - r.prefilled for r in work.requests]
+        if _fits(work, pools):
+            return
+        placed = busiest_first_plan(work.chunk, pools, partial=True)
+        plans = [np.array(p, np.int32) for p in work.plans]
+        for plan, req, new in zip(plans, work.requests, placed):
+            plan[req.prefilled : req.prefilled + len(new)] = new
+        keep = [k for k, new in enumerate(placed) if len(new)]
+        work.requests = [work.requests[k] for k in keep]
+        work.plans = [plans[k] for k in keep]
+        work.chunk = [len(placed[k]) for k in keep]
 
     def publish(self, req: Request, instances: Sequence[int]) -> None:
         """Cache the request's full pages on these instances that hold whole aligned pages of its sequence
