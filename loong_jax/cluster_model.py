@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from loong_jax.cost_model import CostModel, decode_features, fit_linear, prefill_features
+from loong_jax.cost_model import CostModel, decode_features, fit_linear, fit_prefill, prefill_features
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,11 +122,17 @@ class ClusterModel:
         """The scheduler's cost model, fitted on a grid of this model's times (as profiling would)."""
         degrees = degrees or [d for d in (1, 2, 4, 8, 16, 32, 64) if d <= self.num_instances]
         batches = [[n] * k for n in (256, 1024, 4096, 16384, 65536, 200_000) for k in (1, 2, 4)]
+        held = [(n, h) for n in (256, 4096, 32768) for h in (1024, 16384, 131072)]  # n new after h held
         points = [(b, b * c) for b in (1, 4, 16, 64) for c in (512, 4096, 32768)]
         prefill, decode = {}, {}
         for d in degrees:
-            t = np.array([self.prefill_time(d, b) for b in batches])
-            prefill[d] = fit_linear(prefill_features(batches), t)
+            t = [self.prefill_time(d, b) for b in batches]
+            t += [
+                self.prefill_time(d, [0]) + self.prefill_time(d, [h + n]) - self.prefill_time(d, [h]) for n, h in held
+            ]
+            lengths, cached = batches + [[n] for n, _ in held], [()] * len(batches) + [[h] for _, h in held]
+            feats = prefill_features(lengths, cached=cached)
+            prefill[d] = fit_prefill(feats, np.array(t))
             t = np.array([self.decode_time(d, b, c) for b, c in points])
             decode[d] = fit_linear(decode_features(points), t)
         per_token = self.migrate_time(1001) - self.migrate_time(1)

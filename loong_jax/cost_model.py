@@ -2,8 +2,10 @@
 
 Per degree of parallelism d (instances in the group):
 * prefill of a batch with lengths l: `a + b * sum(l) + c * sum(l^2)` (linear layers, then causal attention);
-  a prompt whose first h tokens' K/V is cached computes its n = l - h new tokens: `b * n + c * (n^2 + 2 n h)`
-  (its attention is the causal one over l tokens less the one over h);
+  a prompt whose first h tokens' K/V is already held (a cached prefix, earlier chunks) computes its n new
+  tokens: `b * n + c * n^2 + e * n * h` (the ring over the new tokens, then their attention to the held K/V,
+  which runs where that K/V lies; e = 2c if both ran alike, as the causal attention over n + h tokens less
+  the one over h);
 * one decode step: `a + b * batch + c * context` (weights and per-step overhead, per-request work, KV read);
 * migration of n tokens: `latency + n / tokens_per_s`.
 Coefficients are fitted by least squares on relative error, saved as JSON keyed by model and hardware.
@@ -25,7 +27,7 @@ class CostModel:
     """Fitted coefficients per degree; degrees not profiled are scaled from the nearest profiled one."""
 
     key: str  # model and hardware the coefficients belong to
-    prefill: dict[int, tuple[float, float, float]]  # degree -> (a, b, c)
+    prefill: dict[int, tuple[float, ...]]  # degree -> (a, b, c, e)
     decode: dict[int, tuple[float, float, float]]  # degree -> (a, b, c)
     migrate_latency: float = 0.0
     migrate_tokens_per_s: float = math.inf
@@ -39,24 +41,23 @@ class CostModel:
         return degree * 2.0 ** np.ceil(np.log2(per_rank))
 
     def prefill_terms(self, degree: int, lengths: Sequence[int], cached: Sequence[int] = ()) -> list[float]:
-        """The features the prefill coefficients multiply: [1, tokens, sum of squared lengths]; with `cached`
-        (tokens of each prompt whose K/V is cached), lengths are the new tokens and attention to the cached
-        ones counts too."""
+        """The features the prefill coefficients multiply: [1, tokens, sum of n^2, sum of n * h] for prompts
+        of n new tokens after h tokens whose K/V is held (`cached`; none by default)."""
         cached = list(cached) or [0] * len(lengths)
-        attention = sum(n * n + 2 * n * h for n, h in zip(lengths, cached))
-        return [1.0, float(self.prefill_tokens(degree, sum(lengths))), float(attention)]
+        held = sum(n * h for n, h in zip(lengths, cached))
+        return [1.0, float(self.prefill_tokens(degree, sum(lengths))), float(sum(n * n for n in lengths)), float(held)]
 
-    def coefficients(self, table: dict[int, tuple[float, float, float]], degree: int) -> tuple[float, float, float]:
+    def coefficients(self, table: dict[int, tuple[float, ...]], degree: int) -> tuple[float, ...]:
         if degree in table:
             return table[degree]
         near = min(table, key=lambda d: (abs(math.log2(d / degree)), d))
-        a, b, c = table[near]
-        return a, b * near / degree, c * near / degree  # work per token spreads over the group
+        a, *per_token = table[near]
+        return a, *(x * near / degree for x in per_token)  # work per token spreads over the group
 
     def prefill_time(self, degree: int, lengths: Sequence[int], cached: Sequence[int] = ()) -> float:
-        a, b, c = self.coefficients(self.prefill, degree)
-        _, s1, s2 = self.prefill_terms(degree, lengths, cached)
-        return a + b * s1 + c * s2
+        a, b, c, e = self.coefficients(self.prefill, degree)
+        _, s1, s2, s3 = self.prefill_terms(degree, lengths, cached)
+        return a + b * s1 + c * s2 + e * s3
 
     def decode_time(self, degree: int, batch: int, context: int) -> float:
         a, b, c = self.coefficients(self.decode, degree)
@@ -80,7 +81,7 @@ class CostModel:
         rate = data.get("migrate_tokens_per_s")
         return cls(
             data["key"],
-            {int(d): tuple(v) for d, v in data["prefill"].items()},
+            {int(d): _with_held_term(v) for d, v in data["prefill"].items()},
             {int(d): tuple(v) for d, v in data["decode"].items()},
             float(data.get("migrate_latency", 0.0)),
             math.inf if rate is None else float(rate),
@@ -94,6 +95,12 @@ class CostModel:
     @classmethod
     def load(cls, path: str | Path) -> CostModel:
         return cls.from_json(json.loads(Path(path).read_text()))
+
+
+def _with_held_term(coefficients: Sequence[float]) -> tuple[float, ...]:
+    """Prefill coefficients (a, b, c, e); a profile fitted before the held-K/V term gets e = 2c."""
+    a, b, c, *e = (float(x) for x in coefficients)
+    return a, b, c, e[0] if e else 2 * c
 
 
 def fit_linear(features: np.ndarray, times: np.ndarray) -> tuple[float, ...]:
@@ -112,10 +119,24 @@ def fit_linear(features: np.ndarray, times: np.ndarray) -> tuple[float, ...]:
         active.remove(min(neg, key=lambda i: x[i]))
 
 
-def prefill_features(batches: Sequence[Sequence[int]], degree: int = 1, bucket: int = 0) -> np.ndarray:
-    """Feature rows [1, tokens computed, sum of l^2] of prefill batches (see CostModel.prefill_terms)."""
+def prefill_features(
+    batches: Sequence[Sequence[int]],
+    degree: int = 1,
+    bucket: int = 0,
+    cached: Sequence[Sequence[int]] | None = None,
+) -> np.ndarray:
+    """Feature rows [1, tokens computed, sum of n^2, sum of n * h] of prefill batches of new tokens n after
+    h held ones (`cached`, per batch; none by default; see CostModel.prefill_terms)."""
     shape = CostModel("features", {}, {}, prefill_bucket=bucket)
-    return np.array([shape.prefill_terms(degree, b) for b in batches], np.float64)
+    cached = cached or [()] * len(batches)
+    return np.array([shape.prefill_terms(degree, b, h) for b, h in zip(batches, cached)], np.float64)
+
+
+def fit_prefill(features: np.ndarray, times: np.ndarray) -> tuple[float, ...]:
+    """Prefill coefficients (a, b, c, e) fitted on feature rows; without points holding K/V, e = 2c."""
+    if not features[:, 3].any():
+        return _with_held_term(fit_linear(features[:, :3], times))
+    return fit_linear(features, times)
 
 
 def decode_features(points: Sequence[tuple[int, int]]) -> np.ndarray:
@@ -131,6 +152,6 @@ def relative_errors(predicted: Sequence[float], measured: Sequence[float]) -> np
 def rough_cost_model(key: str = "uncalibrated") -> CostModel:
     """A stand-in until `loong profile` has run: prefill work spread over the group, decode cost per request
     and per context token. Only the relative sizes matter to most decisions."""
-    prefill = {1: (5e-3, 1e-3, 1e-8)}
+    prefill = {1: (5e-3, 1e-3, 1e-8, 2e-8)}
     decode = {1: (2e-2, 3e-3, 1e-5)}
     return CostModel(key, prefill, decode, 1e-3, 1e6)

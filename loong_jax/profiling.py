@@ -16,7 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from loong_jax.cost_model import CostModel, decode_features, fit_linear, prefill_features, relative_errors
+from loong_jax.cost_model import (
+    CostModel,
+    decode_features,
+    fit_linear,
+    fit_prefill,
+    prefill_features,
+    relative_errors,
+)
 from loong_jax.engine import Engine
 from loong_jax.execution import DecodeWork, Iteration, PrefillWork
 from loong_jax.placement import busiest_first_plan
@@ -45,6 +52,7 @@ def profile_path(key: str, directory: str | Path = DEFAULT_PROFILE_DIR) -> Path:
 class ProfileReport:
     cost: CostModel
     prefill_error: float  # median relative error on held-out prefills
+    appending_error: float  # the same, of the held-out passes appending to K/V held (cached prefix, chunks)
     decode_error: float
     points: dict
     seconds: float
@@ -70,6 +78,22 @@ def _prefill_once(engine: Engine, group: tuple[int, ...], lengths: Sequence[int]
     engine.execute(Iteration(prefills=[PrefillWork(group, reqs, busiest_first_plan(lengths, pools))]))
     for r in reqs:
         engine.abort(r.rid)
+
+
+def _appending_pass(engine: Engine, group: tuple[int, ...], new: int, held: int, repeats: int, rng) -> float:
+    """Median time of a prefill pass of `new` tokens appending to the K/V of the prompt's first `held` tokens,
+    which the group holds spread over its instances (a cached prefix or the chunks before)."""
+    times = []
+    for k in range(repeats + 1):  # the first run compiles
+        req = engine.add_request(rng.integers(3, engine.cfg.vocab_size, held + new).tolist(), _params(4))
+        plan = np.arange(held + new, dtype=np.int32) % len(group)
+        engine.execute(Iteration(prefills=[PrefillWork(group, [req], [plan], chunk=[held])]))
+        t0 = time.perf_counter()
+        engine.execute(Iteration(prefills=[PrefillWork(group, [req], [plan], chunk=[new])]))
+        if k:
+            times.append(time.perf_counter() - t0)
+        engine.abort(req.rid)
+    return float(np.median(times))
 
 
 def _decode_steps(engine: Engine, group: tuple[int, ...], batch: int, context: int, repeats: int, rng) -> float:
@@ -99,8 +123,8 @@ def profile(engine: Engine, repeats: int = 2, seed: int = 0, show: bool = True) 
     ecfg = engine.ecfg
     degrees = [d for d in (1, 2, 4, 8, 16, 32, 64) if d <= ecfg.num_instances]
     say = print if show else log.info
-    prefill, decode, points = {}, {}, {"prefill": {}, "decode": {}, "migrate": []}
-    p_err, d_err = [], []
+    prefill, decode, points = {}, {}, {"prefill": {}, "appending": {}, "decode": {}, "migrate": []}
+    p_err, a_err, d_err = [], [], []
     for d in degrees:
         group = tuple(range(d))
         cap = -(-ecfg.max_prefill_tokens // d)
@@ -108,14 +132,30 @@ def profile(engine: Engine, repeats: int = 2, seed: int = 0, show: bool = True) 
         batches = [[n] for n in sizes] + [[sizes[1]] * 2, [sizes[2], sizes[0]], [sizes[3]] * 2]
         batches = [b for b in batches if -(-sum(b) // d) + len(b) <= cap and sum(b) < ecfg.max_model_len]
         times = [_timed(lambda b=b, g=group: _prefill_once(engine, g, b, rng), repeats) for b in batches]
-        fit_idx = [k for k in range(len(batches)) if k % 3 != 1]
-        held = [k for k in range(len(batches)) if k % 3 == 1]
-        feats = prefill_features([batches[k] for k in fit_idx], d, ecfg.min_prefill_bucket)
-        prefill[d] = fit_linear(feats, np.array([times[k] for k in fit_idx]))
+        # passes of n new tokens after h held ones (a cached prefix, earlier chunks), K/V spread on the group
+        room = min(ecfg.max_model_len, ecfg.kv_tokens_per_instance * d // 2)
+        appending = [(n, h) for n in (sizes[1], sizes[3]) for h in (sizes[2], sizes[4]) if n + h < room]
+        a_times = [_appending_pass(engine, group, n, h, repeats, rng) for n, h in appending]
+        lengths = batches + [[n] for n, _ in appending]
+        cached = [()] * len(batches) + [[h] for _, h in appending]
+        measured = times + a_times
+        fit_idx = [k for k in range(len(lengths)) if k % 3 != 1]
+        held = [k for k in range(len(lengths)) if k % 3 == 1]
+        feats = prefill_features(
+            [lengths[k] for k in fit_idx], d, ecfg.min_prefill_bucket, [cached[k] for k in fit_idx]
+        )
+        prefill[d] = fit_prefill(feats, np.array([measured[k] for k in fit_idx]))
         probe = CostModel("probe", {d: prefill[d]}, {1: (0, 0, 0)}, prefill_bucket=ecfg.min_prefill_bucket)
-        p_err += relative_errors([probe.prefill_time(d, batches[k]) for k in held], [times[k] for k in held]).tolist()
+        for k in held:
+            err = relative_errors([probe.prefill_time(d, lengths[k], cached[k])], [measured[k]])[0]
+            (a_err if cached[k] else p_err).append(float(err))
         points["prefill"][d] = [{"lengths": b, "seconds": t} for b, t in zip(batches, times)]
+        points["appending"][d] = [{"new": n, "held": h, "seconds": t} for (n, h), t in zip(appending, a_times)]
         say(f"prefill degree {d}: " + ", ".join(f"{sum(b)} tok {t * 1000:.0f} ms" for b, t in zip(batches, times)))
+        say(
+            f"appending degree {d}: "
+            + ", ".join(f"{n} after {h} {t * 1000:.0f} ms" for (n, h), t in zip(appending, a_times))
+        )
         grid = []
         for b in [x for x in (1, 2, 4, 8, 16) if x <= ecfg.max_num_seqs]:
             for c in (32, 128, 512):
@@ -146,11 +186,17 @@ def profile(engine: Engine, repeats: int = 2, seed: int = 0, show: bool = True) 
         say("migration: " + ", ".join(f"{n} tok {t * 1000:.1f} ms" for n, t in zip(sizes, mtimes)))
     cost = CostModel(profile_key(engine), prefill, decode, latency, rate, ecfg.min_prefill_bucket)
     report = ProfileReport(
-        cost, float(np.median(p_err)), float(np.median(d_err)), points, time.perf_counter() - t_start
+        cost,
+        float(np.median(p_err)),
+        float(np.median(a_err)) if a_err else float("nan"),
+        float(np.median(d_err)),
+        points,
+        time.perf_counter() - t_start,
     )
     say(
-        f"held-out median relative error: prefill {report.prefill_error:.1%}, decode {report.decode_error:.1%} "
-        f"({len(p_err)} and {len(d_err)} points); {report.seconds:.0f} s"
+        f"held-out median relative error: prefill {report.prefill_error:.1%}, appending prefill "
+        f"{report.appending_error:.1%}, decode {report.decode_error:.1%} ({len(p_err)}, {len(a_err)} and "
+        f"{len(d_err)} points); {report.seconds:.0f} s"
     )
     return report
 

@@ -386,10 +386,11 @@ class ElasticScheduler:
         new = lens - hit  # tokens computed; their attention also covers the cached ones
         r_n, e_n = len(reqs), len(order)
         degrees = np.array(self._degrees(e_n))
-        coeffs = np.array([self.cost.coefficients(self.cost.prefill, int(k)) for k in degrees])  # [K, 3]
+        coeffs = np.array([self.cost.coefficients(self.cost.prefill, int(k)) for k in degrees])  # [K, 4]
         caps = np.array([view.rank_token_cap(int(k)) for k in degrees], np.float64)
         p1 = np.concatenate([[0.0], np.cumsum(new)])
-        p2 = np.concatenate([[0.0], np.cumsum(new**2 + 2 * new * hit)])
+        p2 = np.concatenate([[0.0], np.cumsum(new**2)])
+        p3 = np.concatenate([[0.0], np.cumsum(new * hit)])
         pw = np.concatenate([[0.0], np.cumsum(1.0 / lens)])
         pp = np.concatenate([[0.0], np.cumsum(np.ceil(lens / page))])
         cap_pages = np.concatenate([[0.0], np.cumsum([view.pools[i].free_pages for i in order])])
@@ -403,10 +404,11 @@ class ElasticScheduler:
         back = np.zeros((r_n + 1, e_n + 1, 2), np.int64)
         for i in range(1, r_n + 1):
             j = np.arange(i)
-            s1, s2, w = p1[i] - p1[j], p2[i] - p2[j], pw[i] - pw[j]  # [J]
+            s1, s2, s3, w = p1[i] - p1[j], p2[i] - p2[j], p3[i] - p3[j], pw[i] - pw[j]  # [J]
             cnt = i - j
             padded = np.stack([self.cost.prefill_tokens(int(k), s1) for k in degrees], axis=1)  # [J, K]
             t = coeffs[None, :, 0] + coeffs[None, :, 1] * padded + coeffs[None, :, 2] * s2[:, None]
+            t = t + coeffs[None, :, 3] * s3[:, None]
             cost = t * w[:, None]
             within = np.ceil(s1[:, None] / degrees[None, :]) + cnt[:, None] <= caps[None, :]
             fits = (within | (cnt[:, None] == 1)) & (cnt[:, None] <= view.max_num_seqs)  # one alone may exceed

@@ -488,10 +488,30 @@ def test_fit_linear_recovers_known_coefficients():
 
 def test_prefill_and_decode_features():
     f = prefill_features([[3, 4], [10]])
-    assert f.tolist() == [[1.0, 7.0, 25.0], [1.0, 10.0, 100.0]]
+    assert f.tolist() == [[1.0, 7.0, 25.0, 0.0], [1.0, 10.0, 100.0, 0.0]]
+    held = prefill_features([[3, 4]], cached=[[100, 0]])  # 3 new tokens after 100 held, 4 after none
+    assert held.tolist() == [[1.0, 7.0, 25.0, 300.0]]
     assert decode_features([(2, 100)]).tolist() == [[1.0, 2.0, 100.0]]
     padded = prefill_features([[100]], degree=2, bucket=16)  # 50 per rank -> bucket 64 -> 128 computed
-    assert padded.tolist() == [[1.0, 128.0, 10000.0]]
+    assert padded.tolist() == [[1.0, 128.0, 10000.0, 0.0]]
+
+
+def test_the_cluster_models_cost_prices_a_cached_prefix_as_the_simulator_runs_it():
+    """n new tokens after h held: the fitted cost model predicts the simulated pass (the causal prefill of
+    n + h tokens less that of h) to 1e-6, and far below computing all n + h."""
+    c = ClusterModel(A800, LLAMA2_7B, 4, 2)
+    cost = c.fitted_cost_model()
+    for d in (1, 2, 4):
+        for n, h in ((1000, 50_000), (20_000, 5000), (300, 100_000)):
+            simulated = c.prefill_time(d, [0]) + c.prefill_time(d, [n + h]) - c.prefill_time(d, [h])
+            assert cost.prefill_time(d, [n], [h]) == pytest.approx(simulated, rel=1e-6)
+        assert cost.prefill_time(d, [300], [100_000]) < 0.05 * cost.prefill_time(d, [100_300])
+
+
+def test_a_profile_without_the_held_term_loads_with_the_causal_one(tmp_path):
+    path = tmp_path / "old.json"
+    path.write_text('{"key": "k", "prefill": {"1": [1.0, 2.0, 3.0]}, "decode": {"1": [4.0, 5.0, 6.0]}}')
+    assert CostModel.load(path).prefill == {1: (1.0, 2.0, 3.0, 6.0)}
 
 
 def test_cost_model_save_load_round_trip(tmp_path):
@@ -504,7 +524,7 @@ def test_cost_model_save_load_round_trip(tmp_path):
         assert back.prefill_time(d, [1000, 5000]) == cm.prefill_time(d, [1000, 5000])
         assert back.decode_time(d, 7, 12345) == cm.decode_time(d, 7, 12345)
     assert back.migrate_time(4096) == cm.migrate_time(4096)
-    inf = CostModel("k", {1: (1.0, 2.0, 3.0)}, {2: (4.0, 5.0, 6.0)}, prefill_bucket=16)
+    inf = CostModel("k", {1: (1.0, 2.0, 3.0, 6.0)}, {2: (4.0, 5.0, 6.0)}, prefill_bucket=16)
     inf.save(tmp_path / "inf.json")
     again = CostModel.load(tmp_path / "inf.json")
     assert again == inf and math.isinf(again.migrate_tokens_per_s) and again.prefill_bucket == 16
