@@ -68,7 +68,7 @@ class EngineConfig:
     memory_utilization: float | None = None  # fraction of the memory to fill; None: 0.9 accelerators, 0.5 CPU
     page_size: int = 16
     max_num_seqs: int = 32
-    max_prefill_tokens: int | None = None  # tokens of one prefill batch; None: max_model_len (any prompt fits)
+    max_prefill_tokens: int | None = None  # tokens of one prefill pass (longer prompts: chunks); None: max_model_len
     min_prefill_bucket: int = 16
     output_estimate: int = 256  # new tokens admission plans for when a request gives no max_tokens
     aligned_groups: bool = True

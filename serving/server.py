@@ -29,7 +29,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "--max-prefill-tokens",
         type=int,
         default=None,
-        help="tokens one prefill batch may hold (default: --max-model-len, so that every prompt fits one batch)",
+        help="tokens one prefill pass may compute; longer prompts are prefilled in chunks that append to the "
+        "K/V of those before (default: --max-model-len: every prompt in one pass)",
     )
     p.add_argument(
         "--max-body-bytes",
