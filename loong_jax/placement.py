@@ -16,16 +16,25 @@ from loong_jax.programs import PREFIX_BLOCK, DecodeInputs, PrefillInputs
 
 
 def _fill_plan(
-    lengths: Sequence[int], pools: Sequence[PagePool], busiest: bool, partial: bool = False
+    lengths: Sequence[int],
+    pools: Sequence[PagePool],
+    busiest: bool,
+    partial: bool = False,
+    prefer: Sequence[Sequence[int]] | None = None,
 ) -> list[np.ndarray]:
     """Per request, the group rank keeping each token: ranks filled in load order up to their free pages
-    (partial: a request the ranks cannot hold gets a plan for as many of its tokens as they hold)."""
+    (partial: a request the ranks cannot hold gets a plan for as many of its tokens as they hold; prefer:
+    per request, ranks to fill before the others, e.g. those holding its cached prefix)."""
     load = [p.used_tokens for p in pools]
     free = [p.free_pages for p in pools]
     page = pools[0].page_size
     plans = []
-    for n in lengths:
-        order = sorted(range(len(pools)), key=lambda r: (-load[r] if busiest else load[r], r))
+    for k, n in enumerate(lengths):
+        first = list(prefer[k]) if prefer else []
+        rest = sorted(
+            (r for r in range(len(pools)) if r not in first), key=lambda r: (-load[r] if busiest else load[r], r)
+        )
+        order = first + rest
         plan = np.empty(n, np.int32)
         at = 0
         for r in order:
@@ -43,19 +52,27 @@ def _fill_plan(
     return plans
 
 
-def busiest_first_plan(lengths: Sequence[int], pools: Sequence[PagePool], partial: bool = False) -> list[np.ndarray]:
+def busiest_first_plan(
+    lengths: Sequence[int],
+    pools: Sequence[PagePool],
+    partial: bool = False,
+    prefer: Sequence[Sequence[int]] | None = None,
+) -> list[np.ndarray]:
     """The paper's default scale-down plan: fill the group's busiest instances first, up to their free pages.
 
     A request thus lands on the fewest instances that can hold it, leaving the others idle for the next
     prefill. Raises if the group cannot hold the batch, unless `partial` (then plans may be shorter).
+    `prefer`: per request, ranks filled first (where its cached prefix lies: its K/V stays together).
     """
-    return _fill_plan(lengths, pools, busiest=True, partial=partial)
+    return _fill_plan(lengths, pools, busiest=True, partial=partial, prefer=prefer)
 
 
-def least_loaded_plan(lengths: Sequence[int], pools: Sequence[PagePool]) -> list[np.ndarray]:
+def least_loaded_plan(
+    lengths: Sequence[int], pools: Sequence[PagePool], prefer: Sequence[Sequence[int]] | None = None
+) -> list[np.ndarray]:
     """Scale-down onto the group's least-loaded instances: spreads decode work (shorter decode steps) at
     the price of fewer idle instances later."""
-    return _fill_plan(lengths, pools, busiest=False)
+    return _fill_plan(lengths, pools, busiest=False, prefer=prefer)
 
 
 @dataclasses.dataclass

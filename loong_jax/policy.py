@@ -105,8 +105,8 @@ def chunk_to_fit(view: SchedulerView, work: PrefillWork) -> PrefillWork:
 def continue_chunks(view: SchedulerView, n: int, aligned: bool) -> list[PrefillWork]:
     """The next pass of each prompt whose chunked prefill is under way, oldest first: on the group its last
     pass ran on when all of it is free, else on the (aligned) group of the instances holding its K/V; it
-    computes what one pass of the group holds and its free pages take, placed busiest-first. A prompt whose
-    group is busy, or has no room yet, waits."""
+    computes what one pass of the group holds and its free pages take, placed where its K/V lies, then
+    busiest-first. A prompt whose group is busy, or has no room yet, waits."""
     taken = set(view.busy)
     out = []
     for req in sorted(view.prefilling, key=lambda r: (-r.priority, r.arrival, r.rid)):
@@ -122,7 +122,8 @@ def continue_chunks(view: SchedulerView, n: int, aligned: bool) -> list[PrefillW
         if k < 1:
             continue
         plan = np.zeros(req.prefill_len, np.int32)
-        plan[req.prefilled : req.prefilled + k] = busiest_first_plan([k], pools)[0]
+        mine = [group.index(i) for i in sorted(held, key=lambda i: -view.pools[i].tokens[req.rid])]
+        plan[req.prefilled : req.prefilled + k] = busiest_first_plan([k], pools, prefer=[mine])[0]
         out.append(PrefillWork(tuple(group), [req], [plan], chunk=[k]))
         taken.update(group)
     return out

@@ -26,6 +26,7 @@ Four steps (DESIGN.md 2.4), all priced by the cost model:
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -488,17 +489,20 @@ class ElasticScheduler:
         """Scale-down plans of a batch on its group, for the tokens after each request's prefix cached there
         (those are not computed again; the plan's entries for them are unused)."""
         page = view.pools[0].page_size
-        cached = [view.cached_pages(r, group) * page for r in reqs]
-        plans = self._plan([r.num_prefill_tokens - h for r, h in zip(reqs, cached)], [view.pools[i] for i in group])
-        return [np.concatenate([np.zeros(h, np.int32), p]) for h, p in zip(cached, plans)]
+        where = [view.cached_on(r, group) for r in reqs]
+        prefer = [[group.index(i) for i, _ in Counter(w).most_common()] for w in where]  # with its prefix
+        lengths = [r.num_prefill_tokens - len(w) * page for r, w in zip(reqs, where)]
+        plans = self._plan(lengths, [view.pools[i] for i in group], prefer)
+        return [np.concatenate([np.zeros(len(w) * page, np.int32), p]) for w, p in zip(where, plans)]
 
-    def _plan(self, lengths: list[int], pools: list) -> list[np.ndarray]:
-        """Scale-down placement. With a decode step target, each request keeps its KV on the fewest of the
-        group's instances (busiest first) whose predicted decode step, with the KV they already hold,
-        stays within the target; its tokens are split evenly between them."""
+    def _plan(self, lengths: list[int], pools: list, prefer: list[list[int]] | None = None) -> list[np.ndarray]:
+        """Scale-down placement (`prefer`: ranks each request fills first). With a decode step target, each
+        request keeps its KV on the fewest of the group's instances (busiest first) whose predicted decode
+        step, with the KV they already hold, stays within the target; its tokens are split evenly between
+        them."""
         target = self.cfg.decode_step_target
         if target is None:
-            return PLANS[self.cfg.placement](lengths, pools)
+            return PLANS[self.cfg.placement](lengths, pools, prefer=prefer)
         page = pools[0].page_size
         load = [p.used_tokens for p in pools]
         count = [len(p.tokens) for p in pools]

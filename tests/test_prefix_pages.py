@@ -7,6 +7,9 @@ import numpy as np
 import pytest
 
 from loong_jax.kv_pool import OutOfPages, PagePool, prefix_keys
+from loong_jax.prefix import PrefixCache
+from loong_jax.request import Request
+from loong_jax.sampling import SamplingParams
 
 
 def test_prefix_keys_chain_over_everything_before():
@@ -131,3 +134,22 @@ def test_a_cut_never_reopens_a_page_others_read():
         pool.truncate(1, 2)
     pool.truncate(1, 4)  # a whole page may go: request 2 keeps it
     assert pool.cached[keys[1]] == pool.pages[2][0]
+
+
+def test_a_prefix_cached_on_several_instances_is_taken_from_the_longest_run():
+    """A popular first page cached on every instance, the rest of one conversation on instance 2 only: a
+    request continuing that conversation finds all of it on instance 2 (its K/V then lies on one instance,
+    so its decode steps need no other), and on instances 0 and 1 only the first page."""
+    pools = [PagePool(8, 4) for _ in range(3)]
+    cache = PrefixCache(pools)
+    tokens = list(range(3, 23))  # 5 pages
+    keys = prefix_keys(tokens, 4)
+    for i, pool in enumerate(pools):
+        n = 4 if i < 2 else 16
+        pool.append(100 + i, n, 0)
+        for j in range(n // 4):
+            pool.publish(100 + i, j, keys[j])
+    req = Request(1, tokens + [99], SamplingParams(max_tokens=1), 1, seed=0, eos_ids=())
+    assert cache.lookup(req, range(3)) == [2, 2, 2, 2]
+    assert cache.lookup(req, [0, 1]) == [0]
+    assert cache.lookup(req, [1, 2]) == [2, 2, 2, 2]

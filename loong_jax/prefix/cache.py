@@ -13,6 +13,7 @@ a request always computes at least its last prompt token.
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -54,15 +55,28 @@ class PrefixCache:
 
     def lookup(self, req: Request, instances: Sequence[int]) -> list[int]:
         """Where the request's cached prefix lies: per page of its longest cached prefix, the instance (of
-        `instances`) holding it. Leaves at least the last prefill token to compute."""
+        `instances`) holding it. Leaves at least the last prefill token to compute. A page cached on several
+        instances (a popular system prompt) is taken from the one holding the longest run of the request's
+        pages from there on, so that its K/V lies on as few instances as possible: every instance holding
+        some of it must take part in its decode steps."""
         keys = self.keys(req, req.num_prefill_tokens - 1)
         where: list[int] = []
-        for key in keys:
-            holder = next((i for i in instances if key in self.pools[i].cached), None)
-            if holder is None:
+        current = None
+        for k, key in enumerate(keys):
+            holders = [i for i in instances if key in self.pools[i].cached]
+            if not holders:
                 break
-            where.append(holder)
+            if current not in holders:
+                current = max(holders, key=lambda i: (self._run(i, keys, k), -instances.index(i)))
+            where.append(current)
         return where
+
+    def _run(self, instance: int, keys: Sequence[bytes], start: int) -> int:
+        """How many of keys[start:] the instance caches in a row."""
+        cached, n = self.pools[instance].cached, start
+        while n < len(keys) and keys[n] in cached:
+            n += 1
+        return n - start
 
     def locator(self) -> Callable[[Request, Sequence[int]], list[int]]:
         """`lookup` remembered per request and instances (for one scheduling decision: the pools do not
@@ -87,12 +101,14 @@ class PrefixCache:
             return
         group, page = work.group, self.page_size
         hits: list[Request] = []
+        prefer = {}  # per hit: the group ranks holding its prefix, most pages first
         for req in fresh:
             self.stats.queries += 1
             self.stats.query_tokens += req.prefill_len
             where = self.lookup(req, group)
             if not where:
                 continue
+            prefer[req.rid] = [group.index(i) for i, _ in Counter(where).most_common()]
             keys = self.keys(req, len(where) * page)
             for i in dict.fromkeys(where):
                 numbers = [j for j, w in enumerate(where) if w == i]
@@ -110,7 +126,7 @@ class PrefixCache:
         pools = [self.pools[i] for i in group]
         if _fits(work, pools):
             return
-        placed = busiest_first_plan(work.chunk, pools, partial=True)
+        placed = busiest_first_plan(work.chunk, pools, True, [prefer.get(r.rid, []) for r in work.requests])
         plans = [np.array(p, np.int32) for p in work.plans]
         for plan, req, new in zip(plans, work.requests, placed):
             plan[req.prefilled : req.prefilled + len(new)] = new
