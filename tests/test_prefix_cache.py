@@ -42,12 +42,15 @@ def _with_cache(llm, enabled, fn):
         cache.flush()
 
 
-def _hand_built(llm, prompts, group, plans):
-    """Each prompt in turn, prefilled on the group with its plan and decoded there (masters rotating)."""
+def _hand_built(llm, prompts, group, plans, chunk=None):
+    """Each prompt in turn, prefilled on the group with its plan (in passes of `chunk` tokens if given) and
+    decoded there (masters rotating)."""
     engine, d, out = llm.engine, len(group), []
     for prompt, plan in zip(prompts, plans):
         req = engine.add_request(prompt, greedy_params(STEPS, logprobs=0))
-        engine.execute(Iteration(prefills=[PrefillWork(group, [req], [np.asarray(plan, np.int32)])]))
+        while not req.output_ids:
+            work = PrefillWork(group, [req], [np.asarray(plan, np.int32)], None if chunk is None else [chunk])
+            engine.execute(Iteration(prefills=[work]))
         step = 0
         while not req.finished:
             engine.execute(Iteration(decodes=[DecodeWork(group, [req], [step % d])]))
@@ -102,26 +105,10 @@ def test_chunked_prompts_and_their_cached_prefixes_are_exact(llm, group):
     doc = " ".join(f"Keeper {k} lit the lamp at dusk and logged the weather." for k in range(40))
     first = llm.chat_prompt_ids([{"role": "system", "content": doc}, {"role": "user", "content": "Summarise."}])
     second = llm.chat_prompt_ids([{"role": "system", "content": doc}, {"role": "user", "content": "Who was first?"}])
-    engine, d = llm.engine, len(group)
-
-    def run(chunked):
-        out = []
-        for prompt in (first, second):
-            req = engine.add_request(prompt, greedy_params(STEPS, logprobs=0))
-            plan = np.arange(len(prompt), dtype=np.int32) // 16 % d  # page by page over the group
-            while not req.output_ids:
-                work = PrefillWork(group, [req], [plan], [128] if chunked else None)
-                engine.execute(Iteration(prefills=[work]))
-            step = 0
-            while not req.finished:
-                engine.execute(Iteration(decodes=[DecodeWork(group, [req], [step % d])]))
-                step += 1
-            out.append(req)
-        assert engine.kv_used_tokens == 0
-        return out
-
-    want = _with_cache(llm, False, lambda: run(chunked=False))
-    got = _with_cache(llm, True, lambda: run(chunked=True))
+    engine, prompts = llm.engine, [first, second]
+    plans = [np.arange(len(p), dtype=np.int32) // 16 % len(group) for p in prompts]  # page by page over the group
+    want = _with_cache(llm, False, lambda: _hand_built(llm, prompts, group, plans))
+    got = _with_cache(llm, True, lambda: _hand_built(llm, prompts, group, plans, chunk=128))
     assert len(first) > 3 * 128
     for g, w in zip(got, want):
         _same(g, w)
