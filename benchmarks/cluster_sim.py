@@ -13,6 +13,7 @@ a timeline of which instances ran which group.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -64,12 +65,22 @@ PAPER = {  # DESIGN.md section 5
     "zipf1.4": {"esp": 8.757, "vllm_tp8": 5.723, "static_sp_tp2x4": 5.447, "replicas_4xtp2": 5.000},
 }
 SYSTEMS = ("esp", "static_sp_tp2x4", "chunked_tp8", "disagg_4p4d", "vllm_tp8", "replicas_4xtp2")
+# With prefix caching (workloads with hash ids only: the Mooncake trace): elastic SP's distributed cache,
+# vLLM-style automatic prefix caching on one TP8 instance, replicas each with its own cache behind a router
+# sending each request to the replica caching most of its prefix.
+CACHED = ("esp+cache", "vllm_tp8+cache", "replicas_4xtp2+cache")
 STATIC = ("static_sp_tp2x4", "vllm_tp8", "replicas_4xtp2")
 GOODPUT_SLO = SLO(ttft_scale=25, ttft_floor=15.0, tpot=0.050)  # the Zipf ablation's SLO (P90 goodput)
 
 
 def system(name: str, gpu: str, workload: str) -> tuple[SimCluster, object]:
-    """The simulated deployment and policy of a named system on 8 GPUs."""
+    """The simulated deployment and policy of a named system on 8 GPUs ("+cache": with prefix caching)."""
+    if name.endswith("+cache"):
+        base = name.removesuffix("+cache")
+        cluster, policy = system(base, gpu, workload)
+        if base == "replicas_4xtp2":
+            policy = ReplicaPolicy(4, "prefix")
+        return dataclasses.replace(cluster, prefix_caching=True), policy
     g = GPUS[gpu]
     if name in ("esp", "static_sp_tp2x4", "replicas_4xtp2"):
         c = ClusterModel(g, LLAMA2_7B, 4, 2)
@@ -141,6 +152,8 @@ def crossing(rates: list[float], values: list[float], limit: float) -> float:
 def run_workload(workload: str, systems: list[str], n: int, gpu: str, seed: int, timeline: dict) -> dict:
     out = {}
     for name in systems:
+        if name in CACHED and workload != "mooncake":
+            continue  # only the trace says which inputs share prefixes
         points = []
         factors = list(FACTORS)
         while factors:
@@ -201,6 +214,13 @@ def ratios(results: dict) -> dict:
         static = [per_system[s][key] for s in STATIC if s in per_system]
         if static:
             row["best_static"] = {"ours": esp / max(static) if max(static) > 0 else math.inf}
+        if "esp+cache" in per_system:  # elastic SP with its cache over each system (with theirs where they have one)
+            cached = per_system["esp+cache"][key]
+            row["esp+cache over"] = {
+                name: cached / s[key] if s[key] > 0 else math.inf
+                for name, s in per_system.items()
+                if name != "esp+cache"
+            }
         table[workload] = row
     return table
 
@@ -249,7 +269,7 @@ def plot(results: dict, timeline: dict, out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
-    ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    ap.add_argument("--systems", nargs="+", default=list(SYSTEMS + CACHED), choices=SYSTEMS + CACHED)
     ap.add_argument("--requests", type=int, default=200, help="requests per simulated run")
     ap.add_argument("--gpu", default="A800-80GB", choices=sorted(GPUS))
     ap.add_argument("--seed", type=int, default=0)
@@ -268,6 +288,9 @@ def main() -> None:
     for workload, row in table.items():
         cells = []
         for name, v in row.items():
+            if name == "esp+cache over":
+                cells.append("esp+cache over " + ", ".join(f"{k} {x:.2f}x" for k, x in v.items()))
+                continue
             paper = v.get("paper")
             cells.append(f"{name} {v['ours']:.2f}x" + (f" | {paper:.2f}x" if paper else ""))
         print(f"  {workload:9s} " + "; ".join(cells))
