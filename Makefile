@@ -46,4 +46,5 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/serving_client.py --compare-transformers --num-requests 32 --warmup --policy elastic \
 		--out benchmarks/results/serving_elastic.json
 	$(BIN)/python benchmarks/scheduler_overhead.py
-	$(BIN)/python benchmarks/cluster_sim.py
+	$(BIN)/python benchmarks/prefix_chat.py
+	$(BIN)/python benchmarks/cluster_sim.py --jobs 2

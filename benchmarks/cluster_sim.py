@@ -13,6 +13,7 @@ a timeline of which instances ran which group.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -149,52 +150,66 @@ def crossing(rates: list[float], values: list[float], limit: float) -> float:
     return best
 
 
-def run_workload(workload: str, systems: list[str], n: int, gpu: str, seed: int, timeline: dict) -> dict:
-    out = {}
-    for name in systems:
-        if name in CACHED and workload != "mooncake":
-            continue  # only the trace says which inputs share prefixes
-        points = []
-        factors = list(FACTORS)
-        while factors:
-            f = factors.pop(0)
-            rate = CENTRE[workload] * f
-            runs = n if workload == "mooncake" else max(n, min(MAX_REQUESTS, int(rate * MIN_ARRIVAL_SECONDS)))
-            wl = requests_for(workload, rate, runs, seed)
-            cluster, policy = system(name, gpu, workload)
-            t0 = time.perf_counter()
-            res = simulate(cluster, policy, wl, record=(name == "esp" and f == 1.0))
-            lat = res.latencies()
-            point = {
-                "rate": rate if workload != "mooncake" else trace_rate(wl),
-                "latency_ms": {k: v * 1000 for k, v in lat.items()},
-                "rejected": sum(r.rejected is not None for r in res.records),
-                "slo_attainment": slo_attainment(res, gpu),
-                "stats": res.stats,
-                "sim_seconds": time.perf_counter() - t0,
-            }
-            points.append(point)
-            if res.spans:
-                timeline[workload] = [(s.kind, list(s.group), s.start, s.end) for s in res.spans]
-            if lat["per_token"] * 1000 > 20 * SLO_MS.get(workload, (200,))[0] and len(points) >= 3:
-                break  # far past saturation; higher rates only get worse
-            meets = point["slo_attainment"] >= 0.9
-            if workload in SLO_MS:
-                meets = lat["per_token"] * 1000 <= SLO_MS[workload][0]
-            if not factors and meets and f < 64:
-                factors.append(f * 2)  # still within the SLO: keep raising the rate
-        rates = [p["rate"] for p in points]
-        slo = SLO_MS.get(workload)
-        summary: dict = {"points": points}
-        if slo:
-            for k, metric in enumerate(("per_token", "input", "output")):  # a rate with rejections is not served
-                values = [p["latency_ms"][metric] if not p["rejected"] else math.inf for p in points]
-                summary[f"throughput_{metric}"] = crossing(rates, values, slo[k])
-        summary["p90_goodput"] = crossing(rates, [1.0 - p["slo_attainment"] for p in points], 0.1)
-        out[name] = summary
-        key = "throughput_per_token" if slo else "p90_goodput"
-        print(f"  {workload:9s} {name:16s} {key} = {summary[key]:.3f} req/s ({len(points)} rates)", flush=True)
-    return out
+def sweep(workload: str, name: str, n: int, gpu: str, seed: int) -> tuple[dict, list | None]:
+    """One system's latencies and SLO attainment over the rate grid (raised while it still meets the SLO;
+    stopped past saturation); returns its summary and, for elastic SP, the timeline of one run."""
+    points, timeline = [], None
+    factors = list(FACTORS)
+    while factors:
+        f = factors.pop(0)
+        rate = CENTRE[workload] * f
+        runs = n if workload == "mooncake" else max(n, min(MAX_REQUESTS, int(rate * MIN_ARRIVAL_SECONDS)))
+        wl = requests_for(workload, rate, runs, seed)
+        cluster, policy = system(name, gpu, workload)
+        t0 = time.perf_counter()
+        res = simulate(cluster, policy, wl, record=(name == "esp" and f == 1.0))
+        lat = res.latencies()
+        point = {
+            "rate": rate if workload != "mooncake" else trace_rate(wl),
+            "latency_ms": {k: v * 1000 for k, v in lat.items()},
+            "rejected": sum(r.rejected is not None for r in res.records),
+            "slo_attainment": slo_attainment(res, gpu),
+            "stats": res.stats,
+            "sim_seconds": time.perf_counter() - t0,
+        }
+        points.append(point)
+        if res.spans:
+            timeline = [(s.kind, list(s.group), s.start, s.end) for s in res.spans]
+        if lat["per_token"] * 1000 > 20 * SLO_MS.get(workload, (200,))[0] and len(points) >= 3:
+            break  # far past saturation; higher rates only get worse
+        if workload not in SLO_MS and len(points) >= 3 and all(p["slo_attainment"] < 0.5 for p in points[-2:]):
+            break  # goodput: well past the rate where 90% still meet the targets
+        meets = point["slo_attainment"] >= 0.9
+        if workload in SLO_MS:
+            meets = lat["per_token"] * 1000 <= SLO_MS[workload][0]
+        if not factors and meets and f < 64:
+            factors.append(f * 2)  # still within the SLO: keep raising the rate
+    rates = [p["rate"] for p in points]
+    slo = SLO_MS.get(workload)
+    summary: dict = {"points": points}
+    if slo:
+        for k, metric in enumerate(("per_token", "input", "output")):  # a rate with rejections is not served
+            values = [p["latency_ms"][metric] if not p["rejected"] else math.inf for p in points]
+            summary[f"throughput_{metric}"] = crossing(rates, values, slo[k])
+    summary["p90_goodput"] = crossing(rates, [1.0 - p["slo_attainment"] for p in points], 0.1)
+    key = "throughput_per_token" if slo else "p90_goodput"
+    print(f"  {workload:9s} {name:16s} {key} = {summary[key]:.3f} req/s ({len(points)} rates)", flush=True)
+    return summary, timeline
+
+
+def run_workload(workload: str, systems: list[str], n: int, gpu: str, seed: int, timeline: dict, jobs: int) -> dict:
+    """Every system's sweep of one workload, `jobs` systems at a time (separate processes)."""
+    names = [s for s in systems if s not in CACHED or workload == "mooncake"]  # only the trace has hash ids
+    args = [(workload, name, n, gpu, seed) for name in names]
+    if jobs > 1:
+        with concurrent.futures.ProcessPoolExecutor(jobs) as pool:
+            done = list(pool.map(sweep, *zip(*args)))
+    else:
+        done = [sweep(*a) for a in args]
+    for _, spans in done:
+        if spans is not None:
+            timeline[workload] = spans
+    return {name: summary for name, (summary, _) in zip(names, done)}
 
 
 def ratios(results: dict) -> dict:
@@ -274,6 +289,7 @@ def main() -> None:
     ap.add_argument("--gpu", default="A800-80GB", choices=sorted(GPUS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--jobs", type=int, default=1, help="systems simulated at once, one process each")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results, timeline = {}, {}
@@ -282,7 +298,9 @@ def main() -> None:
         if workload == "mooncake" and not TRACE.exists():
             print(f"  skipping mooncake: no trace at {TRACE}")
             continue
-        results[workload] = run_workload(workload, args.systems, args.requests, args.gpu, args.seed, timeline)
+        results[workload] = run_workload(
+            workload, args.systems, args.requests, args.gpu, args.seed, timeline, args.jobs
+        )
     table = ratios(results)
     print("\nelastic SP over each system (ours | paper):")
     for workload, row in table.items():
