@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from loong_jax.cluster_model import GPUS, LLAMA2_7B, ClusterModel
 from loong_jax.policy import IdleFirstPolicy
 from loong_jax.scheduler import SLO, ElasticScheduler, SchedulerConfig
 from loong_jax.simulate import SimCluster, SimResult, simulate
-from loong_jax.workloads import WORKLOADS, mooncake, synthetic, trace_rate
+from loong_jax.workloads import BLOCK_TOKENS, WORKLOADS, mooncake, synthetic, trace_rate
 
 MAX_LEN = 1 << 20  # LWM-Text-1M
 PLACEMENT = "busiest"
@@ -281,6 +282,26 @@ def plot(results: dict, timeline: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def lru_hit_rate(workload: list, capacity_tokens: float) -> float:
+    """Share of the prompt tokens an ideal least-recently-used cache of whole 512-token blocks holding
+    `capacity_tokens` would serve (each request's longest cached run of blocks from its start): the most any
+    prefix cache of that size can save on the trace, whatever the scheduling."""
+    lru: OrderedDict[int, None] = OrderedDict()
+    hit = total = 0
+    for req in workload:
+        run = 0
+        while run < len(req.hash_ids) and req.hash_ids[run] in lru:
+            run += 1
+        hit += min(run * BLOCK_TOKENS, req.input_len)
+        total += req.input_len
+        for h in req.hash_ids:
+            lru[h] = None
+            lru.move_to_end(h)
+        while len(lru) * BLOCK_TOKENS > capacity_tokens:
+            lru.popitem(last=False)
+    return hit / total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
@@ -301,6 +322,15 @@ def main() -> None:
         results[workload] = run_workload(
             workload, args.systems, args.requests, args.gpu, args.seed, timeline, args.jobs
         )
+    bound = None
+    if "mooncake" in results:  # what a prefix cache can save at all on this trace
+        wl = requests_for("mooncake", 1.0, args.requests, args.seed)
+        pool = 4 * ClusterModel(GPUS[args.gpu], LLAMA2_7B, 4, 2).kv_tokens_per_instance  # elastic SP's pools
+        bound = {"pool_tokens": pool, "lru_hit_rate": lru_hit_rate(wl, pool), "unbounded": lru_hit_rate(wl, math.inf)}
+        print(
+            f"  mooncake: an ideal LRU cache of {pool:,} tokens would serve {bound['lru_hit_rate']:.1%} of the "
+            f"prompt tokens ({bound['unbounded']:.1%} with no size limit)"
+        )
     table = ratios(results)
     print("\nelastic SP over each system (ours | paper):")
     for workload, row in table.items():
@@ -319,6 +349,7 @@ def main() -> None:
         "seed": args.seed,
         "results": results,
         "ratios": table,
+        "mooncake_prefix_bound": bound,
         "wall_seconds": time.perf_counter() - t0,
     }
     (args.out / "cluster_sim.json").write_text(json.dumps(doc, indent=1))
