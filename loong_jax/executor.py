@@ -140,12 +140,13 @@ class JaxExecutor:
         """Per-device bytes of a weight copy, of a KV token, and of the largest temporaries of the given
         programs, each with the costlier sampler variant (extras: penalties, logit bias, top logprobs), and
         the memory mappings the largest takes. The programs are compiled without any device memory, for a
-        pool of num_slots slots (one page by default: the pools are donated and updated in place, so
+        pool of num_slots slots (by default the fewest pages past two blocks of held K/V, so that the appending
+        prefill runs its loop as with any larger pool: the pools are donated and updated in place, so
         temporaries do not grow with them). The compiled programs' host memory is left to the caller, who
         decides how many to keep."""
         temp = maps = 0
         flags = SamplerFlags(extras=True)
-        slots = num_slots or self.page_size
+        slots = num_slots or -(-(PREFIX_BLOCK + 1) // self.page_size) * self.page_size
         for kind, group, size, rows in jobs:
             _, fn, args, donate = self._program_args(kind, group, size, rows, flags, slots)
             costs = _compile_costs(jax.jit(fn, donate_argnums=donate).lower(*args))

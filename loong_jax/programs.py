@@ -75,6 +75,16 @@ def store_kv(pool: KVCache, slots: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) 
     return KVCache(put(pool.k, k), put(pool.v, v))
 
 
+def take_held(pool: jnp.ndarray, layer: jnp.ndarray, slots: jnp.ndarray) -> jnp.ndarray:
+    """One rank's K or V [N, KV, D] at `slots` [N] of a layer of its pool [1, L, KV, S, D] (slots past the
+    pool read zeros). One gather over the pool seen as rows: slicing the layer out first would copy a whole
+    layer of the pool into a temporary (the layer index is traced)."""
+    _, _, kvh, num_slots, d = pool.shape
+    rows = (layer * kvh + jnp.arange(kvh))[:, None] * num_slots + slots[None, :]  # [KV, N]
+    rows = jnp.where(slots[None, :] < num_slots, rows, pool.size // d)  # out of range: filled with zeros
+    return jnp.take(pool.reshape(-1, d), rows, axis=0, mode="fill", fill_value=0).swapaxes(0, 1)
+
+
 def _row(tree: Any) -> Any:
     return jax.tree.map(lambda x: x[0], tree)
 
@@ -125,10 +135,7 @@ def prefill_program(
             def block(i, acc):
                 slots = jax.lax.dynamic_slice_in_dim(inp.prefix_slots, i * PREFIX_BLOCK, PREFIX_BLOCK)
                 seg = jax.lax.dynamic_slice_in_dim(inp.prefix_seg, i * PREFIX_BLOCK, PREFIX_BLOCK)
-                k, v = (
-                    jnp.take(x[0, layer], slots, axis=1, mode="fill", fill_value=0).swapaxes(0, 1).astype(q.dtype)
-                    for x in pool
-                )
+                k, v = (take_held(x, layer, slots).astype(q.dtype) for x in pool)
                 return merge_attention(*acc, *attn.block_attention(q_all, k, v, q_pos, q_seg, zeros, seg))
 
             out = jnp.zeros(q_all.shape, q.dtype)
