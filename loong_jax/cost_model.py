@@ -5,7 +5,8 @@ Per degree of parallelism d (instances in the group):
   a prompt whose first h tokens' K/V is already held (a cached prefix, earlier chunks) computes its n new
   tokens: `b * n + c * n^2 + e * n * h` (the ring over the new tokens, then their attention to the held K/V,
   which runs where that K/V lies; e = 2c if both ran alike, as the causal attention over n + h tokens less
-  the one over h);
+  the one over h). A profiled executor runs padded shapes: there n * h is every computed (bucketed) query
+  against every block of `held_block` keys a rank attends, i.e. ceil(h / (d * held_block)) blocks;
 * one decode step: `a + b * batch + c * context` (weights and per-step overhead, per-request work, KV read);
 * migration of n tokens: `latency + n / tokens_per_s`.
 Coefficients are fitted by least squares on relative error, saved as JSON keyed by model and hardware.
@@ -32,6 +33,7 @@ class CostModel:
     migrate_latency: float = 0.0
     migrate_tokens_per_s: float = math.inf
     prefill_bucket: int = 0  # > 0: each rank's tokens are padded to a power-of-two bucket of at least this
+    held_block: int = 0  # > 0: each rank attends the K/V it holds in blocks of this many keys (padded)
 
     def prefill_tokens(self, degree: int, total: float | np.ndarray) -> float | np.ndarray:
         """Tokens a prefill of `total` tokens really computes at this degree (after shape padding)."""
@@ -44,8 +46,18 @@ class CostModel:
         """The features the prefill coefficients multiply: [1, tokens, sum of n^2, sum of n * h] for prompts
         of n new tokens after h tokens whose K/V is held (`cached`; none by default)."""
         cached = list(cached) or [0] * len(lengths)
-        held = sum(n * h for n, h in zip(lengths, cached))
-        return [1.0, float(self.prefill_tokens(degree, sum(lengths))), float(sum(n * n for n in lengths)), float(held)]
+        tokens = float(self.prefill_tokens(degree, sum(lengths)))
+        held = float(self.held_pairs(degree, tokens, sum(cached), sum(n * h for n, h in zip(lengths, cached))))
+        return [1.0, tokens, float(sum(n * n for n in lengths)), held]
+
+    def held_pairs(self, degree: int, tokens: float | np.ndarray, held: float | np.ndarray, pairs: float | np.ndarray):
+        """The held-K/V feature of a batch computing `tokens` (after padding) whose requests hold `held` tokens'
+        K/V in all (`pairs`: the sum of n * h): `pairs`, or with padded blocks, every computed query against
+        every block a rank attends (the held K/V spread evenly over the ranks)."""
+        if not self.held_block:
+            return pairs
+        blocks = np.ceil(np.asarray(held, np.float64) / (degree * self.held_block))
+        return np.asarray(tokens, np.float64) * self.held_block * blocks
 
     def coefficients(self, table: dict[int, tuple[float, ...]], degree: int) -> tuple[float, ...]:
         if degree in table:
@@ -74,6 +86,7 @@ class CostModel:
             "migrate_latency": self.migrate_latency,
             "migrate_tokens_per_s": self.migrate_tokens_per_s if math.isfinite(self.migrate_tokens_per_s) else None,
             "prefill_bucket": self.prefill_bucket,
+            "held_block": self.held_block,
         }
 
     @classmethod
@@ -86,6 +99,7 @@ class CostModel:
             float(data.get("migrate_latency", 0.0)),
             math.inf if rate is None else float(rate),
             int(data.get("prefill_bucket", 0)),
+            int(data.get("held_block", 0)),
         )
 
     def save(self, path: str | Path) -> None:
@@ -124,10 +138,11 @@ def prefill_features(
     degree: int = 1,
     bucket: int = 0,
     cached: Sequence[Sequence[int]] | None = None,
+    held_block: int = 0,
 ) -> np.ndarray:
-    """Feature rows [1, tokens computed, sum of n^2, sum of n * h] of prefill batches of new tokens n after
+    """Feature rows [1, tokens computed, sum of n^2, held-K/V pairs] of prefill batches of new tokens n after
     h held ones (`cached`, per batch; none by default; see CostModel.prefill_terms)."""
-    shape = CostModel("features", {}, {}, prefill_bucket=bucket)
+    shape = CostModel("features", {}, {}, prefill_bucket=bucket, held_block=held_block)
     cached = cached or [()] * len(batches)
     return np.array([shape.prefill_terms(degree, b, h) for b, h in zip(batches, cached)], np.float64)
 

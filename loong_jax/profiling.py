@@ -27,6 +27,7 @@ from loong_jax.cost_model import (
 from loong_jax.engine import Engine
 from loong_jax.execution import DecodeWork, Iteration, PrefillWork
 from loong_jax.placement import busiest_first_plan
+from loong_jax.programs import PREFIX_BLOCK
 from loong_jax.sampling import SamplingParams
 
 log = logging.getLogger("loong_jax")
@@ -121,6 +122,7 @@ def profile(engine: Engine, repeats: int = 2, seed: int = 0, show: bool = True) 
     t_start = time.perf_counter()
     rng = np.random.default_rng(seed)
     ecfg = engine.ecfg
+    bucket = ecfg.min_prefill_bucket
     degrees = [d for d in (1, 2, 4, 8, 16, 32, 64) if d <= ecfg.num_instances]
     say = print if show else log.info
     prefill, decode, points = {}, {}, {"prefill": {}, "appending": {}, "decode": {}, "migrate": []}
@@ -142,10 +144,10 @@ def profile(engine: Engine, repeats: int = 2, seed: int = 0, show: bool = True) 
         fit_idx = [k for k in range(len(lengths)) if k % 3 != 1]
         held = [k for k in range(len(lengths)) if k % 3 == 1]
         feats = prefill_features(
-            [lengths[k] for k in fit_idx], d, ecfg.min_prefill_bucket, [cached[k] for k in fit_idx]
+            [lengths[k] for k in fit_idx], d, ecfg.min_prefill_bucket, [cached[k] for k in fit_idx], PREFIX_BLOCK
         )
         prefill[d] = fit_prefill(feats, np.array([measured[k] for k in fit_idx]))
-        probe = CostModel("probe", {d: prefill[d]}, {1: (0, 0, 0)}, prefill_bucket=ecfg.min_prefill_bucket)
+        probe = CostModel("probe", {d: prefill[d]}, {1: (0, 0, 0)}, prefill_bucket=bucket, held_block=PREFIX_BLOCK)
         for k in held:
             err = relative_errors([probe.prefill_time(d, lengths[k], cached[k])], [measured[k]])[0]
             (a_err if cached[k] else p_err).append(float(err))
@@ -184,7 +186,7 @@ def profile(engine: Engine, repeats: int = 2, seed: int = 0, show: bool = True) 
         latency = max(0.0, float(latency))
         points["migrate"] = [{"tokens": n, "seconds": t} for n, t in zip(sizes, mtimes)]
         say("migration: " + ", ".join(f"{n} tok {t * 1000:.1f} ms" for n, t in zip(sizes, mtimes)))
-    cost = CostModel(profile_key(engine), prefill, decode, latency, rate, ecfg.min_prefill_bucket)
+    cost = CostModel(profile_key(engine), prefill, decode, latency, rate, bucket, PREFIX_BLOCK)
     report = ProfileReport(
         cost,
         float(np.median(p_err)),

@@ -392,6 +392,7 @@ class ElasticScheduler:
         p1 = np.concatenate([[0.0], np.cumsum(new)])
         p2 = np.concatenate([[0.0], np.cumsum(new**2)])
         p3 = np.concatenate([[0.0], np.cumsum(new * hit)])
+        ph = np.concatenate([[0.0], np.cumsum(hit)])
         pw = np.concatenate([[0.0], np.cumsum(1.0 / lens)])
         pp = np.concatenate([[0.0], np.cumsum(np.ceil(lens / page))])
         cap_pages = np.concatenate([[0.0], np.cumsum([view.pools[i].free_pages for i in order])])
@@ -408,8 +409,11 @@ class ElasticScheduler:
             s1, s2, s3, w = p1[i] - p1[j], p2[i] - p2[j], p3[i] - p3[j], pw[i] - pw[j]  # [J]
             cnt = i - j
             padded = np.stack([self.cost.prefill_tokens(int(k), s1) for k in degrees], axis=1)  # [J, K]
+            held = np.stack(
+                [self.cost.held_pairs(int(k), padded[:, x], ph[i] - ph[j], s3) for x, k in enumerate(degrees)], axis=1
+            )
             t = coeffs[None, :, 0] + coeffs[None, :, 1] * padded + coeffs[None, :, 2] * s2[:, None]
-            t = t + coeffs[None, :, 3] * s3[:, None]
+            t = t + coeffs[None, :, 3] * held
             cost = t * w[:, None]
             within = np.ceil(s1[:, None] / degrees[None, :]) + cnt[:, None] <= caps[None, :]
             fits = (within | (cnt[:, None] == 1)) & (cnt[:, None] <= view.max_num_seqs)  # one alone may exceed

@@ -494,6 +494,11 @@ def test_prefill_and_decode_features():
     assert decode_features([(2, 100)]).tolist() == [[1.0, 2.0, 100.0]]
     padded = prefill_features([[100]], degree=2, bucket=16)  # 50 per rank -> bucket 64 -> 128 computed
     assert padded.tolist() == [[1.0, 128.0, 10000.0, 0.0]]
+    # the executor attends every computed query to whole blocks of held K/V: 1,500 held over 2 ranks is
+    # 750 a rank, two blocks of 512 keys each for the 128 computed queries
+    blocks = prefill_features([[100]], degree=2, bucket=16, cached=[[1500]], held_block=512)
+    assert blocks.tolist() == [[1.0, 128.0, 10000.0, 128.0 * 512 * 2]]
+    assert prefill_features([[100]], degree=2, bucket=16, cached=[[0]], held_block=512)[0, 3] == 0.0
 
 
 def test_the_cluster_models_cost_prices_a_cached_prefix_as_the_simulator_runs_it():
