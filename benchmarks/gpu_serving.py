@@ -2,9 +2,11 @@
 
 Random weights of a model's shape (speed depends on the shapes, not the values): Llama-3-8B and SmolLM2-135M
 in bfloat16, one instance. For each backend: the time of a prefill of 8K and 32K tokens (to the first
-token), and decode tokens/s at batch 1, 32 and 128 (128-token prompts, 32 new tokens each; the prefill time
-of the same requests with one new token is subtracted). Every shape runs once untimed first (compilation).
-Each measurement is guarded: a failure is recorded in the JSON and the rest runs.
+token; the prefix cache emptied first), a prefix-cache hit (a 32K prompt's next turn, 64 new tokens appended
+to its cached K/V) against the same turn with the cache emptied, and decode tokens/s at batch 1, 32 and 128
+(128-token prompts, 32 new tokens each; the prefill time of the same requests with one new token is
+subtracted). Every shape runs once untimed first (compilation). Each measurement is guarded: a failure is
+recorded in the JSON and the rest runs.
 
     python benchmarks/gpu_serving.py --out results/gpu_serving.json
     python benchmarks/gpu_serving.py --quick        # tiny shapes on CPU: checks the script itself
@@ -62,8 +64,8 @@ SHAPES = {
 TINY = ModelConfig(256, 64, 128, 2, 4, 2, 16, max_position_embeddings=4096, name="tiny")
 
 
-def run_requests(engine, prompts, max_tokens: int) -> float:
-    """Seconds to finish the prompts, greedily, each with exactly max_tokens new tokens."""
+def finish(engine, prompts, max_tokens: int) -> tuple[float, list]:
+    """Seconds to finish the prompts, greedily, each with exactly max_tokens new tokens; and the requests."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     t0 = time.perf_counter()
     reqs = [engine.add_request(p, params) for p in prompts]
@@ -72,7 +74,35 @@ def run_requests(engine, prompts, max_tokens: int) -> float:
     errors = [r.error for r in reqs if getattr(r, "error", None)]
     if errors:
         raise RuntimeError(errors[0])
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, reqs
+
+
+def run_requests(engine, prompts, max_tokens: int) -> float:
+    """finish() with the prefix cache emptied first: every prompt computed whole."""
+    engine.prefix_cache.flush()
+    return finish(engine, prompts, max_tokens)[0]
+
+
+def prefix_hit(engine, prompt: list[int], extra: list[int]) -> dict:
+    """A prompt's next turn (the prompt, its first token and `extra` new ones) against the same next turn
+    with the cache flushed: seconds to the first token each, the tokens the hit took from the cache, and
+    whether both chose the same first token (the appending prefill on the GPU against the whole one)."""
+    _, (first,) = finish(engine, [prompt], 1)
+    turn = prompt + first.output_ids + extra
+    finish(engine, [turn], 1)  # compiles what the hit runs
+    engine.prefix_cache.flush()
+    finish(engine, [prompt], 1)
+    hit_s, (hit,) = finish(engine, [turn], 1)
+    engine.prefix_cache.flush()
+    cold_s, (cold,) = finish(engine, [turn], 1)
+    return {
+        "prompt_tokens": len(turn),
+        "cached_tokens": hit.cached_tokens,
+        "hit_seconds": hit_s,
+        "cold_seconds": cold_s,
+        "speedup": cold_s / hit_s,
+        "same_first_token": hit.output_ids == cold.output_ids,
+    }
 
 
 def measure(engine, vocab: int, prefill_lengths, batches, prompt_len: int, new_tokens: int) -> dict:
@@ -85,6 +115,11 @@ def measure(engine, vocab: int, prefill_lengths, batches, prompt_len: int, new_t
             out["prefill_seconds"][n] = min(run_requests(engine, prompt, 1) for _ in range(2))
         except Exception as e:
             out["prefill_seconds"][n] = f"error: {type(e).__name__}: {str(e)[:400]}"
+    try:
+        n = max(prefill_lengths) - 128  # the turn stays within max_model_len
+        out["prefix_hit"] = prefix_hit(engine, rng.integers(1, vocab, n).tolist(), rng.integers(1, vocab, 63).tolist())
+    except Exception as e:
+        out["prefix_hit"] = f"error: {type(e).__name__}: {str(e)[:400]}"
     for b in batches:
         try:
             prompts = [rng.integers(1, vocab, prompt_len).tolist() for _ in range(b)]
@@ -140,6 +175,9 @@ def main() -> None:
         runs = report["runs"]
         p, x = runs.get(f"{name}/pallas", {}), runs.get(f"{name}/xla", {})
         ratios = {}
+        hit_p, hit_x = p.get("prefix_hit"), x.get("prefix_hit")
+        if isinstance(hit_p, dict) and isinstance(hit_x, dict):
+            ratios["prefix_hit_speedup"] = hit_x["hit_seconds"] / hit_p["hit_seconds"]
         for n, t in p.get("prefill_seconds", {}).items():
             if isinstance(t, float) and isinstance(x.get("prefill_seconds", {}).get(n), float):
                 ratios[f"prefill_{n}_speedup"] = x["prefill_seconds"][n] / t
