@@ -7,6 +7,13 @@ import tempfile
 
 import jax
 import pytest
+from hypothesis import settings
+
+# Property tests draw the same examples on every run, so a run that passed passes again (a new draw that
+# fails is found on purpose, not by CI): HYPOTHESIS_PROFILE=explore draws new examples.
+settings.register_profile("repeatable", derandomize=True, print_blob=True)
+settings.register_profile("explore", print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 # Tests schedule with the built-in rough cost model, not a profile fitted on the machine running them.
 os.environ["LOONG_PROFILE_DIR"] = tempfile.mkdtemp(prefix="loong-profiles-")

@@ -32,8 +32,11 @@ def _check_logprobs(engine, prompts, reqs):
         ref = reference_logprobs(engine, p)
         assert r.output_ids[0] == int(np.argmax(ref))
         top = r.top_logprobs[0]
-        assert [t for t, _ in top] == list(np.argsort(-ref)[: len(top)])
+        # the reference's best values, each reported for its own token (tokens within 1e-4 of each other may
+        # come in either order: a random tiny model has near-ties among 20 candidates)
         np.testing.assert_allclose([lp for _, lp in top], np.sort(ref)[::-1][: len(top)], atol=1e-4)
+        np.testing.assert_allclose([ref[t] for t, _ in top], [lp for _, lp in top], atol=1e-4)
+        assert len({t for t, _ in top}) == len(top)
 
 
 def _check_pools(engine, group, prompts, reqs, plans):
@@ -115,8 +118,10 @@ def test_any_plan_is_honoured(engine8, d, lengths, seed):
     prompts = _prompts(lengths, seed=seed)
     plans = [rng.integers(0, d, n).astype(np.int32) for n in lengths]
     reqs, _ = _prefill(engine8, group, prompts, plans)
-    _check_pools(engine8, group, prompts, reqs, plans)
-    _check_logprobs(engine8, prompts, reqs)
-    for r in reqs:
-        engine8.abort(r.rid)
+    try:
+        _check_pools(engine8, group, prompts, reqs, plans)
+        _check_logprobs(engine8, prompts, reqs)
+    finally:  # a failing example leaves nothing behind for the next one
+        for r in reqs:
+            engine8.abort(r.rid)
     assert engine8.kv_used_tokens == 0
