@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from loong_jax.baselines import ChunkedPrefillPolicy, DisaggregatedPolicy, ReplicaPolicy, StaticGroupPolicy
-from loong_jax.cluster_model import GPUS, LLAMA2_7B, ClusterModel
-from loong_jax.policy import IdleFirstPolicy
-from loong_jax.scheduler import SLO, ElasticScheduler, SchedulerConfig
-from loong_jax.simulate import SimCluster, SimResult, simulate
-from loong_jax.workloads import BLOCK_TOKENS, WORKLOADS, mooncake, synthetic, trace_rate
+from loong_jax.scheduling.elastic import SLO, ElasticScheduler, SchedulerConfig
+from loong_jax.scheduling.policy import IdleFirstPolicy
+from loong_jax.simulation.baselines import ChunkedPrefillPolicy, DisaggregatedPolicy, ReplicaPolicy, StaticGroupPolicy
+from loong_jax.simulation.cluster_model import GPUS, LLAMA2_7B, ClusterModel
+from loong_jax.simulation.simulate import SimCluster, SimResult, simulate
+from loong_jax.simulation.workloads import BLOCK_TOKENS, WORKLOADS, mooncake, synthetic, trace_rate
 
 MAX_LEN = 1 << 20  # LWM-Text-1M
 PLACEMENT = "busiest"

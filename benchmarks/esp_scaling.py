@@ -38,7 +38,7 @@ def main() -> None:
     use_virtual_cpu_devices(args.instances)  # only the CPU backend is affected; must precede any JAX work
 
     from loong_jax import LLM, SamplingParams
-    from loong_jax.execution import DecodeWork, Iteration, PrefillWork
+    from loong_jax.runtime.work import DecodeWork, Iteration, PrefillWork
 
     max_prompt = max(args.prompts)
     llm = LLM(
@@ -147,7 +147,7 @@ def memory_analysis(tokens: int, degrees: list[int], base_cfg) -> list[dict]:
     from flax import nnx
 
     from loong_jax.engine import EngineConfig, build_engine
-    from loong_jax.model import Llama
+    from loong_jax.model.llama import Llama
 
     cfg = dataclasses.replace(base_cfg, max_position_embeddings=tokens)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(cfg, jnp.float32, nnx.Rngs(0))))

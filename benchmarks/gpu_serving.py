@@ -29,10 +29,10 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from loong_jax.config import ModelConfig  # noqa: E402
 from loong_jax.engine import EngineConfig, build_engine  # noqa: E402
-from loong_jax.model import Llama  # noqa: E402
-from loong_jax.sampling import SamplingParams  # noqa: E402
+from loong_jax.model.config import ModelConfig  # noqa: E402
+from loong_jax.model.llama import Llama  # noqa: E402
+from loong_jax.model.sampling import SamplingParams  # noqa: E402
 
 SHAPES = {
     "llama3-8b": ModelConfig(

@@ -25,7 +25,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 def child(n: int, warmup: bool, requests: int, max_tokens: int) -> None:
     """One configuration, in this (fresh) process; prints one JSON line."""
     from loong_jax import LLM, SamplingParams, use_virtual_cpu_devices
-    from loong_jax.memory import peak_rss_bytes
+    from loong_jax.runtime.memory import peak_rss_bytes
 
     if n > 1:
         use_virtual_cpu_devices(n)

@@ -31,8 +31,8 @@ def worker(coordinator: str, num: int, pid: int, instances: int) -> None:
     import numpy as np
 
     from loong_jax import LLM, SamplingParams
-    from loong_jax.execution import DecodeWork, Iteration, PrefillWork
     from loong_jax.multihost import Distributed, initialize, shutdown
+    from loong_jax.runtime.work import DecodeWork, Iteration, PrefillWork
 
     initialize(Distributed(coordinator, num, pid), local_cpu_devices=instances // num, timeout_s=120)
     llm = LLM(

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from loong_jax.cluster_model import A800, LLAMA2_7B, ClusterModel
-from loong_jax.kv_pool import PagePool
-from loong_jax.policy import IdleFirstPolicy, SchedulerView
-from loong_jax.request import Request, Status
-from loong_jax.sampling import SamplingParams
-from loong_jax.scheduler import ElasticScheduler, SchedulerConfig
-from loong_jax.workloads import zipf_lengths
+from loong_jax.model.sampling import SamplingParams
+from loong_jax.runtime.kv_pool import PagePool
+from loong_jax.runtime.request import Request, Status
+from loong_jax.scheduling.elastic import ElasticScheduler, SchedulerConfig
+from loong_jax.scheduling.policy import IdleFirstPolicy, SchedulerView
+from loong_jax.simulation.cluster_model import A800, LLAMA2_7B, ClusterModel
+from loong_jax.simulation.workloads import zipf_lengths
 
 
 def build_view(instances: int, waiting: int, decoding: int, seed: int) -> SchedulerView:

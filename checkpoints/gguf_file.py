@@ -10,8 +10,8 @@ import gguf
 import numpy as np
 
 from checkpoints.tokenizer import Tokenizer, byte_level_bpe, gguf_pre_splits_digits
-from loong_jax.config import ModelConfig, RopeScaling
-from loong_jax.model import CheckpointError
+from loong_jax.model.config import ModelConfig, RopeScaling
+from loong_jax.model.llama import CheckpointError
 
 SUPPORTED_ARCHS = ("llama", "qwen2")
 _LAYER_TENSORS = {

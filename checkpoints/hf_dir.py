@@ -15,8 +15,8 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
 from checkpoints.tokenizer import Tokenizer
-from loong_jax.config import ModelConfig, RopeScaling
-from loong_jax.model import CheckpointError
+from loong_jax.model.config import ModelConfig, RopeScaling
+from loong_jax.model.llama import CheckpointError
 
 log = logging.getLogger("loong_jax")
 SUPPORTED = {"LlamaForCausalLM": False, "MistralForCausalLM": False, "Qwen2ForCausalLM": True}

@@ -11,10 +11,13 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from checkpoints.gguf_file import load_gguf
+from checkpoints.hf_dir import load_hf_dir
+from checkpoints.orbax_dir import is_orbax_dir, restore
 from checkpoints.tokenizer import Tokenizer
-from loong_jax.config import ModelConfig
-from loong_jax.memory import GiB, host_available_bytes
-from loong_jax.model import CheckpointError, param_shapes, state_from_arrays
+from loong_jax.model.config import ModelConfig
+from loong_jax.model.llama import CheckpointError, param_shapes, state_from_arrays
+from loong_jax.runtime.memory import GiB, host_available_bytes
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -43,10 +46,6 @@ def default_model_path() -> str:
 
 def load_checkpoint(path: str | None, dtype: Any) -> LoadedCheckpoint:
     """Load a GGUF file, a Hugging Face directory or an Orbax checkpoint directory (None: the default)."""
-    from checkpoints.gguf_file import load_gguf  # noqa: PLC0415
-    from checkpoints.hf_dir import load_hf_dir  # noqa: PLC0415
-    from checkpoints.orbax_dir import is_orbax_dir, restore  # noqa: PLC0415
-
     path = path or default_model_path()
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or directory")
@@ -56,7 +55,8 @@ def load_checkpoint(path: str | None, dtype: Any) -> LoadedCheckpoint:
 
     if os.path.isdir(path):
         if is_orbax_dir(path):
-            return restore(path, dtype, before_weights=lambda cfg: check(cfg, copies=0))
+            cfg, graphdef, state, tok = restore(path, dtype, before_weights=lambda cfg: check(cfg, copies=0))
+            return LoadedCheckpoint(cfg, graphdef, state, tok, path)
         if os.path.exists(os.path.join(path, "config.json")):
             cfg, arrays, tok = load_hf_dir(path, check)
         else:

@@ -9,10 +9,11 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from checkpoints.tokenizer import Tokenizer
-from loong_jax.config import ModelConfig
-from loong_jax.model import CheckpointError, abstract_model
+from loong_jax.model.config import ModelConfig
+from loong_jax.model.llama import CheckpointError, abstract_model
 
 MARKER = "loong_config.json"
 
@@ -38,11 +39,11 @@ def save(path: str, cfg: ModelConfig, state: Any, tokenizer: Tokenizer | None) -
         json.dump({"config": cfg.to_dict(), "format": 1}, f, indent=1)
 
 
-def restore(path: str, dtype: Any, before_weights: Callable[[ModelConfig], None] | None = None):
-    """Restore a directory written by `save` (weights cast to dtype); `before_weights(config)` may refuse
-    the model before its weights load."""
-    from checkpoints.load import LoadedCheckpoint  # noqa: PLC0415
-
+def restore(
+    path: str, dtype: Any, before_weights: Callable[[ModelConfig], None] | None = None
+) -> tuple[ModelConfig, nnx.GraphDef, nnx.State, Tokenizer | None]:
+    """Restore a directory written by `save` (weights cast to dtype): config, graph, state and tokenizer;
+    `before_weights(config)` may refuse the model before its weights load."""
     path = os.path.abspath(path)
     with open(os.path.join(path, MARKER)) as f:
         cfg = ModelConfig.from_dict(json.load(f)["config"])
@@ -60,4 +61,4 @@ def restore(path: str, dtype: Any, before_weights: Callable[[ModelConfig], None]
     if os.path.exists(tj) and os.path.exists(meta):
         with open(tj) as f1, open(meta) as f2:
             tokenizer = Tokenizer.from_files(f1.read(), f2.read())
-    return LoadedCheckpoint(cfg, graphdef, state, tokenizer, path)
+    return cfg, graphdef, state, tokenizer

@@ -147,3 +147,28 @@ def gguf_pre_splits_digits(pre: str) -> bool:
             f"GGUF tokenizer pre-tokenizer {pre!r} is not supported; supported: {sorted(_GGUF_PRE_DIGITS)}"
         )
     return _GGUF_PRE_DIGITS[pre]
+
+
+class IncrementalDetokenizer:
+    """Turns a growing token list into text deltas without re-decoding the whole output every step.
+
+    Keeps a short window of already-emitted tokens as left context so that byte-level pieces and
+    leading-space rules decode exactly as a full decode would; incomplete UTF-8 waits for more tokens.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool):
+        self.tok = tokenizer
+        self.skip = skip_special_tokens
+        self.ids: list[int] = list(prompt_ids[-6:])
+        self.prefix = 0
+        self.read = len(self.ids)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix_text = self.tok.decode(self.ids[self.prefix : self.read], self.skip)
+        full = self.tok.decode(self.ids[self.prefix :], self.skip)
+        if len(full) > len(prefix_text) and not full.endswith("\ufffd"):
+            delta = full[len(prefix_text) :]
+            self.prefix, self.read = self.read, len(self.ids)
+            return delta
+        return ""

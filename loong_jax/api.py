@@ -10,14 +10,14 @@ from typing import Any
 import jax
 from tqdm.auto import tqdm
 
-from loong_jax.cost_model import CostModel
 from loong_jax.engine import EngineConfig, build_engine, warmup_jobs
+from loong_jax.model.sampling import SamplingParams
 from loong_jax.multihost.channel import PlanChannel
 from loong_jax.multihost.follower import Follower
 from loong_jax.outputs import RequestOutput
-from loong_jax.platform import DEFAULT_CACHE_DIR, enable_compilation_cache, parse_dtype
 from loong_jax.profiling import DEFAULT_PROFILE_DIR, profile_key, profile_path
-from loong_jax.sampling import SamplingParams
+from loong_jax.runtime.platform import DEFAULT_CACHE_DIR, enable_compilation_cache, parse_dtype
+from loong_jax.scheduling.cost_model import CostModel
 
 log = logging.getLogger("loong_jax")
 Prompt = str | Sequence[int]
@@ -60,7 +60,7 @@ class LLM:
         compilation_cache_dir: str | None = DEFAULT_CACHE_DIR,
         profile_dir: str | None = DEFAULT_PROFILE_DIR,
     ):
-        from checkpoints import load_checkpoint  # noqa: PLC0415 (checkpoints imports loong_jax.config)
+        from checkpoints import load_checkpoint  # noqa: PLC0415 (checkpoints imports loong_jax.model.config)
 
         enable_compilation_cache(compilation_cache_dir)
         self.dtype = parse_dtype(dtype)

@@ -8,7 +8,7 @@ import sys
 import time
 
 from loong_jax.multihost import Distributed, initialize, shutdown
-from loong_jax.platform import use_virtual_cpu_devices
+from loong_jax.runtime.platform import use_virtual_cpu_devices
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -181,7 +181,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from checkpoints import load_checkpoint  # noqa: PLC0415
     from checkpoints.orbax_dir import save  # noqa: PLC0415
-    from loong_jax.platform import parse_dtype  # noqa: PLC0415
+    from loong_jax.runtime.platform import parse_dtype  # noqa: PLC0415
 
     ckpt = load_checkpoint(None if args.source == "default" else args.source, parse_dtype(args.dtype))
     save(args.output, ckpt.config, ckpt.state, ckpt.tokenizer)

@@ -24,15 +24,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from checkpoints.tokenizer import Tokenizer
-from loong_jax.batching import bucket, prefill_rows
-from loong_jax.config import ModelConfig
-from loong_jax.cost_model import CostModel, rough_cost_model
-from loong_jax.execution import DecodeWork, Executor, FatalError, Iteration, Launch, Migration
-from loong_jax.executor import MAX_MIGRATE_TOKENS, JaxExecutor
-from loong_jax.instances import Group
-from loong_jax.kv_pool import PagePool
-from loong_jax.memory import (
+from checkpoints.tokenizer import IncrementalDetokenizer, Tokenizer
+from loong_jax.model.config import ModelConfig
+from loong_jax.model.sampling import SamplingParams
+from loong_jax.multihost.channel import PlanChannel
+from loong_jax.multihost.leader import Leader
+from loong_jax.prefix import PrefixCache
+from loong_jax.runtime.batching import bucket, prefill_rows
+from loong_jax.runtime.instances import Group
+from loong_jax.runtime.jax_executor import MAX_MIGRATE_TOKENS, JaxExecutor
+from loong_jax.runtime.kv_pool import PagePool
+from loong_jax.runtime.memory import (
     PROGRAM_HOST_BYTES,
     KVCapacity,
     memory_map_room,
@@ -40,13 +42,11 @@ from loong_jax.memory import (
     program_limit,
     size_kv_pools,
 )
-from loong_jax.multihost.channel import PlanChannel
-from loong_jax.multihost.leader import Leader
-from loong_jax.policy import Policy, SchedulerView, SharedComputePolicy, pages_to_reserve
-from loong_jax.prefix import PrefixCache
-from loong_jax.request import IncrementalDetokenizer, Request, Status
-from loong_jax.sampling import SamplingParams
-from loong_jax.scheduler import ElasticScheduler, SchedulerConfig
+from loong_jax.runtime.request import Request, Status
+from loong_jax.runtime.work import DecodeWork, Executor, FatalError, Iteration, Launch, Migration
+from loong_jax.scheduling.cost_model import CostModel, rough_cost_model
+from loong_jax.scheduling.elastic import ElasticScheduler, SchedulerConfig
+from loong_jax.scheduling.policy import Policy, SchedulerView, SharedComputePolicy, pages_to_reserve
 from pallas_kernels import BACKENDS
 
 log = logging.getLogger("loong_jax")

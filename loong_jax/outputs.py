@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from loong_jax.request import Request
+from loong_jax.runtime.request import Request
 
 
 @dataclasses.dataclass

@@ -16,7 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from loong_jax.cost_model import (
+from loong_jax.engine import Engine
+from loong_jax.model.sampling import SamplingParams
+from loong_jax.runtime.placement import busiest_first_plan
+from loong_jax.runtime.programs import PREFIX_BLOCK
+from loong_jax.runtime.work import DecodeWork, Iteration, PrefillWork
+from loong_jax.scheduling.cost_model import (
     CostModel,
     decode_features,
     fit_linear,
@@ -24,11 +29,6 @@ from loong_jax.cost_model import (
     prefill_features,
     relative_errors,
 )
-from loong_jax.engine import Engine
-from loong_jax.execution import DecodeWork, Iteration, PrefillWork
-from loong_jax.placement import busiest_first_plan
-from loong_jax.programs import PREFIX_BLOCK
-from loong_jax.sampling import SamplingParams
 
 log = logging.getLogger("loong_jax")
 DEFAULT_PROFILE_DIR = os.environ.get("LOONG_PROFILE_DIR") or os.path.join(

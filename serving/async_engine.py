@@ -21,9 +21,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from loong_jax.engine import Engine
-from loong_jax.execution import FatalError
-from loong_jax.request import Request, Status
-from loong_jax.sampling import SamplingParams
+from loong_jax.model.sampling import SamplingParams
+from loong_jax.runtime.request import Request, Status
+from loong_jax.runtime.work import FatalError
 
 log = logging.getLogger("loong_jax.serving")
 

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 from loong_jax.engine import Engine
-from loong_jax.memory import KVCapacity
-from loong_jax.request import Request
+from loong_jax.runtime.memory import KVCapacity
+from loong_jax.runtime.request import Request
 
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _DEGREES = (1, 2, 4, 8, 16, 32, 64)

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from loong_jax.sampling import MAX_INT32, MAX_LOGPROBS, SamplingParams
+from loong_jax.model.sampling import MAX_INT32, MAX_LOGPROBS, SamplingParams
 
 MAX_SEED = 2**63 - 1
 

@@ -8,10 +8,10 @@ import numpy as np
 from flax import nnx
 
 from loong_jax import SamplingParams
-from loong_jax.config import tiny_config
 from loong_jax.engine import Engine, EngineConfig, build_engine
-from loong_jax.model import Llama
-from loong_jax.programs import score_program
+from loong_jax.model.config import tiny_config
+from loong_jax.model.llama import Llama
+from loong_jax.runtime.programs import score_program
 from pallas_kernels import block_attention
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)

@@ -21,11 +21,11 @@ def migrate_across_processes() -> dict:
     from flax import nnx
     from jax.sharding import PartitionSpec as P
 
-    from loong_jax.config import tiny_config
-    from loong_jax.instances import SP, Instances
-    from loong_jax.kv_pool import KVCache
-    from loong_jax.model import Llama
-    from loong_jax.programs import MigrateInputs, migrate_program
+    from loong_jax.model.config import tiny_config
+    from loong_jax.model.llama import Llama
+    from loong_jax.runtime.instances import SP, Instances
+    from loong_jax.runtime.kv_pool import KVCache
+    from loong_jax.runtime.programs import MigrateInputs, migrate_program
 
     cfg = tiny_config()
     _, state = nnx.split(Llama(cfg, jnp.float32, nnx.Rngs(0)))
@@ -125,7 +125,7 @@ def layouts_across_processes() -> dict:
     import numpy as np
 
     from loong_jax import LLM, SamplingParams
-    from loong_jax.execution import DecodeWork, Iteration, PrefillWork
+    from loong_jax.runtime.work import DecodeWork, Iteration, PrefillWork
 
     llm = LLM(
         num_instances=8,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from esp_helpers import greedy_params, tiny_esp_engine
 
-from loong_jax.execution import DecodeWork, Iteration, PrefillWork
+from loong_jax.runtime.work import DecodeWork, Iteration, PrefillWork
 
 STEPS = 6
 

@@ -15,8 +15,8 @@ pytest.importorskip("torch")
 
 from checkpoints import load_checkpoint  # noqa: E402
 from checkpoints.orbax_dir import save  # noqa: E402
-from loong_jax.model import CheckpointError, state_to_arrays  # noqa: E402
-from loong_jax.programs import score_program  # noqa: E402
+from loong_jax.model.llama import CheckpointError, state_to_arrays  # noqa: E402
+from loong_jax.runtime.programs import score_program  # noqa: E402
 
 PROMPT = jnp.asarray([5, 9, 13, 2, 40, 41, 7], jnp.int32)
 

@@ -10,8 +10,8 @@ from esp_helpers import greedy_params, pool_tokens, tiny_esp_engine
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loong_jax.execution import DecodeWork, Iteration, PrefillWork
-from loong_jax.policy import IdleFirstPolicy
+from loong_jax.runtime.work import DecodeWork, Iteration, PrefillWork
+from loong_jax.scheduling.policy import IdleFirstPolicy
 
 
 def _run_alone(prompt, steps):

@@ -8,8 +8,8 @@ from esp_helpers import greedy_params, pool_tokens, reference_kv, reference_logp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loong_jax.execution import Iteration, PrefillWork
-from loong_jax.placement import busiest_first_plan
+from loong_jax.runtime.placement import busiest_first_plan
+from loong_jax.runtime.work import Iteration, PrefillWork
 
 LENGTHS = [3, 37, 1, 20, 9]  # mixed, some shorter than the degree, none a multiple of it
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from esp_helpers import greedy_params, smollm2_on_8_instances
 
-from loong_jax.execution import DecodeWork, Iteration, PrefillWork
+from loong_jax.runtime.work import DecodeWork, Iteration, PrefillWork
 
 STEPS = 64
 QUESTIONS = [

@@ -8,9 +8,9 @@ import pytest
 from esp_helpers import greedy_params, tiny_esp_engine
 
 from loong_jax.engine import RequestRejected
-from loong_jax.policy import IdleFirstPolicy, SharedComputePolicy
-from loong_jax.request import Status
-from loong_jax.sampling import SamplingParams
+from loong_jax.model.sampling import SamplingParams
+from loong_jax.runtime.request import Status
+from loong_jax.scheduling.policy import IdleFirstPolicy, SharedComputePolicy
 
 
 def _run(engine, limit=2000):

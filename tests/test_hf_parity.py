@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 
 from checkpoints import load_checkpoint  # noqa: E402
 from loong_jax import LLM, SamplingParams  # noqa: E402
-from loong_jax.programs import score_program  # noqa: E402
+from loong_jax.runtime.programs import score_program  # noqa: E402
 
 CASES = {
     "mha-untied": dict(num_attention_heads=4, num_key_value_heads=4),

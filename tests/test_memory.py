@@ -15,7 +15,7 @@ import pytest
 from esp_helpers import tiny_esp_engine
 
 from loong_jax.engine import EngineConfig, sizing_jobs
-from loong_jax.memory import (
+from loong_jax.runtime.memory import (
     MIN_PROGRAMS,
     Footprint,
     GiB,
@@ -27,7 +27,7 @@ from loong_jax.memory import (
     program_limit,
     size_kv_pools,
 )
-from loong_jax.program_cache import ProgramCache
+from loong_jax.runtime.program_cache import ProgramCache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOL = Footprint(weight_bytes=538_000_000, temp_bytes=80_000_000, kv_bytes_per_token=46080)
@@ -179,7 +179,7 @@ def test_readme_example_runs_with_the_defaults_within_the_memory_it_asked_for():
     report = textwrap.dedent(
         """
         import json
-        from loong_jax.memory import peak_rss_bytes
+        from loong_jax.runtime.memory import peak_rss_bytes
         print("\\nREPORT " + json.dumps({**llm.kv_capacity.as_dict(), "peak_rss": peak_rss_bytes(),
                                       "text": out[0].text, "texts": [o.text for o in outs]}))
         """
@@ -209,7 +209,7 @@ def test_a_checkpoint_too_large_for_the_host_is_refused_before_its_weights_are_r
     from helpers import save_tiny_hf
 
     from checkpoints import load_checkpoint
-    from loong_jax.model import CheckpointError
+    from loong_jax.model.llama import CheckpointError
 
     path = str(tmp_path / "huge")
     save_tiny_hf(path)

@@ -18,8 +18,8 @@ import pytest
 from esp_helpers import greedy_params, tiny_esp_engine
 from jax.sharding import AbstractDevice, AbstractMesh, Mesh, use_abstract_mesh
 
-from loong_jax.execution import DecodeWork, Iteration, PrefillWork
-from loong_jax.sampling import SamplerFlags
+from loong_jax.model.sampling import SamplerFlags
+from loong_jax.runtime.work import DecodeWork, Iteration, PrefillWork
 from pallas_kernels import attention_backend, paged_decode, reference, ring_attention
 
 

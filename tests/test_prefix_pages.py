@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from loong_jax.kv_pool import OutOfPages, PagePool, prefix_keys
+from loong_jax.model.sampling import SamplingParams
 from loong_jax.prefix import PrefixCache
-from loong_jax.request import Request
-from loong_jax.sampling import SamplingParams
+from loong_jax.runtime.kv_pool import OutOfPages, PagePool, prefix_keys
+from loong_jax.runtime.request import Request
 
 
 def test_prefix_keys_chain_over_everything_before():

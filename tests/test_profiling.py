@@ -7,8 +7,8 @@ import math
 
 from esp_helpers import tiny_esp_engine
 
-from loong_jax.cost_model import CostModel
 from loong_jax.profiling import profile
+from loong_jax.scheduling.cost_model import CostModel
 
 
 def test_profile_fits_whole_and_appending_prefills_decodes_and_migrations(tmp_path):

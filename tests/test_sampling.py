@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from loong_jax import SamplingParams
-from loong_jax.batching import sampler_flags, sampler_inputs
-from loong_jax.request import Request
-from loong_jax.sampling import sample
+from loong_jax.model.sampling import sample
+from loong_jax.runtime.batching import sampler_flags, sampler_inputs
+from loong_jax.runtime.request import Request
 
 V = 12
 
@@ -129,7 +129,7 @@ def test_stop_strings_inside_min_tokens_do_not_count_and_text_is_never_taken_bac
         def decode(self, ids, skip_special_tokens=True):
             return "".join(chr(96 + i) if i else "\n" for i in ids)
 
-    from loong_jax.request import IncrementalDetokenizer
+    from checkpoints.tokenizer import IncrementalDetokenizer
 
     params = SamplingParams(max_tokens=10, min_tokens=3, stop=["\n"])
     req = Request(0, [1], params, 10, seed=0, eos_ids=(), detok=IncrementalDetokenizer(Letters(), [1], True))

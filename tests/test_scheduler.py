@@ -7,16 +7,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from loong_jax.cluster_model import A800, LLAMA2_7B, ClusterModel
-from loong_jax.config import tiny_config
 from loong_jax.engine import Engine, EngineConfig
-from loong_jax.execution import Iteration
-from loong_jax.kv_pool import PagePool
-from loong_jax.policy import SchedulerView
-from loong_jax.request import Request, Status
-from loong_jax.sampling import SamplingParams
-from loong_jax.scheduler import SLO, ElasticScheduler, SchedulerConfig
-from loong_jax.sim_executor import SimExecutor
+from loong_jax.model.config import tiny_config
+from loong_jax.model.sampling import SamplingParams
+from loong_jax.runtime.kv_pool import PagePool
+from loong_jax.runtime.request import Request, Status
+from loong_jax.runtime.work import Iteration
+from loong_jax.scheduling.elastic import SLO, ElasticScheduler, SchedulerConfig
+from loong_jax.scheduling.policy import SchedulerView
+from loong_jax.simulation.cluster_model import A800, LLAMA2_7B, ClusterModel
+from loong_jax.simulation.executor import SimExecutor
 
 PAGE = 16
 CLUSTER = ClusterModel(A800, LLAMA2_7B, 4, 2)

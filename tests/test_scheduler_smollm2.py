@@ -7,7 +7,7 @@ from pathlib import Path
 from esp_helpers import greedy_params
 
 from loong_jax import LLM
-from loong_jax.scheduler import ElasticScheduler
+from loong_jax.scheduling.elastic import ElasticScheduler
 
 STEPS = 8
 LENGTHS = [10, 6000, 40, 900, 2500, 150, 3000, 17]  # tokens per prompt, in arrival order
@@ -16,7 +16,7 @@ LENGTHS = [10, 6000, 40, 900, 2500, 150, 3000, 17]  # tokens per prompt, in arri
 def _prompts(tokenizer) -> list[list[int]]:
     """Natural-text prompts of the given lengths, cut from this repository's own sources."""
     root = Path(__file__).resolve().parents[1]
-    text = "\n".join(p.read_text() for p in sorted(root.glob("loong_jax/*.py")))
+    text = "\n".join(p.read_text() for p in sorted(root.glob("loong_jax/**/*.py")))
     ids = tokenizer.encode(text)
     assert len(ids) > sum(LENGTHS)
     out, at = [], 0

@@ -20,13 +20,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loong_jax.baselines import ChunkedPrefillPolicy, DisaggregatedPolicy, ReplicaPolicy, StaticGroupPolicy
-from loong_jax.cluster_model import A100, A800, H100, LLAMA2_7B, ClusterModel
-from loong_jax.cost_model import CostModel, decode_features, fit_linear, prefill_features, relative_errors
-from loong_jax.policy import IdleFirstPolicy, SchedulerView
-from loong_jax.scheduler import ElasticScheduler, SchedulerConfig
-from loong_jax.simulate import SimCluster, SimResult, SimulationStalled, simulate
-from loong_jax.workloads import (
+from loong_jax.scheduling.cost_model import CostModel, decode_features, fit_linear, prefill_features, relative_errors
+from loong_jax.scheduling.elastic import ElasticScheduler, SchedulerConfig
+from loong_jax.scheduling.policy import IdleFirstPolicy, SchedulerView
+from loong_jax.simulation.baselines import ChunkedPrefillPolicy, DisaggregatedPolicy, ReplicaPolicy, StaticGroupPolicy
+from loong_jax.simulation.cluster_model import A100, A800, H100, LLAMA2_7B, ClusterModel
+from loong_jax.simulation.simulate import SimCluster, SimResult, SimulationStalled, simulate
+from loong_jax.simulation.workloads import (
     PAPER_RANGES,
     WorkloadRequest,
     mooncake,

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from loong_jax import SamplingParams  # noqa: E402
-from loong_jax.programs import score_program  # noqa: E402
+from loong_jax.runtime.programs import score_program  # noqa: E402
 
 CORPUS = [
     "Hello, world! How are you today?",

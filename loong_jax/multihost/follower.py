@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from loong_jax.model.sampling import SamplerFlags, SamplerInputs
 from loong_jax.multihost.channel import PeerTimeout, PlanChannel
 from loong_jax.multihost.rows import local_rows
-from loong_jax.programs import DecodeInputs, PrefillInputs
-from loong_jax.sampling import SamplerFlags, SamplerInputs
+from loong_jax.runtime.programs import DecodeInputs, PrefillInputs
 
 log = logging.getLogger("loong_jax")
 BEAT_EVERY_S = 0.5

@@ -13,10 +13,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from loong_jax.execution import FatalError
+from loong_jax.model.sampling import SamplerOutputs
 from loong_jax.multihost.channel import PlanChannel
 from loong_jax.multihost.rows import join_rows, local_rows
-from loong_jax.sampling import SamplerOutputs
+from loong_jax.runtime.work import FatalError
 
 CHECK_EVERY_S = 0.25  # how often heartbeats are read
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from loong_jax.sampling import SamplerOutputs
+from loong_jax.model.sampling import SamplerOutputs
 
 
 def local_rows(outputs: Any) -> dict[int, list[np.ndarray]]:

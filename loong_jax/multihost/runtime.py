@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import jax
 
-from loong_jax.platform import use_virtual_cpu_devices
+from loong_jax.runtime.platform import use_virtual_cpu_devices
 
 ENV = ("LOONG_COORDINATOR", "LOONG_NUM_PROCESSES", "LOONG_PROCESS_ID")
 

@@ -18,10 +18,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from loong_jax.execution import PrefillWork
-from loong_jax.kv_pool import PagePool, prefix_keys
-from loong_jax.placement import busiest_first_plan
-from loong_jax.request import Request
+from loong_jax.runtime.kv_pool import PagePool, prefix_keys
+from loong_jax.runtime.placement import busiest_first_plan
+from loong_jax.runtime.request import Request
+from loong_jax.runtime.work import PrefillWork
 
 
 @dataclasses.dataclass

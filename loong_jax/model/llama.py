@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from loong_jax.config import ModelConfig
-from loong_jax.rope import apply_rope, rotary_angles
+from loong_jax.model.config import ModelConfig
+from loong_jax.model.rope import apply_rope, rotary_angles
 
 
 class Attend(Protocol):

@@ -11,7 +11,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from loong_jax.config import ModelConfig
+from loong_jax.model.config import ModelConfig
 
 
 def base_inv_freq(cfg: ModelConfig) -> np.ndarray:

@@ -13,11 +13,11 @@ from typing import Protocol
 
 import numpy as np
 
-from loong_jax.execution import DecodeWork, Launch, PrefillWork
-from loong_jax.instances import Group
-from loong_jax.kv_pool import PagePool
-from loong_jax.request import Request
-from loong_jax.sampling import SamplerOutputs
+from loong_jax.model.sampling import SamplerOutputs
+from loong_jax.runtime.instances import Group
+from loong_jax.runtime.kv_pool import PagePool
+from loong_jax.runtime.request import Request
+from loong_jax.runtime.work import DecodeWork, Launch, PrefillWork
 
 
 class Timing(Protocol):

@@ -11,12 +11,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from loong_jax.config import tiny_config
 from loong_jax.engine import Engine, EngineConfig, RequestRejected
-from loong_jax.policy import Policy
-from loong_jax.sampling import SamplingParams
-from loong_jax.sim_executor import SimExecutor, Span, Timing
-from loong_jax.workloads import WorkloadRequest, prompt_ids
+from loong_jax.model.config import tiny_config
+from loong_jax.model.sampling import SamplingParams
+from loong_jax.scheduling.policy import Policy
+from loong_jax.simulation.executor import SimExecutor, Span, Timing
+from loong_jax.simulation.workloads import WorkloadRequest, prompt_ids
 
 
 class SimulationStalled(RuntimeError):

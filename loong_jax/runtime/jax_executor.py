@@ -22,15 +22,15 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from loong_jax.batching import bucket, sampler_flags, sampler_inputs
-from loong_jax.config import ModelConfig
-from loong_jax.execution import DecodeWork, Launch, Pending, PrefillWork
-from loong_jax.instances import SP, Group, Instances
-from loong_jax.kv_pool import PagePool
-from loong_jax.memory import Footprint, count_memory_maps
-from loong_jax.placement import build_decode, build_prefill
-from loong_jax.program_cache import ProgramCache, shape_key
-from loong_jax.programs import (
+from loong_jax.model.config import ModelConfig
+from loong_jax.model.sampling import SamplerFlags, SamplerOutputs
+from loong_jax.runtime.batching import bucket, sampler_flags, sampler_inputs
+from loong_jax.runtime.instances import SP, Group, Instances
+from loong_jax.runtime.kv_pool import PagePool
+from loong_jax.runtime.memory import Footprint, count_memory_maps
+from loong_jax.runtime.placement import build_decode, build_prefill
+from loong_jax.runtime.program_cache import ProgramCache, shape_key
+from loong_jax.runtime.programs import (
     PREFIX_BLOCK,
     DecodeInputs,
     MigrateInputs,
@@ -39,8 +39,8 @@ from loong_jax.programs import (
     migrate_program,
     prefill_program,
 )
-from loong_jax.request import Request
-from loong_jax.sampling import SamplerFlags, SamplerOutputs
+from loong_jax.runtime.request import Request
+from loong_jax.runtime.work import DecodeWork, Launch, Pending, PrefillWork
 from pallas_kernels import attention_backend
 from pallas_kernels.reference import DECODE_PAGES_PER_BLOCK
 

@@ -13,10 +13,10 @@ from typing import Protocol
 
 import numpy as np
 
-from loong_jax.instances import Group
-from loong_jax.kv_pool import PagePool
-from loong_jax.request import Request
-from loong_jax.sampling import SamplerOutputs
+from loong_jax.model.sampling import SamplerOutputs
+from loong_jax.runtime.instances import Group
+from loong_jax.runtime.kv_pool import PagePool
+from loong_jax.runtime.request import Request
 
 
 class FatalError(RuntimeError):

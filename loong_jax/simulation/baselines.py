@@ -17,10 +17,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from loong_jax.execution import DecodeWork, Iteration, Migration, PrefillWork
-from loong_jax.kv_pool import PagePool
-from loong_jax.policy import SchedulerView, admit_fcfs, assign_masters, holders
-from loong_jax.request import Request
+from loong_jax.runtime.kv_pool import PagePool
+from loong_jax.runtime.request import Request
+from loong_jax.runtime.work import DecodeWork, Iteration, Migration, PrefillWork
+from loong_jax.scheduling.policy import SchedulerView, admit_fcfs, assign_masters, holders
 
 
 def even_plan(lengths: Sequence[int], pools: Sequence[PagePool]) -> list[np.ndarray]:

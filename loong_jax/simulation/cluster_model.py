@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from loong_jax.cost_model import CostModel, decode_features, fit_linear, fit_prefill, prefill_features
+from loong_jax.scheduling.cost_model import CostModel, decode_features, fit_linear, fit_prefill, prefill_features
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import time
+from typing import Protocol
 
-from checkpoints.tokenizer import Tokenizer
-from loong_jax.sampling import SamplingParams
+from loong_jax.model.sampling import SamplingParams
 
 
 class Status(enum.Enum):
@@ -16,29 +16,10 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-class IncrementalDetokenizer:
-    """Turns a growing token list into text deltas without re-decoding the whole output every step.
+class Detokenizer(Protocol):
+    """Turns a request's tokens into text, one token at a time (the engine supplies one per request)."""
 
-    Keeps a short window of already-emitted tokens as left context so that byte-level pieces and
-    leading-space rules decode exactly as a full decode would; incomplete UTF-8 waits for more tokens.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool):
-        self.tok = tokenizer
-        self.skip = skip_special_tokens
-        self.ids: list[int] = list(prompt_ids[-6:])
-        self.prefix = 0
-        self.read = len(self.ids)
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        prefix_text = self.tok.decode(self.ids[self.prefix : self.read], self.skip)
-        full = self.tok.decode(self.ids[self.prefix :], self.skip)
-        if len(full) > len(prefix_text) and not full.endswith("\ufffd"):
-            delta = full[len(prefix_text) :]
-            self.prefix, self.read = self.read, len(self.ids)
-            return delta
-        return ""
+    def push(self, token_id: int) -> str: ...
 
 
 @dataclasses.dataclass
@@ -49,7 +30,7 @@ class Request:
     max_new_tokens: int
     seed: int
     eos_ids: tuple[int, ...]
-    detok: IncrementalDetokenizer | None = None
+    detok: Detokenizer | None = None
     arrival: float = dataclasses.field(default_factory=time.monotonic)
     status: Status = Status.WAITING
     output_ids: list[int] = dataclasses.field(default_factory=list)

@@ -31,11 +31,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from loong_jax.cost_model import CostModel
-from loong_jax.execution import Iteration, Migration, PrefillWork
-from loong_jax.instances import Group
-from loong_jax.placement import busiest_first_plan, least_loaded_plan
-from loong_jax.policy import (
+from loong_jax.runtime.instances import Group
+from loong_jax.runtime.placement import busiest_first_plan, least_loaded_plan
+from loong_jax.runtime.request import Request
+from loong_jax.runtime.work import Iteration, Migration, PrefillWork
+from loong_jax.scheduling.cost_model import CostModel
+from loong_jax.scheduling.policy import (
     SchedulerView,
     aligned_block,
     assign_masters,
@@ -48,7 +49,6 @@ from loong_jax.policy import (
     preempt_if_out_of_memory,
     prefill_degrees,
 )
-from loong_jax.request import Request
 
 
 @dataclasses.dataclass(frozen=True)

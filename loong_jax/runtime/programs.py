@@ -29,9 +29,9 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from loong_jax.kv_pool import KVCache
-from loong_jax.model import TensorParallel
-from loong_jax.sampling import SamplerFlags, SamplerInputs, SamplerOutputs, sample
+from loong_jax.model.llama import TensorParallel
+from loong_jax.model.sampling import SamplerFlags, SamplerInputs, SamplerOutputs, sample
+from loong_jax.runtime.kv_pool import KVCache
 from pallas_kernels import AttentionBackend, block_attention, merge_attention, merge_attention_many, self_attention_term
 
 SP = "sp"

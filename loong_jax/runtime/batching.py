@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from loong_jax.request import Request
-from loong_jax.sampling import MAX_BANNED, MAX_EOS_IDS, MAX_LOGIT_BIAS, SamplerFlags, SamplerInputs, seed_words
+from loong_jax.model.sampling import MAX_BANNED, MAX_EOS_IDS, MAX_LOGIT_BIAS, SamplerFlags, SamplerInputs, seed_words
+from loong_jax.runtime.request import Request
 
 
 def bucket(n: int, minimum: int = 1) -> int:

@@ -24,9 +24,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from loong_jax.config import ModelConfig
-from loong_jax.kv_pool import KVCache
-from loong_jax.model import TensorParallel, param_partition_specs, tensor_parallel_plan
+from loong_jax.model.config import ModelConfig
+from loong_jax.model.llama import TensorParallel, param_partition_specs, tensor_parallel_plan
+from loong_jax.runtime.kv_pool import KVCache
 
 Group = tuple[int, ...]
 SP, TP = "sp", "tp"

@@ -10,9 +10,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from loong_jax.batching import bucket, prefill_rows
-from loong_jax.kv_pool import PagePool
-from loong_jax.programs import PREFIX_BLOCK, DecodeInputs, PrefillInputs
+from loong_jax.runtime.batching import bucket, prefill_rows
+from loong_jax.runtime.kv_pool import PagePool
+from loong_jax.runtime.programs import PREFIX_BLOCK, DecodeInputs, PrefillInputs
 
 
 def _fill_plan(

@@ -19,12 +19,12 @@ from typing import Protocol
 
 import numpy as np
 
-from loong_jax.batching import bucket
-from loong_jax.execution import DecodeWork, Iteration, PrefillWork
-from loong_jax.instances import Group
-from loong_jax.kv_pool import PagePool
-from loong_jax.placement import busiest_first_plan
-from loong_jax.request import Request
+from loong_jax.runtime.batching import bucket
+from loong_jax.runtime.instances import Group
+from loong_jax.runtime.kv_pool import PagePool
+from loong_jax.runtime.placement import busiest_first_plan
+from loong_jax.runtime.request import Request
+from loong_jax.runtime.work import DecodeWork, Iteration, PrefillWork
 
 
 @dataclasses.dataclass
