@@ -22,6 +22,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+from timeline import draw
 
 from loong_jax.scheduling.elastic import SLO, ElasticScheduler, SchedulerConfig
 from loong_jax.scheduling.policy import IdleFirstPolicy
@@ -175,7 +176,7 @@ def sweep(workload: str, name: str, n: int, gpu: str, seed: int) -> tuple[dict, 
         }
         points.append(point)
         if res.spans:
-            timeline = [(s.kind, list(s.group), s.start, s.end) for s in res.spans]
+            timeline = res.spans
         if lat["per_token"] * 1000 > 20 * SLO_MS.get(workload, (200,))[0] and len(points) >= 3:
             break  # far past saturation; higher rates only get worse
         if workload not in SLO_MS and len(points) >= 3 and all(p["slo_attainment"] < 0.5 for p in points[-2:]):
@@ -268,20 +269,8 @@ def plot(results: dict, timeline: dict, out: Path) -> None:
     if not timeline:
         return
     workload, spans = next(iter(timeline.items()))
-    t_end = min(max(s[3] for s in spans), min(s[2] for s in spans) + 120.0)
-    colours = {"prefill": "tab:orange", "decode": "tab:blue", "migrate": "tab:red"}
-    fig, ax = plt.subplots(figsize=(12, 3))
-    for kind, group, start, end in spans:
-        if start > t_end:
-            continue
-        for i in group:
-            ax.barh(i, min(end, t_end) - start, left=start, color=colours[kind], height=0.8, lw=0)
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("instance")
-    ax.set_title(f"elastic SP on {workload}: prefill (orange), decode (blue), migration (red)")
-    fig.tight_layout()
-    fig.savefig(out / "cluster_sim_timeline.png", dpi=120)
-    plt.close(fig)
+    first = min(s.start for s in spans)
+    draw(spans, 4, f"elastic SP on {workload} (the first 120 s)", out / "cluster_sim_timeline.png", first, 120.0)
 
 
 def lru_hit_rate(workload: list, capacity_tokens: float) -> float:

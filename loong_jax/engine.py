@@ -43,6 +43,7 @@ from loong_jax.runtime.memory import (
     size_kv_pools,
 )
 from loong_jax.runtime.request import Request, Status
+from loong_jax.runtime.timeline import Span, Timeline
 from loong_jax.runtime.work import DecodeWork, Executor, FatalError, Iteration, Launch, Migration
 from loong_jax.scheduling.cost_model import CostModel, rough_cost_model
 from loong_jax.scheduling.elastic import ElasticScheduler, SchedulerConfig
@@ -180,6 +181,7 @@ class Engine:
         self.launches: list[Launch] = []  # programs in flight, oldest first
         self._changed = True  # queues or instances changed since the policy last decided
         self.stats = EngineStats()
+        self.timeline: Timeline | None = None  # every launch's span, once record_timeline() is called
         self.kv_capacity: KVCapacity | None = None  # how the pools were sized (set by build_engine)
         self._failed: list[Request] = []  # requests failed since the last step returned (to publish)
         self._ids = itertools.count()
@@ -270,6 +272,17 @@ class Engine:
             return SharedComputePolicy(self.ecfg.num_instances)
         config = SchedulerConfig(aligned_groups=self.ecfg.aligned_groups)
         return ElasticScheduler(self.ecfg.num_instances, cost, config)
+
+    def record_timeline(self, limit: int = 200_000) -> Timeline:
+        """Record a span for every launch from now on (the last `limit` are kept) and return the timeline."""
+        self.timeline = Timeline(limit)
+        return self.timeline
+
+    def _record(self, launch: Launch, **details: object) -> None:
+        """The launch's span on the timeline, if one is recorded."""
+        if self.timeline is not None:
+            span = Span(launch.kind, tuple(launch.group), self.executor.now(), requests=len(launch.requests))
+            launch.span = self.timeline.add(dataclasses.replace(span, **details))
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.launches)
@@ -369,8 +382,10 @@ class Engine:
         launched = 0
         for (src, dst), moves in pairs.items():
             try:
-                self.launches.append(self._migrate(src, dst, moves))
+                launch = self._migrate(src, dst, moves)
+                self.launches.append(launch)
                 launched += 1
+                self._record(launch, tokens=sum(m.tokens for m in moves))
             except Exception as e:  # the moved requests are recomputed: nothing is lost
                 self._launch_failed("migration", (src, dst), [], e)
                 for move in moves:
@@ -399,16 +414,21 @@ class Engine:
                 req.prefilled += remaining
                 req.prefill_group = work.group
             try:
-                self.launches.append(self.executor.prefill(work, [self.pools[i] for i in work.group]))
+                launch = self.executor.prefill(work, [self.pools[i] for i in work.group])
             except Exception as e:
                 self._launch_failed("prefill", work.group, work.requests, e)
                 continue
+            self.launches.append(launch)
             launched += 1
             d = len(work.group)
             self.stats.prefills += 1
             self.stats.count_degree("prefill", d)
             if any(np.unique(p).size < d for p in work.plans):
                 self.stats.scale_downs += 1
+            if self.timeline is not None:
+                kept = sorted({work.group[r] for p in work.plans for r in np.unique(p).tolist()})
+                computed = sum(work.chunk) if work.chunk is not None else sum(r.prefill_len for r in work.requests)
+                self._record(launch, tokens=computed, kept=tuple(kept))
             if work.piggyback is not None:
                 self._count_decode(work.piggyback)
         for work in it.decodes:
@@ -416,12 +436,14 @@ class Engine:
                 continue
             scale_ups = self._scale_ups(work)  # before the executor reserves the new tokens' slots
             try:
-                self.launches.append(self.executor.decode(work, [self.pools[i] for i in work.group]))
+                launch = self.executor.decode(work, [self.pools[i] for i in work.group])
             except Exception as e:
                 self._launch_failed("decode", work.group, work.requests, e)
                 continue
+            self.launches.append(launch)
             launched += 1
             self._count_decode(work, scale_ups)
+            self._record(launch, tokens=len(work.requests), scaled_up=tuple(sorted(set(scale_ups))))
         return launched
 
     def _launch_failed(self, kind: str, group: Group, requests: Sequence[Request], error: BaseException) -> None:
@@ -459,12 +481,13 @@ class Engine:
         self._failed.append(req)
         self._changed = True
 
-    def _scale_ups(self, work: DecodeWork) -> int:
-        """Requests of a decode step whose master holds none of their KV yet."""
-        return sum(not self.pools[work.group[m]].tokens.get(r.rid, 0) for r, m in zip(work.requests, work.masters))
+    def _scale_ups(self, work: DecodeWork) -> list[int]:
+        """The master instance of each request of a decode step that holds none of its KV yet."""
+        group, pools = work.group, self.pools
+        return [group[m] for r, m in zip(work.requests, work.masters) if not pools[group[m]].tokens.get(r.rid, 0)]
 
-    def _count_decode(self, work: DecodeWork, scale_ups: int | None = None) -> None:
-        self.stats.scale_ups += self._scale_ups(work) if scale_ups is None else scale_ups
+    def _count_decode(self, work: DecodeWork, scale_ups: list[int] | None = None) -> None:
+        self.stats.scale_ups += len(self._scale_ups(work) if scale_ups is None else scale_ups)
         self.stats.decode_steps += 1
         self.stats.count_degree("decode", len(work.group))
 
@@ -477,11 +500,15 @@ class Engine:
                 still.append(launch)
                 continue
             self._changed = True
+            if launch.span is not None:
+                launch.span.end = self.executor.now()
             if not launch.ranks:
                 continue
             try:
                 out = launch.pending.result()
             except Exception as e:  # the program failed while running
+                if launch.span is not None:
+                    launch.span.failed = True
                 self._launch_failed(launch.kind, launch.group, launch.requests, e)
                 continue
             if launch.kind == "prefill":

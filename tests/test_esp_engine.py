@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from collections import Counter
 
 import jax
 import numpy as np
@@ -41,11 +42,31 @@ def test_policy_serves_a_mixed_workload_exactly():
     waves = [[(n, greedy_params(m)) for n, m in zip(rng.integers(1, 120, 5), rng.integers(1, 30, 5))] for _ in range(3)]
     # small pools: spreads and scale-ups
     engine = tiny_esp_engine(num_instances=8, kv_tokens=64, page_size=4, limits=dict(max_model_len=256))
+    timeline = engine.record_timeline()
     reqs = _drive(engine, waves, np.random.default_rng(1))
     assert [r.output_ids for r in reqs] == _single_outputs(reqs)
     s = engine.stats
     assert s.scale_downs >= 1 and s.scale_ups >= 1 and max(s.prefill_degrees) > 1 and max(s.decode_degrees) > 1
     assert engine.kv_used_tokens == 0 and engine.executor.migrations == 0
+    _check_timeline(list(timeline.spans), s)
+
+
+def _check_timeline(spans, stats):
+    """The engine's timeline tells what its counters count, and no instance runs two launches at once."""
+    assert all(x.end is not None and x.end >= x.start and not x.failed for x in spans)
+    prefills = [x for x in spans if x.kind == "prefill"]
+    decodes = [x for x in spans if x.kind == "decode"]
+    assert len(prefills) == stats.prefills and len(decodes) == stats.decode_steps
+    assert Counter(len(x.group) for x in prefills) == stats.prefill_degrees
+    assert Counter(len(x.group) for x in decodes) == stats.decode_degrees
+    assert all(set(x.kept) <= set(x.group) for x in prefills) and any(x.scale_down for x in prefills)
+    assert all(set(x.scaled_up) <= set(x.group) for x in decodes)
+    assert 1 <= sum(len(x.scaled_up) for x in decodes) <= stats.scale_ups
+    last_end: dict[int, float] = {}
+    for x in sorted(spans, key=lambda x: x.start):
+        for i in x.group:
+            assert x.start >= last_end.get(i, 0.0), f"instance {i} ran two launches at once"
+            last_end[i] = x.end
 
 
 def test_no_compile_after_warmup():

@@ -278,6 +278,9 @@ def test_elastic_uses_elasticity():
     assert res.stats["mean_prefill_degree"] > 1.0
     assert res.stats["scale_downs"] >= 1
     assert any(s.kind == "prefill" and len(s.group) > 1 for s in res.spans)
+    # the timeline shows the scale-downs: prefills whose K/V stays on a part of their group
+    assert any(s.scale_down for s in res.spans)
+    assert all(set(s.kept) <= set(s.group) for s in res.spans if s.kind == "prefill")
     static, _, _ = run("static_sp", "normal", 1)
     assert all(len(s.group) == 4 for s in static.spans)
 
@@ -304,6 +307,7 @@ def test_disaggregated_moves_every_prefilled_request():
     assert res.stats["migrations"] == len(served)
     assert {s.group for s in res.spans if s.kind == "prefill"} == {(0,)}
     assert {s.group for s in res.spans if s.kind == "decode"} == {(1,)}
+    assert {s.group for s in res.spans if s.kind == "migrate"} == {(0, 1)}  # the timeline shows each move
 
 
 @pytest.mark.parametrize("system", list(SYSTEMS))

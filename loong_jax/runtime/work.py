@@ -17,6 +17,7 @@ from loong_jax.model.sampling import SamplerOutputs
 from loong_jax.runtime.instances import Group
 from loong_jax.runtime.kv_pool import PagePool
 from loong_jax.runtime.request import Request
+from loong_jax.runtime.timeline import Span
 
 
 class FatalError(RuntimeError):
@@ -91,6 +92,7 @@ class Launch:
     ranks: list[list[Request]]  # per rank: the requests it samples, in row order (none for migrations)
     pending: Pending
     requests: list[Request] = dataclasses.field(default_factory=list)  # every request the program touches
+    span: Span | None = None  # its entry on the engine's timeline, when one is recorded
 
 
 class Executor(Protocol):

@@ -47,26 +47,12 @@ class SimPending:
         return SamplerOutputs(z.astype(np.int32), z.astype(np.float32), z[..., None].astype(np.int32), z[..., None])
 
 
-@dataclasses.dataclass
-class Span:
-    """One launch on the timeline: what ran on which instances, when."""
-
-    kind: str
-    group: tuple[int, ...]
-    start: float
-    end: float
-    requests: int
-    tokens: int
-
-
 class SimExecutor:
-    """Advances a virtual clock by `timing`; records every launch as a `Span` for timeline plots."""
+    """Advances a virtual clock by `timing` (the engine records the launches' spans when asked)."""
 
-    def __init__(self, timing: Timing, record: bool = False):
+    def __init__(self, timing: Timing):
         self.timing = timing
         self.clock = Clock()
-        self.record = record
-        self.spans: list[Span] = []
         self.migrations = 0
 
     def now(self) -> float:
@@ -80,12 +66,9 @@ class SimExecutor:
         first = min(x.pending.finish for x in launches)  # type: ignore[attr-defined]
         self.advance(first if timeout is None else min(first, self.clock.now + timeout))
 
-    def _launch(self, kind, group, ranks, requests, seconds, tokens) -> Launch:
-        start = self.clock.now
-        if self.record:
-            self.spans.append(Span(kind, tuple(group), start, start + seconds, len(requests), tokens))
+    def _launch(self, kind, group, ranks, requests, seconds) -> Launch:
         rows = max([len(r) for r in ranks] + [1])
-        return Launch(kind, group, ranks, SimPending(self.clock, start + seconds, rows), list(requests))
+        return Launch(kind, group, ranks, SimPending(self.clock, self.clock.now + seconds, rows), list(requests))
 
     def prefill(self, work: PrefillWork, pools: Sequence[PagePool]) -> Launch:
         d = len(work.group)
@@ -116,7 +99,7 @@ class SimExecutor:
             seconds += self.timing.decode_time(d, len(dec.requests), context) - self.timing.decode_time(d, 0, 0)
             ranks = [done + list(dec.requests)]
             requests += dec.requests
-        return self._launch("prefill", work.group, ranks, requests, seconds, sum(n for _, n in lengths))
+        return self._launch("prefill", work.group, ranks, requests, seconds)
 
     @staticmethod
     def _reserve_decode(work: DecodeWork, pools: Sequence[PagePool]) -> None:
@@ -127,7 +110,7 @@ class SimExecutor:
         self._reserve_decode(work, pools)
         context = sum(r.num_tokens for r in work.requests)
         seconds = self.timing.decode_time(len(work.group), len(work.requests), context)
-        return self._launch("decode", work.group, [list(work.requests)], work.requests, seconds, len(work.requests))
+        return self._launch("decode", work.group, [list(work.requests)], work.requests, seconds)
 
     def repair(self, group: Group) -> list[int]:
         """Simulated programs never leave pools unusable."""
@@ -136,4 +119,4 @@ class SimExecutor:
     def migrate(self, src: int, dst: int, src_slots: np.ndarray, dst_slots: np.ndarray) -> Launch:
         self.migrations += 1
         seconds = self.timing.migrate_time(len(src_slots))
-        return self._launch("migrate", (src, dst), [], [], seconds, len(src_slots))
+        return self._launch("migrate", (src, dst), [], [], seconds)

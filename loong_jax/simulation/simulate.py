@@ -14,8 +14,9 @@ import numpy as np
 from loong_jax.engine import Engine, EngineConfig, RequestRejected
 from loong_jax.model.config import tiny_config
 from loong_jax.model.sampling import SamplingParams
+from loong_jax.runtime.timeline import Span
 from loong_jax.scheduling.policy import Policy
-from loong_jax.simulation.executor import SimExecutor, Span, Timing
+from loong_jax.simulation.executor import SimExecutor, Timing
 from loong_jax.simulation.workloads import WorkloadRequest, prompt_ids
 
 
@@ -95,8 +96,9 @@ def simulate(
     )
     if cluster.prefix_caching and not all(w.hash_ids for w in workload):
         raise ValueError("prefix caching in the simulator needs a workload with hash ids (the Mooncake trace)")
-    ex = SimExecutor(cluster.timing, record=record)
+    ex = SimExecutor(cluster.timing)
     engine = Engine(tiny_config(), ecfg, ex, seed=0, policy=policy)
+    timeline = engine.record_timeline(limit=10_000_000) if record else None
     order = sorted(range(len(workload)), key=lambda k: workload[k].arrival)
     records = [RequestRecord(w.arrival, w.input_len, w.output_len) for w in workload]
     live = {}
@@ -147,7 +149,7 @@ def simulate(
         "prefix_hit_tokens": engine.prefix_cache.stats.hit_tokens,
         "prefix_evictions": engine.prefix_cache.evictions,
     }
-    return SimResult(records, ex.spans, stats, ex.now())
+    return SimResult(records, list(timeline.spans) if timeline else [], stats, ex.now())
 
 
 def _mean_degree(counts: dict[int, int]) -> float:
