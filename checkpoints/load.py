@@ -11,9 +11,6 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from checkpoints.gguf_file import load_gguf
-from checkpoints.hf_dir import load_hf_dir
-from checkpoints.orbax_dir import is_orbax_dir, restore
 from checkpoints.tokenizer import Tokenizer
 from loong_jax.model.config import ModelConfig
 from loong_jax.model.llama import CheckpointError, param_shapes, state_from_arrays
@@ -46,6 +43,12 @@ def default_model_path() -> str:
 
 def load_checkpoint(path: str | None, dtype: Any) -> LoadedCheckpoint:
     """Load a GGUF file, a Hugging Face directory or an Orbax checkpoint directory (None: the default)."""
+    # The formats are imported when a checkpoint is loaded: orbax takes seconds to import and installs a
+    # root logging handler (`loong` configures logging before that).
+    from checkpoints.gguf_file import load_gguf  # noqa: PLC0415
+    from checkpoints.hf_dir import load_hf_dir  # noqa: PLC0415
+    from checkpoints.orbax_dir import is_orbax_dir, restore  # noqa: PLC0415
+
     path = path or default_model_path()
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or directory")
