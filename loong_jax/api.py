@@ -34,6 +34,8 @@ class LLM:
     (the cost-model scheduler) or "shared" (one program at a time, for instances that share one processor,
     such as virtual CPU devices). output_estimate: the new tokens admission plans for when a request sets no
     max_tokens (it may run longer: a request that then finds no room is recomputed later, nothing is lost).
+    compiler_options: XLA options for every program, e.g. {"xla_backend_optimization_level": 0} for faster
+    compiles of slower code (small models, experiments).
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class LLM:
         warmup: bool = False,
         compilation_cache_dir: str | None = DEFAULT_CACHE_DIR,
         profile_dir: str | None = DEFAULT_PROFILE_DIR,
+        compiler_options: dict[str, Any] | None = None,
     ):
         from checkpoints import load_checkpoint  # noqa: PLC0415 (checkpoints imports loong_jax.model.config)
 
@@ -87,7 +90,16 @@ class LLM:
             heartbeat_timeout_s=heartbeat_timeout_s,
             step_timeout_s=step_timeout_s,
         )
-        self.engine = build_engine(self.config, ckpt.graphdef, ckpt.state, self.tokenizer, ecfg, self.dtype, seed)
+        self.engine = build_engine(
+            self.config,
+            ckpt.graphdef,
+            ckpt.state,
+            self.tokenizer,
+            ecfg,
+            self.dtype,
+            seed,
+            compiler_options=compiler_options,
+        )
         log.info(
             "loaded %s (%s) in %.1fs on %d instance(s) x tp=%d (%s)",
             ckpt.source,

@@ -587,9 +587,11 @@ def build_engine(
     policy: Policy | None = None,
     devices: list[jax.Device] | None = None,
     cost_model: CostModel | None = None,
+    compiler_options: dict[str, Any] | None = None,
 ) -> Engine:
     """An engine on real devices: the model's weights on every instance, run by the JAX executor, scheduled
-    by the elastic scheduler with `cost_model` (a rough stand-in if none) unless a policy is given.
+    by the elastic scheduler with `cost_model` (a rough stand-in if none) unless a policy is given;
+    `compiler_options` go to XLA with every program.
 
     The KV pools are sized from the memory there is (or the size asked for is checked against it) before
     anything is put on the devices: what cannot fit is a ValueError naming the numbers, never an
@@ -608,6 +610,7 @@ def build_engine(
         max_rows=ecfg.max_num_seqs,
         max_programs=len(warmup_jobs(ecfg)) + EXTRA_PROGRAMS,
         attention=ecfg.attention_backend,
+        compiler_options=compiler_options,
     )
     log.info("attention backend: %s", executor.attention.name)
     footprint = executor.footprint(sizing_jobs(ecfg))

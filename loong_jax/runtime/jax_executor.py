@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -102,9 +103,11 @@ class JaxExecutor:
         max_rows: int = 32,
         max_programs: int | None = None,
         attention: str = "auto",
+        compiler_options: dict[str, Any] | None = None,
     ):
         """The layout only: weights and pools go on the devices in `allocate`, once the pool size is known.
-        attention: the attention backend ("auto": Pallas kernels on GPU, XLA elsewhere)."""
+        attention: the attention backend ("auto": Pallas kernels on GPU, XLA elsewhere). compiler_options:
+        XLA options for every program (such as a lower LLVM optimisation level: faster compiles, slower code)."""
         self.cfg = cfg
         self.dtype = dtype
         self.min_prefill_bucket = min_prefill_bucket
@@ -117,7 +120,7 @@ class JaxExecutor:
         self.instances = Instances(cfg, state, num_instances=num_instances, tp=tp, dtype=dtype, devices=devices)
         self.attention = attention_backend(attention, self.instances.devices[0][0].platform)
         self._host_state: nnx.State | None = state  # until allocate() copies it to the instances
-        self.programs = ProgramCache(max_programs)
+        self.programs = ProgramCache(max_programs, compiler_options)
         self._compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="loong-compile")
         self.migrations = 0  # KV transfers between instances (migrate calls), for tests and metrics
         self.migrated_tokens = 0
@@ -149,7 +152,8 @@ class JaxExecutor:
         slots = num_slots or -(-(PREFIX_BLOCK + 1) // self.page_size) * self.page_size
         for kind, group, size, rows in jobs:
             _, fn, args, donate = self._program_args(kind, group, size, rows, flags, slots)
-            costs = _compile_costs(jax.jit(fn, donate_argnums=donate).lower(*args))
+            lowered = jax.jit(fn, donate_argnums=donate).lower(*args)
+            costs = _compile_costs(lowered, self.programs.compiler_options)
             temp, maps = max(temp, costs[0]), max(maps, costs[1])
         inst = self.instances
         return Footprint(inst.weight_bytes_per_device(), temp, inst.kv_bytes_per_token_per_device(), 0, maps)
@@ -364,9 +368,18 @@ class JaxExecutor:
                 keep,
             )
         before = self.programs.compiles
-        for job in tqdm(jobs[:keep], desc="warming up programs", disable=not show, unit="program"):
-            if self.instances.has_local(job[1]):
-                self.compiled(*job)
+        local = [job for job in jobs[:keep] if self.instances.has_local(job[1])]
+        # XLA compiles with the GIL released: programs compile side by side, one per core (up to 4: each
+        # compilation holds its own working memory)
+        workers = max(1, min(4, os.cpu_count() or 1, len(local)))
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="loong-warmup") as pool:
+            futures = [pool.submit(self.compiled, *job) for job in local]
+            progress = tqdm(total=len(jobs[:keep]), desc="warming up programs", disable=not show, unit="program")
+            with progress:
+                progress.update(len(jobs[:keep]) - len(local))
+                for future in concurrent.futures.as_completed(futures):
+                    future.result()
+                    progress.update(1)
         inst = self.instances
         for group in dict.fromkeys(tuple(job[1]) for job in jobs):
             if inst.has_local(group) and len({inst.owner[i] for i in group}) > 1:
@@ -422,13 +435,13 @@ class JaxExecutor:
 _COMPILE_COSTS: dict[str, tuple[int, int]] = {}  # lowered program text -> its costs (same text, same costs)
 
 
-def _compile_costs(lowered: Any) -> tuple[int, int]:
+def _compile_costs(lowered: Any, options: dict[str, Any]) -> tuple[int, int]:
     """Per-device temporary bytes of a lowered program and the memory mappings its compiled code took,
-    compiled once per distinct program text."""
-    key = hashlib.sha256(lowered.as_text().encode()).hexdigest()
+    compiled once per distinct program text and compiler options."""
+    key = hashlib.sha256((lowered.as_text() + repr(sorted(options.items()))).encode()).hexdigest()
     if key not in _COMPILE_COSTS:
         before = count_memory_maps()
-        compiled = lowered.compile()
+        compiled = lowered.compile(compiler_options=options or None)
         _COMPILE_COSTS[key] = (int(compiled.memory_analysis().temp_size_in_bytes), count_memory_maps() - before)
     return _COMPILE_COSTS[key]
 

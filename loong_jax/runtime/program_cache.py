@@ -23,7 +23,8 @@ def shape_key(tree: Any) -> tuple:
 class ProgramCache:
     """Compiles each (key, input shapes) once; `compiles` counts real compilations (tests assert on it)."""
 
-    def __init__(self, max_programs: int | None = None) -> None:
+    def __init__(self, max_programs: int | None = None, compiler_options: dict[str, Any] | None = None) -> None:
+        self.compiler_options = dict(compiler_options or {})  # XLA options for every program compiled here
         self._programs: OrderedDict[Hashable, Any] = OrderedDict()
         self._lock = threading.Lock()
         self.max_programs = max_programs
@@ -47,7 +48,8 @@ class ProgramCache:
         program = self.lookup(key)
         if program is not None:
             return program
-        program = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
+        lowered = jax.jit(fn, donate_argnums=donate_argnums).lower(*args)
+        program = lowered.compile(compiler_options=self.compiler_options or None)
         with self._lock:
             if key in self._programs:  # compiled meanwhile by another thread
                 return self._programs[key]
