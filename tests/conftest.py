@@ -22,6 +22,27 @@ jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_num_cpu_devices", 8)  # virtual instances for the elastic runtime
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _default_model_loaded_once():
+    """Every in-process LLM of the default model shares one read of its GGUF file (4 s each otherwise; the
+    weights are only copied from it). Loading itself is tested in test_checkpoints.py."""
+    import checkpoints
+
+    load, loaded = checkpoints.load_checkpoint, {}
+
+    def load_once(path, dtype):
+        if path is not None:
+            return load(path, dtype)
+        key = str(dtype)
+        if key not in loaded:
+            loaded[key] = load(None, dtype)
+        return loaded[key]
+
+    checkpoints.load_checkpoint = load_once
+    yield
+    checkpoints.load_checkpoint = load
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests that measure a fresh process's memory run first, while this process holds little."""
     items.sort(key=lambda item: item.get_closest_marker("fresh_host") is None)

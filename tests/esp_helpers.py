@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,10 +13,13 @@ from loong_jax import SamplingParams
 from loong_jax.engine import Engine, EngineConfig, build_engine
 from loong_jax.model.config import tiny_config
 from loong_jax.model.llama import Llama
-from loong_jax.runtime.programs import score_program
 from pallas_kernels import block_attention
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
+# A tiny model's programs run in microseconds but take about a second each to compile at XLA CPU's default
+# LLVM optimisation; tests of tiny models compile them unoptimised (tests/test_esp_decode.py: 153 s -> 77 s
+# cold). Not for the real weights: their programs run 1.5x slower so.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def tiny_esp_engine(num_instances=8, tp=1, kv_tokens=512, page_size=4, seed=7, limits=None, **cfg_overrides) -> Engine:
@@ -26,34 +31,47 @@ def tiny_esp_engine(num_instances=8, tp=1, kv_tokens=512, page_size=4, seed=7, l
     ecfg = EngineConfig(
         num_instances=num_instances, tp=tp, kv_tokens_per_instance=kv_tokens, page_size=page_size, **fields
     )
-    return build_engine(cfg, graphdef, state, None, ecfg, jnp.float32, seed=0)
+    return build_engine(cfg, graphdef, state, None, ecfg, jnp.float32, seed=0, compiler_options=FAST_COMPILE)
 
 
 def reference_logprobs(engine: Engine, prompt: list[int]) -> np.ndarray:
     """log-softmax of the single-device model's logits after the last prompt token."""
-    ex = engine.executor
-    logits = np.asarray(score_program(ex.graphdef, jax.device_get(ex.state), jnp.asarray(prompt, jnp.int32)))
-    last = logits[-1].astype(np.float64)
+    last = _reference(engine, prompt)[0].astype(np.float64)
     return last - np.log(np.exp(last - last.max()).sum()) - last.max()
 
 
 def reference_kv(engine: Engine, prompt: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """K and V [L, T, KV, D] of every prompt token, computed on one device."""
-    ex = engine.executor
-    model = nnx.merge(ex.graphdef, jax.device_get(ex.state))
-    cfg = engine.cfg
-    t = len(prompt)
+    _, ks, vs = _reference(engine, prompt)
+    return ks, vs
+
+
+def _reference(engine: Engine, prompt: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The last prompt token's logits and every prompt token's K and V, on one device. The prompt is padded
+    to a power of two (causal attention: the padding changes nothing before it), so that prompts of many
+    lengths share a few compiled programs."""
+    ex, cfg, n = engine.executor, engine.cfg, len(prompt)
+    tokens = np.zeros(max(16, 1 << (n - 1).bit_length()), np.int32)
+    tokens[:n] = prompt
+    dims = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+    logits, ks, vs = _reference_program(ex.graphdef, dims, jax.device_get(ex.state), jnp.asarray(tokens), n - 1)
+    return np.asarray(logits), np.asarray(ks)[:, :n], np.asarray(vs)[:, :n]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _reference_program(graphdef, dims, state, tokens, last):
+    model = nnx.merge(graphdef, state)
+    layers, kv_heads, head_dim = dims
+    t = tokens.shape[0]
     pos, seg = jnp.arange(t, dtype=jnp.int32), jnp.zeros(t, jnp.int32)
-    shape = (cfg.num_layers, t, cfg.num_kv_heads, cfg.head_dim)
+    shape = (layers, t, kv_heads, head_dim)
 
     def attend(layer, q, k, v, carry):
         ks, vs = carry
         return block_attention(q, k, v, pos, seg, pos, seg)[0], (ks.at[layer].set(k), vs.at[layer].set(v))
 
-    _, (ks, vs) = model.hidden_states(
-        jnp.asarray(prompt, jnp.int32), pos, jnp.full((t,), t, jnp.int32), attend, (jnp.zeros(shape), jnp.zeros(shape))
-    )
-    return np.asarray(ks), np.asarray(vs)
+    h, (ks, vs) = model.hidden_states(tokens, pos, jnp.full((t,), t, jnp.int32), attend, (jnp.zeros(shape),) * 2)
+    return model.logits(h[last][None])[0], ks, vs
 
 
 def pool_tokens(engine: Engine, instance: int, rid: int) -> tuple[np.ndarray, np.ndarray]:
@@ -63,7 +81,7 @@ def pool_tokens(engine: Engine, instance: int, rid: int) -> tuple[np.ndarray, np
     return np.asarray(pools.k)[0][:, :, slots].swapaxes(1, 2), np.asarray(pools.v)[0][:, :, slots].swapaxes(1, 2)
 
 
-def smollm2_on_8_instances(max_model_len: int = 4096):
+def smollm2_on_8_instances(max_model_len: int = 2048):
     """SmolLM2 on 8 virtual instances with small pools (for the elastic runtime on real weights)."""
     from loong_jax import LLM  # noqa: PLC0415
 

@@ -1,7 +1,7 @@
 """One process of a multi-process test: joins the run, plays a scenario, prints one JSON line of results.
 
 Run by tests/test_multihost.py as `python multihost_worker.py SCENARIO COORDINATOR NUM_PROCESSES PROCESS_ID
-LOCAL_DEVICES`; never imported by pytest.
+LOCAL_DEVICES`; pytest imports only its constants.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from esp_helpers import FAST_COMPILE
 from helpers import save_tiny_hf
 
 torch = pytest.importorskip("torch")
@@ -53,7 +54,13 @@ def test_logits_and_greedy_match_transformers(tmp_path, name):
         ref = hf(torch.tensor([prompt])).logits[0].numpy()
     assert np.abs(ours - ref).max() <= 1e-3
 
-    llm = LLM(str(tmp_path), kv_tokens_per_instance=1024, page_size=4, compilation_cache_dir=None)
+    llm = LLM(
+        str(tmp_path),
+        kv_tokens_per_instance=1024,
+        page_size=4,
+        compilation_cache_dir=None,
+        compiler_options=FAST_COMPILE,
+    )
     out = llm.generate(prompt, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))[0]
     hf.generation_config.eos_token_id = None  # ignore_eos: EOS may be chosen and generation goes on
     with torch.no_grad():

@@ -165,11 +165,11 @@ def test_sized_engine_reports_its_capacity_and_temporaries_do_not_grow_with_the_
 
 
 def readme_python_example() -> str:
-    """The README's Python API example, exactly as written there."""
+    """The README's Python API example (its block that imports loong_jax), exactly as written there."""
     with open(os.path.join(ROOT, "README.md")) as f:
         text = f.read()
-    section = text[text.index("## Python API") :]
-    return section[section.index("```python\n") + len("```python\n") : section.index("```\n", 10)]
+    start = text.index("```python\nfrom loong_jax import") + len("```python\n")
+    return text[start : text.index("```\n", start)]
 
 
 @pytest.mark.fresh_host

@@ -27,7 +27,7 @@ def _same(got, want):
 
 @pytest.fixture(scope="module")
 def llm():
-    return smollm2_on_8_instances(max_model_len=2048)
+    return smollm2_on_8_instances()
 
 
 def _with_cache(llm, enabled, fn):

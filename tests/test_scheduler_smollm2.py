@@ -10,7 +10,7 @@ from loong_jax import LLM
 from loong_jax.scheduling.elastic import ElasticScheduler
 
 STEPS = 8
-LENGTHS = [10, 6000, 40, 900, 2500, 150, 3000, 17]  # tokens per prompt, in arrival order
+LENGTHS = [10, 3000, 40, 450, 1250, 150, 1500, 17]  # tokens per prompt, in arrival order
 
 
 def _prompts(tokenizer) -> list[list[int]]:
@@ -29,9 +29,10 @@ def _prompts(tokenizer) -> list[list[int]]:
 def test_scheduler_serves_mixed_lengths_exactly(smol_llm):
     llm = LLM(  # memory_utilization: this test process already holds other models
         num_instances=8,
-        kv_tokens_per_instance=2048,
+        kv_tokens_per_instance=1024,
         max_num_seqs=8,
-        max_prefill_tokens=8192,
+        max_prefill_tokens=4096,
+        max_model_len=4096,
         seed=0,
         memory_utilization=0.9,
     )

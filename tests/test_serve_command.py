@@ -23,7 +23,8 @@ def _free_port() -> int:
 def test_sigterm_stops_accepting_and_finishes_running_requests():
     port = _free_port()
     cmd = [sys.executable, "-m", "loong_jax.cli", "serve", "--num-instances", "2", "--kv-tokens-per-instance", "2048"]
-    cmd += ["--max-model-len", "1024", "--max-prefill-tokens", "256", "--max-num-seqs", "4", "--port", str(port)]
+    # small buckets: the warm-up compiles 28 programs, not 46
+    cmd += ["--max-model-len", "256", "--max-prefill-tokens", "64", "--max-num-seqs", "2", "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
     url = f"http://127.0.0.1:{port}"
     log: list[str] = []
