@@ -178,7 +178,7 @@ def start_server(args):
     )
     if args.warmup:
         llm.warmup(show_progress=False)
-    server, _ = build_server(llm, "default", api_key=None)
+    server, _ = build_server(llm, "default")
     url, uv = start_in_thread(build_app(server))
     return url, llm, uv
 

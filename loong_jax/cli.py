@@ -214,8 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         elif devices > 1:
             use_virtual_cpu_devices(devices)
         if args.command == "serve":
-            from serving.server import serve  # noqa: PLC0415
+            from serving.server import access_from_args, serve  # noqa: PLC0415
 
+            access_from_args(args)  # inconsistent access options fail before the model loads
             llm = load_llm(args, max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens)
             if llm.is_follower:
                 logging.getLogger("loong_jax").info("process %d: following process 0", dist.process_id)

@@ -208,6 +208,11 @@ class Engine:
             if bad:
                 raise RequestRejected(f"{name} must be in [0, {vocab}), got {bad[:5]}")
         max_new = params.max_tokens if params.max_tokens is not None else limit - n
+        if params.max_tokens is None and n >= limit:
+            raise RequestRejected(
+                f"This model's maximum context length is {limit} tokens, and the prompt has {n}: it leaves no room "
+                f"for a new token (a prompt may have at most {limit - 1} tokens). Please shorten the prompt."
+            )
         if n + max(max_new, 1) > limit:
             raise RequestRejected(
                 f"This model's maximum context length is {limit} tokens. However, you requested "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import time
@@ -14,30 +13,24 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from checkpoints.tokenizer import Tokenizer
 from loong_jax.engine import RequestRejected
+from loong_jax.model.sampling import brief
+from serving.access import Access
 from serving.async_engine import AsyncEngine, Delta, EngineDead
+from serving.errors import APIError, error_response
 from serving.metrics import Metrics
 from serving.openapi import openapi_document
 from serving.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 log = logging.getLogger("loong_jax.serving")
 DEFAULT_MAX_BODY_BYTES = 64 << 20  # the longest contexts served, as JSON text or token ids, with room to spare
-
-
-class APIError(Exception):
-    def __init__(self, message: str, status: int = 400, kind: str = "invalid_request_error", param: str | None = None):
-        super().__init__(message)
-        self.message, self.status, self.kind, self.param = message, status, kind, param
-
-
-def error_response(err: APIError) -> JSONResponse:
-    body = {"error": {"message": err.message, "type": err.kind, "param": err.param, "code": err.status}}
-    return JSONResponse(body, status_code=err.status)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -73,10 +66,9 @@ def _decode_json(raw: bytes, model: type[BaseModel]) -> Any:
         return model.model_validate(body)
     except ValidationError as e:
         first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        got = repr(first.get("input"))
-        got = got if len(got) <= 200 else got[:200] + "..."
-        raise APIError(f"{where}: {first['msg']} (got {got})", param=where) from None
+        where = brief(".".join(str(p) for p in first["loc"]), 100).strip("'")
+        message = first["msg"].removeprefix("Value error, ")
+        raise APIError(f"{where}: {message} (got {brief(first.get('input'))})", param=where) from None
 
 
 class Server:
@@ -88,7 +80,7 @@ class Server:
         tokenizer: Tokenizer,
         model_name: str,
         metrics: Metrics,
-        api_key: str | None,
+        access: Access,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ):
         self.engine = engine
@@ -97,7 +89,7 @@ class Server:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.metrics = metrics
-        self.api_key = api_key
+        self.access = access
         self.max_model_len = engine.engine.ecfg.max_model_len
         self.created = int(time.time())
 
@@ -114,18 +106,15 @@ class Server:
     def _check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
             raise APIError(
-                f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                f"the model {brief(name)} does not exist; this server serves {self.model_name!r}",
                 404,
                 "model_not_found",
                 param="model",
             )
 
-    def _authorize(self, request: Request) -> None:
-        if not self.api_key:
-            return
-        given = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
-        if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):  # constant time
-            raise APIError("invalid or missing API key (Authorization: Bearer ...)", 401, "authentication_error")
+    def _authorize(self, request: Request) -> str | None:
+        """The API key the client presented (None if the server needs none); 401 if it is not valid."""
+        return self.access.client(request.headers)
 
     @staticmethod
     def _check_supported(body: Any) -> None:
@@ -173,11 +162,15 @@ class Server:
             raise APIError("the prompt is empty; give at least one token", param="prompt")
         return prompts
 
-    async def _start(self, prompts: list[list[int]], body: Any, max_tokens: int | None, logprobs: int | None):
+    async def _start(
+        self, request: Request, key: str | None, prompts: list[list[int]], body: Any, max_tokens: int | None, logprobs
+    ):
         """Submit n choices per prompt, all or none: every choice's parameters are checked first, and if the
-        engine refuses one, the others already queued are aborted."""
+        engine refuses one, the others already queued are aborted. The cache salt is the tenant's (see
+        serving/access.py) and the client's."""
+        salt = self.access.cache_salt(request.headers, key, body.cache_salt)
         try:
-            params = [body.sampling_params(i, max_tokens, logprobs) for _ in prompts for i in range(body.n)]
+            params = [body.sampling_params(i, max_tokens, logprobs, salt) for _ in prompts for i in range(body.n)]
         except ValueError as e:
             raise APIError(str(e)) from None
         started: list[tuple[int, asyncio.Queue]] = []
@@ -197,7 +190,7 @@ class Server:
     # ----- routes ---------------------------------------------------------------------------------
 
     async def completions(self, request: Request) -> Response:
-        self._authorize(request)
+        key = self._authorize(request)
         body = await self._parse(request, CompletionRequest)
         self._check_model(body.model)
         self._check_supported(body)
@@ -206,12 +199,12 @@ class Server:
         if body.best_of is not None and body.best_of != body.n:
             raise APIError("best_of must equal n when given", param="best_of")
         prompts = await self._prompts(body)
-        started = await self._start(prompts, body, body.max_tokens, body.logprobs)
+        started = await self._start(request, key, prompts, body, body.max_tokens, body.logprobs)
         rid = f"cmpl-{uuid.uuid4().hex}"
         return await self._respond(request, body, started, rid, "text_completion", prompts, self._completion_choice)
 
     async def chat(self, request: Request) -> Response:
-        self._authorize(request)
+        key = self._authorize(request)
         body = await self._parse(request, ChatCompletionRequest)
         self._check_model(body.model)
         self._check_supported(body)
@@ -220,7 +213,7 @@ class Server:
         prompt = await self._chat_prompt(body.messages)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        started = await self._start([prompt], body, max_tokens, logprobs)
+        started = await self._start(request, key, [prompt], body, max_tokens, logprobs)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         return await self._respond(request, body, started, rid, "chat.completion", [prompt], self._chat_choice)
 
@@ -349,16 +342,15 @@ class Server:
                     self.engine.abort(r)
 
     def _logprobs_completion(self, deltas: list[Delta]) -> dict[str, Any]:
-        tokens, lps, tops = [], [], []
+        """The tokens of the text returned, each with where its text starts in the completion's text."""
+        tokens, lps, tops, offsets = [], [], [], []
         for d in deltas:
-            for tok, lp, top in zip(d.token_ids, d.logprobs, d.top_logprobs):
+            for tok, lp, top, at in zip(d.token_ids, d.logprobs, d.top_logprobs, d.text_offsets):
                 tokens.append(self._token_text(tok))
                 lps.append(lp)
                 tops.append({self._token_text(t): v for t, v in top})
-        offsets = [0]
-        for text in tokens[:-1]:
-            offsets.append(offsets[-1] + len(text))
-        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets[: len(tokens)]}
+                offsets.append(at)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
     def _logprobs_chat(self, deltas: list[Delta]) -> dict[str, Any]:
         content = []
@@ -397,21 +389,40 @@ class Server:
         delta = {"content": text} if text else {}
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": _finish(last)}
 
+    def _model_card(self) -> dict[str, Any]:
+        return {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "loong-jax",
+            "max_model_len": self.max_model_len,
+        }
+
     async def models(self, request: Request) -> Response:
         self._authorize(request)
-        data = [
-            {
-                "id": self.model_name,
-                "object": "model",
-                "created": self.created,
-                "owned_by": "loong-jax",
-                "max_model_len": self.max_model_len,
-            }
-        ]
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: Request) -> Response:
+        """OpenAI's retrieve-model route."""
+        self._authorize(request)
+        name = request.path_params["model"]
+        self._check_model(name)
+        return JSONResponse(self._model_card())
+
+    async def server_info(self, request: Request) -> Response:
+        """Operator details: how the KV pools were sized (memory budget, weights, programs' working memory)."""
+        self.access.operator(request.headers)
         capacity = self.engine.engine.kv_capacity
-        if capacity is not None:
-            data[0]["kv_cache"] = capacity.as_dict()
-        return JSONResponse({"object": "list", "data": data})
+        e = self.engine.engine.ecfg
+        info = {
+            "model": self.model_name,
+            "num_instances": e.num_instances,
+            "tp": e.tp,
+            "max_model_len": self.max_model_len,
+            "cache_isolation": self.access.cache_isolation,
+            "kv_cache": None if capacity is None else capacity.as_dict(),
+        }
+        return JSONResponse(info)
 
     async def health(self, request: Request) -> Response:
         if self.engine.alive:
@@ -446,6 +457,7 @@ class Server:
         return JSONResponse(openapi_document())
 
     async def metrics_route(self, request: Request) -> Response:
+        self.access.operator(request.headers)
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -483,6 +495,8 @@ def build_app(server: Server, on_shutdown: Any = None) -> Starlette:
         Route("/v1/completions", wrap(server.completions), methods=["POST"]),
         Route("/v1/chat/completions", wrap(server.chat), methods=["POST"]),
         Route("/v1/models", wrap(server.models), methods=["GET"]),
+        Route("/v1/models/{model:path}", wrap(server.model), methods=["GET"]),
+        Route("/server_info", wrap(server.server_info, needs_engine=False), methods=["GET"]),
         Route("/health", wrap(server.health, needs_engine=False), methods=["GET"]),
         Route("/tokenize", wrap(server.tokenize), methods=["POST"]),
         Route("/detokenize", wrap(server.detokenize), methods=["POST"]),
@@ -496,7 +510,19 @@ def build_app(server: Server, on_shutdown: Any = None) -> Starlette:
         if on_shutdown is not None:
             await asyncio.get_running_loop().run_in_executor(None, on_shutdown)
 
-    return Starlette(routes=routes, lifespan=lifespan)
+    middleware = []
+    if server.access.allowed_origins:  # browsers may call from these origins (off unless asked for)
+        origins = list(server.access.allowed_origins)
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=origins,
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type", server.access.tenant_header],
+                max_age=600,
+            )
+        )
+    return Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
 
 
 def _usage(prompt: int, completion: int, cached: list[int], n: int) -> dict[str, Any]:

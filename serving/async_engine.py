@@ -37,6 +37,7 @@ class Delta:
     logprobs: list[float]
     top_logprobs: list[list[tuple[int, float]]]
     finished: bool
+    text_offsets: list[int] = dataclasses.field(default_factory=list)  # where each token's text starts
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     prompt_tokens: int = 0
@@ -51,7 +52,6 @@ class _Stream:
     req: Request
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
-    sent: int = 0  # tokens already delivered
 
 
 class EngineDead(RuntimeError):
@@ -221,14 +221,16 @@ class AsyncEngine:
                 continue
             if req.finished:
                 del self._streams[req.rid]  # its last delta goes out now
-            new = slice(stream.sent, len(req.output_ids))
-            stream.sent = len(req.output_ids)
+            text = req.take_text_delta()
+            shown = req.take_tokens()  # the tokens of the text shown: a stop string's are never listed
+            new = slice(shown.start, shown.stop)
             delta = Delta(
-                text=req.take_text_delta(),
+                text=text,
                 token_ids=req.output_ids[new],
                 logprobs=req.logprobs[new],
                 top_logprobs=req.top_logprobs[new],
                 finished=req.finished,
+                text_offsets=[req.token_start(i) for i in shown],
                 finish_reason=req.finish_reason,
                 stop_reason=req.stop_reason,
                 prompt_tokens=len(req.prompt_ids),

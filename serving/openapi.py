@@ -26,7 +26,7 @@ _ERROR = {
 }
 _ERRORS = {
     "400": "invalid request",
-    "401": "missing or wrong API key",
+    "401": "missing or wrong API key (the admin key on operator routes)",
     "404": "unknown model",
     "413": "request body too large",
     "500": "the engine failed this request",
@@ -57,6 +57,12 @@ def _get(summary: str) -> dict[str, Any]:
     return {"get": {"summary": summary, "responses": _responses(summary)}}
 
 
+def _get_model() -> dict[str, Any]:
+    route = _get("one model by name (OpenAI's retrieve-model)")
+    route["get"]["parameters"] = [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]
+    return route
+
+
 def openapi_document(title: str = "loong-jax", version: str = "0.1.0") -> dict[str, Any]:
     """OpenAPI 3.1 description of every route, request bodies from the models the server validates with."""
     schemas: dict[str, Any] = {"Error": _ERROR}
@@ -72,7 +78,9 @@ def openapi_document(title: str = "loong-jax", version: str = "0.1.0") -> dict[s
             "/v1/chat/completions": _post(ChatCompletionRequest, "chat completion"),
             "/tokenize": _post(TokenizeRequest, "token ids of a prompt or conversation"),
             "/detokenize": _post(DetokenizeRequest, "text of token ids"),
-            "/v1/models": _get("the served model and its KV cache"),
+            "/v1/models": _get("the served model"),
+            "/v1/models/{model}": _get_model(),
+            "/server_info": _get("operator details: instances, cache isolation, KV cache sizing"),
             "/health": _get("whether the engine runs"),
         },
         "components": {"schemas": schemas},

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from loong_jax.model.sampling import MAX_INT32, MAX_LOGPROBS, SamplingParams
+from loong_jax.model.sampling import MAX_CACHE_SALT_CHARS, MAX_INT32, MAX_LOGPROBS, SamplingParams, brief
 
 MAX_SEED = 2**63 - 1
 
@@ -16,7 +16,8 @@ class StreamOptions(BaseModel):
 
 
 class _Common(BaseModel):
-    """Fields shared by completions and chat completions (OpenAI's, plus common engine extensions)."""
+    """Fields shared by completions and chat completions (OpenAI's, plus common engine extensions). Fields not
+    listed are accepted and ignored, as OpenAI clients expect; fields listed as unsupported are refused."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -33,12 +34,16 @@ class _Common(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
     user: str | None = None
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)  # see docs/prefix-caching.md
     # accepted only as their no-op values until they are implemented
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    web_search_options: Any = None
     # extensions known from other open-source servers
     top_k: int = Field(0, ge=-1, le=MAX_INT32)
     min_p: float = Field(0.0, ge=0, le=1)
@@ -58,9 +63,16 @@ class _Common(BaseModel):
             return "tools" if self.tools else "functions"
         if self.tool_choice not in (None, "none", "auto") or self.function_call not in (None, "none", "auto"):
             return "tool_choice" if self.tool_choice not in (None, "none", "auto") else "function_call"
+        if self.modalities not in (None, ["text"]):
+            return "modalities"
+        for name in ("audio", "web_search_options"):
+            if getattr(self, name) is not None:
+                return name
         return None
 
-    def sampling_params(self, index: int, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(
+        self, index: int, max_tokens: int | None, logprobs: int | None, cache_salt: str | None
+    ) -> SamplingParams:
         """Parameters of the index-th of n choices (seeded choices get distinct, reproducible seeds)."""
         return SamplingParams(
             max_tokens=max_tokens,
@@ -80,6 +92,7 @@ class _Common(BaseModel):
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
             logit_bias=None if self.logit_bias is None else _token_bias(self.logit_bias),
+            cache_salt=cache_salt,
         )
 
 
@@ -88,7 +101,7 @@ def _token_bias(bias: dict[str, float]) -> dict[int, float]:
     out = {}
     for key, value in bias.items():
         if not key.strip().isdigit():
-            raise ValueError(f"logit_bias keys must be token ids (integers as strings), got {key!r}")
+            raise ValueError(f"logit_bias keys must be token ids (integers as strings), got {brief(key)}")
         out[int(key)] = value
     return out
 
@@ -111,6 +124,31 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, content: Any) -> Any:
+        """Only text: a part of another type (an image, audio) is refused by name, not as a type mismatch."""
+        if content is None or isinstance(content, str):
+            return content
+        if not isinstance(content, list):
+            raise ValueError(f"content must be a string or a list of text parts, got {brief(content)}")
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(
+                    "only text content parts ({'type': 'text', 'text': '...'}) are supported, got a part of type "
+                    f"{brief(kind)}"
+                    if kind != "text"
+                    else "a text part needs its text as a string"
+                )
+        return content
+
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content (a string or a list of text parts), not null")
+        return self
 
     def as_template_input(self) -> dict[str, Any]:
         content = self.content

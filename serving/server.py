@@ -12,6 +12,7 @@ from typing import Any
 
 import uvicorn
 
+from serving.access import DEFAULT_TENANT_HEADER, ISOLATION, Access
 from serving.app import DEFAULT_MAX_BODY_BYTES, Server, build_app
 from serving.async_engine import AsyncEngine
 from serving.metrics import Metrics
@@ -22,7 +23,36 @@ log = logging.getLogger("loong_jax.serving")
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("LOONG_API_KEY"), help="require 'Authorization: Bearer KEY'")
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        help="require 'Authorization: Bearer KEY'; repeat for several keys (clients or tenants). Default: the "
+        "comma-separated LOONG_API_KEY",
+    )
+    p.add_argument(
+        "--admin-key",
+        default=os.environ.get("LOONG_ADMIN_KEY"),
+        help="the key of the operator routes (/metrics, /server_info); default: any API key",
+    )
+    p.add_argument(
+        "--cache-isolation",
+        choices=ISOLATION,
+        default="none",
+        help="who shares prefix-cache pages: none (everyone, split only by the requests' cache_salt), api-key "
+        "(each API key apart) or header (each tenant named by --tenant-header apart)",
+    )
+    p.add_argument(
+        "--tenant-header",
+        default=DEFAULT_TENANT_HEADER,
+        help="the header naming the tenant with --cache-isolation header (set by a proxy you trust)",
+    )
+    p.add_argument(
+        "--allowed-origin",
+        action="append",
+        default=[],
+        help="let browser pages from this origin call the API (CORS); repeat for several, '*' for any. Default: none",
+    )
     p.add_argument("--served-model-name", default=None, help="the model name clients use (default: the file's)")
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument(
@@ -64,19 +94,33 @@ def start_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0) -> tuple[s
 
 
 def build_server(
-    llm, model_name: str, api_key: str | None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    llm, model_name: str, access: Access | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 ) -> tuple[Server, AsyncEngine]:
-    """The routes' state around a loaded LLM; the engine thread is started here."""
+    """The routes' state around a loaded LLM (access: keys, cache isolation, CORS; default: open); the engine
+    thread is started here."""
     metrics = Metrics(llm.engine.ecfg.num_instances, llm.engine.kv_capacity)
     engine = AsyncEngine(llm.engine, metrics.on_iteration)
     engine.start()
-    return Server(engine, llm.tokenizer, model_name, metrics, api_key, max_body_bytes), engine
+    return Server(engine, llm.tokenizer, model_name, metrics, access or Access(), max_body_bytes), engine
+
+
+def access_from_args(args: argparse.Namespace) -> Access:
+    """The access rules the serve options describe (ValueError naming what is inconsistent)."""
+    keys = args.api_key if args.api_key is not None else os.environ.get("LOONG_API_KEY", "").split(",")
+    return Access(
+        api_keys=tuple(k.strip() for k in keys if k.strip()),
+        admin_key=args.admin_key or None,
+        cache_isolation=args.cache_isolation,
+        tenant_header=args.tenant_header,
+        allowed_origins=tuple(args.allowed_origin),
+    )
 
 
 def serve(args: argparse.Namespace, llm: Any) -> int:
     """Warm the loaded model up and serve it until SIGTERM / Ctrl-C (running requests finish first)."""
     if llm.tokenizer is None:
         raise ValueError("the checkpoint has no tokenizer; the server needs one")
+    access = access_from_args(args)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model or "SmolLM2-135M-Instruct"))
     e = llm.engine.ecfg
     log.info(
@@ -89,7 +133,7 @@ def serve(args: argparse.Namespace, llm: Any) -> int:
     )
     if not args.no_warmup:
         llm.warmup(show_progress=True)  # logs how many programs it compiled and how long it took
-    server, engine = build_server(llm, name, args.api_key, args.max_body_bytes)
+    server, engine = build_server(llm, name, access, args.max_body_bytes)
     app = build_app(server, on_shutdown=lambda: engine.shutdown(args.shutdown_timeout))
     log.info("listening on http://%s:%d (OpenAI-compatible API under /v1)", args.host, args.port)
     config = uvicorn.Config(

@@ -25,7 +25,7 @@ MODEL = "smollm2"
 def fuzz_server():
     """A small context keeps every generated completion short (the examples run the real model)."""
     llm = LLM(num_instances=1, kv_tokens_per_instance=1024, max_model_len=24, max_num_seqs=8, seed=0)
-    srv, engine = build_server(llm, MODEL, api_key=None, max_body_bytes=1 << 20)
+    srv, engine = build_server(llm, MODEL, max_body_bytes=1 << 20)
     url, uv = start_in_thread(build_app(srv, on_shutdown=lambda: engine.shutdown(10)))
     yield url, llm
     uv.should_exit = True

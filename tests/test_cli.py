@@ -59,6 +59,7 @@ def test_convert_then_generate_from_orbax(tmp_path):
             ("serve", "--coordinator", "nohost", "--num-processes", "2", "--process-id", "0"),
             "coordinator must be HOST:PORT",
         ),
+        (("serve", "--cache-isolation", "api-key"), "cache isolation per API key needs API keys (--api-key)"),
     ],
 )
 def test_bad_arguments_fail_with_a_clear_message(args, message):

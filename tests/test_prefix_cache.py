@@ -151,6 +151,37 @@ def test_the_engine_loop_reuses_prefixes_exactly(llm):
     assert got[-1].cached_tokens == (len(got[-1].prompt_ids) - 1) // page * page  # all but the last partial page
 
 
+def test_cache_salts_never_share_a_page_and_change_no_output(llm):
+    """Requests with different cache salts (or none) never find or hold each other's pages, even running side
+    by side; a request with the same salt as an earlier one hits; every output is the uncached one."""
+    engine = llm.engine
+    prompt = llm.chat_prompt_ids([{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[1]}])
+
+    def run(salts):
+        reqs = [engine.add_request(prompt, greedy_params(STEPS, logprobs=0, cache_salt=s)) for s in salts]
+        while not all(r.finished for r in reqs):
+            engine.step()
+            for pool in engine.pools:  # pages held by requests of different salts: never the same page
+                for a in reqs:
+                    for b in reqs:
+                        if a.params.cache_salt != b.params.cache_salt:
+                            assert not set(pool.pages.get(a.rid, ())) & set(pool.pages.get(b.rid, ()))
+        return reqs
+
+    (want,) = _with_cache(llm, False, lambda: run([None]))
+
+    def salted():
+        first = run(["tenant-a"])
+        return first + run(["tenant-a", "tenant-b", None])
+
+    a1, a2, b, plain = _with_cache(llm, True, salted)
+    for got in (a1, a2, b, plain):
+        _same(got, want)
+    assert a1.cached_tokens == b.cached_tokens == plain.cached_tokens == 0 and a2.cached_tokens > 0
+    assert a1.page_keys[: len(a2.page_keys)] == a2.page_keys[: len(a1.page_keys)]
+    assert not set(a1.page_keys) & set(b.page_keys) and not set(a1.page_keys) & set(plain.page_keys)
+
+
 def _assert_pools_consistent(engine):
     for pool in engine.pools:
         pool.check()

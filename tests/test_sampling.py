@@ -142,6 +142,31 @@ def test_stop_strings_inside_min_tokens_do_not_count_and_text_is_never_taken_bac
     assert req.finish_reason == "stop" and req.text == "a\nbcd" and streamed == req.text
 
 
+@pytest.mark.parametrize("include", [False, True])
+def test_the_tokens_shown_are_those_of_the_text_shown(include):
+    """A stop string that begins inside a token: the tokens listed (streamed or not) are those with text in
+    the answer, the last one running past the cut; their start offsets are positions in the text."""
+    pieces = {1: "<s>", 2: "ab", 3: "c\n", 4: "\nd", 5: "ef"}
+
+    class Pieces:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(pieces[i] for i in ids)
+
+    from checkpoints.tokenizer import IncrementalDetokenizer
+
+    params = SamplingParams(max_tokens=10, stop=["\n\n"], include_stop_str_in_output=include)
+    req = Request(0, [1], params, 10, seed=0, eos_ids=(), detok=IncrementalDetokenizer(Pieces(), [1], True))
+    text, shown = "", []
+    for t in [2, 3, 4, 5]:
+        req.append_token(t, 0.0, [])
+        text += req.take_text_delta()
+        shown += [(req.output_ids[i], req.token_start(i)) for i in req.take_tokens()]
+        if req.finished:
+            break
+    assert text == req.text == ("abc\n\n" if include else "abc") and req.output_ids == [2, 3, 4]
+    assert shown == ([(2, 0), (3, 2), (4, 4)] if include else [(2, 0), (3, 2)])
+
+
 # ----- end to end on SmolLM2 ------------------------------------------------------------------------
 
 PROMPT = "List the first ten prime numbers, separated by commas:"

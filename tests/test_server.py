@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
 import time
@@ -13,14 +14,16 @@ import pytest
 
 openai = pytest.importorskip("openai")
 from loong_jax import LLM  # noqa: E402
-from serving.app import build_app  # noqa: E402
+from serving.access import Access  # noqa: E402
+from serving.app import Server, build_app  # noqa: E402
 from serving.server import build_server, start_in_thread  # noqa: E402
 
 MODEL = "smollm2"
 
 
 @pytest.fixture(scope="module")
-def server():
+def served():
+    """The module's server: its URL, the LLM and the routes' state (other apps may share its engine)."""
     llm = LLM(  # memory_utilization: this test process already holds other models
         num_instances=4,
         kv_tokens_per_instance=4096,
@@ -29,10 +32,15 @@ def server():
         seed=0,
         memory_utilization=0.9,
     )
-    srv, engine = build_server(llm, MODEL, api_key=None)
+    srv, engine = build_server(llm, MODEL)
     url, uv = start_in_thread(build_app(srv, on_shutdown=lambda: engine.shutdown(10)))
-    yield url, llm
+    yield url, llm, srv
     uv.should_exit = True
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served[:2]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +61,11 @@ def _wait_idle(llm, timeout=30.0):
 def test_models_health_tokenize(server, client):
     base, llm = server
     assert [m.id for m in client.models.list().data] == [MODEL]
-    kv = httpx.get(f"{base}/v1/models").json()["data"][0]["kv_cache"]
+    assert client.models.retrieve(MODEL).id == MODEL
+    missing = httpx.get(f"{base}/v1/models/" + "x" * 100_000)
+    assert missing.status_code == 404 and len(missing.content) < 1000
+    assert "kv_cache" not in httpx.get(f"{base}/v1/models").json()["data"][0]  # operator details: /server_info
+    kv = httpx.get(f"{base}/server_info").json()["kv_cache"]
     assert kv["tokens_per_instance"] == 4096 and kv["total_tokens"] == 4 * 4096 and kv["num_instances"] == 4
     assert kv["how"] == "given (kv_tokens_per_instance)" and kv["bytes_per_instance"] == 4096 * kv["bytes_per_token"]
     assert kv["budget_bytes"] > kv["in_use_bytes"] > 0 and kv["weight_bytes"] > 0 and kv["temp_bytes"] > 0
@@ -224,7 +236,7 @@ def test_api_key_and_a_small_pool(tmp_path):
     with pytest.raises(ValueError, match="cannot hold one request of max_model_len=2,048"):
         LLM(num_instances=1, kv_tokens_per_instance=256, max_model_len=2048, seed=0)
     llm = LLM(num_instances=1, kv_tokens_per_instance=256, max_model_len=240, seed=0)
-    srv, engine = build_server(llm, MODEL, api_key="secret")
+    srv, engine = build_server(llm, MODEL, Access(api_keys=("secret",)))
     from starlette.testclient import TestClient
 
     with TestClient(build_app(srv, on_shutdown=lambda: engine.shutdown(5))) as tc:
@@ -356,7 +368,7 @@ def test_engine_failures_are_errors_and_a_dead_engine_answers_everyone():
         return real(work, pools)
 
     llm.engine.executor.prefill = prefill
-    srv, engine = build_server(llm, MODEL, api_key=None, max_body_bytes=4000)
+    srv, engine = build_server(llm, MODEL, max_body_bytes=4000)
     url, uv = start_in_thread(build_app(srv, on_shutdown=lambda: engine.shutdown(5)))
     try:
         ok = {"model": MODEL, "prompt": "Hello there", "max_tokens": 4, "temperature": 0}
@@ -415,3 +427,192 @@ def test_engine_failures_are_errors_and_a_dead_engine_answers_everyone():
         assert httpx.get(f"{url}/metrics").status_code == 200
     finally:
         uv.should_exit = True
+
+
+# ----- tenants, keys and the prefix cache as an oracle ---------------------------------------------------------
+
+BANK = (
+    "You are the help desk of the Northwind Savings Bank. Answer the customer's questions about accounts, cards, "
+    "transfers and opening hours politely and briefly, and never give financial advice."
+)
+AFTER_PIN = (
+    ". Confirm it with the customer before any change to the account, never read it aloud, never write it in an "
+    "email, and remind the customer that the bank will never ask for it on the telephone or in a text message."
+)
+
+
+def _pin_prompt(pin: str) -> str:
+    return f"{BANK} The customer PIN is {pin}{AFTER_PIN}"
+
+
+def _cached(url: str, pin: str, headers: dict | None = None, salt: str | None = None) -> int:
+    body = {"model": MODEL, "prompt": _pin_prompt(pin), "max_tokens": 1, "temperature": 0}
+    if salt is not None:
+        body["cache_salt"] = salt
+    r = httpx.post(f"{url}/v1/completions", json=body, headers=headers or {}, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def _oracle(url: str, victim: dict, attacker: dict, secret: str) -> tuple[int, int]:
+    """What an attacker's cached_tokens say about the victim's PIN: (cached for a wrong guess, for the right
+    one), both after the attacker has warmed its own namespace with another wrong guess."""
+    _cached(url, secret, **victim)
+    _cached(url, "0000", **attacker)
+    return _cached(url, "1" + secret[1:], **attacker), _cached(url, secret, **attacker)
+
+
+@contextlib.contextmanager
+def _another_app(served, access: Access):
+    """A second server on loopback with other access rules, over the module server's engine."""
+    _, llm, srv = served
+    other = Server(srv.engine, llm.tokenizer, MODEL, srv.metrics, access)
+    url, uv = start_in_thread(build_app(other))
+    try:
+        yield url
+    finally:
+        uv.should_exit = True
+
+
+def test_the_prefix_cache_is_an_oracle_only_within_one_cache_salt(served):
+    """Without salts a client learns another's PIN from cached_tokens (the attack this guards against);
+    with different salts it learns nothing; the same salt still hits."""
+    url = served[0]
+    wrong, right = _oracle(url, {}, {}, "4821")
+    assert right > wrong  # the oracle: everyone shares one namespace
+    wrong, right = _oracle(url, {"salt": "victim"}, {"salt": "attacker"}, "7390")
+    assert right == wrong > 0  # the attacker only hits its own pages
+    assert _cached(url, "7390", salt="victim") >= len(served[1].tokenizer.encode(_pin_prompt("7390"))) - 16
+
+
+def test_api_keys_isolate_tenants_and_guard_operator_routes(served):
+    access = Access(api_keys=("key-a", "key-b"), admin_key="ops", cache_isolation="api-key")
+    a, b = {"Authorization": "Bearer key-a"}, {"authorization": "bearer key-b"}  # schemes in any case
+    with _another_app(served, access) as url:
+        wrong, right = _oracle(url, {"headers": a}, {"headers": b}, "5163")
+        assert right == wrong > 0
+        assert _cached(url, "5163", headers={"Authorization": "BEARER key-a"}) > right  # a's own pages
+        for headers in ({}, {"Authorization": "Bearer key-c"}, {"Authorization": "Basic key-a"}):
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 1}, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        for path in ("/metrics", "/server_info"):  # hit counters and memory: the operator's only
+            assert httpx.get(f"{url}{path}", headers=a).status_code == 401
+            assert httpx.get(f"{url}{path}", headers={"Authorization": "Bearer ops"}).status_code == 200
+        assert httpx.get(f"{url}/v1/models", headers=a).status_code == 200
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+
+
+def test_a_tenant_header_isolates_tenants(served):
+    with _another_app(served, Access(cache_isolation="header", tenant_header="X-Tenant")) as url:
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 1})
+        assert r.status_code == 400 and "X-Tenant" in r.json()["error"]["message"]
+        wrong, right = _oracle(url, {"headers": {"X-Tenant": "acme"}}, {"headers": {"X-Tenant": "evil"}}, "2958")
+        assert right == wrong > 0
+        # one tenant's requests still share
+        wrong, right = _oracle(url, {"headers": {"X-Tenant": "acme"}}, {"headers": {"X-Tenant": "acme"}}, "3074")
+        assert right > wrong
+
+
+def test_cors_is_off_unless_origins_are_allowed(served):
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    r = httpx.options(f"{served[0]}/v1/completions", headers=preflight)
+    assert r.status_code == 405 and "access-control-allow-origin" not in r.headers
+    with _another_app(served, Access(allowed_origins=("https://app.example",))) as url:
+        r = httpx.options(f"{url}/v1/completions", headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+        r = httpx.options(f"{url}/v1/completions", headers={**preflight, "Origin": "https://evil.example"})
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+        r = httpx.get(f"{url}/v1/models", headers={"Origin": "https://app.example"})
+        assert r.headers["access-control-allow-origin"] == "https://app.example"
+
+
+# ----- answers that agree with themselves, errors that echo little ------------------------------------------
+
+
+def _completion_logprobs_agree(choice: dict) -> None:
+    """The tokens listed are the text's: each starts where the one before ends, the first at 0, every one
+    inside the text, and together they cover it."""
+    text, lp = choice["text"], choice["logprobs"]
+    tokens, offsets = lp["tokens"], lp["text_offset"]
+    assert len(tokens) == len(offsets) == len(lp["token_logprobs"]) == len(lp["top_logprobs"])
+    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    assert all(at < len(text) for at in offsets)
+    assert "".join(tokens).startswith(text)
+
+
+def test_a_stop_string_cuts_the_tokens_and_offsets_with_the_text(server):
+    base, _ = server
+    body = {"model": MODEL, "prompt": "1, 2, 3, 4,", "max_tokens": 16, "temperature": 0, "logprobs": 1}
+    full = httpx.post(f"{base}/v1/completions", json=body).json()["choices"][0]
+    stop = full["text"][5:8]
+    for extra in ({}, {"include_stop_str_in_output": True}):
+        cut = httpx.post(f"{base}/v1/completions", json={**body, **extra, "stop": [stop]}).json()
+        choice = cut["choices"][0]
+        assert choice["finish_reason"] == "stop" and choice["text"].startswith(full["text"][:5])
+        _completion_logprobs_agree(choice)
+        assert len(choice["logprobs"]["tokens"]) < len(full["logprobs"]["tokens"])
+        assert cut["usage"]["completion_tokens"] >= len(choice["logprobs"]["tokens"])  # every token sampled
+        streaming = {**body, **extra, "stop": [stop], "stream": True}
+        with httpx.stream("POST", f"{base}/v1/completions", json=streaming) as r:
+            streamed = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        parts = [c["choices"][0] for c in streamed]
+        assert "".join(p["text"] for p in parts) == choice["text"]
+        assert [t for p in parts for t in p["logprobs"]["tokens"]] == choice["logprobs"]["tokens"]
+        assert [t for p in parts for t in p["logprobs"]["text_offset"]] == choice["logprobs"]["text_offset"]
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Count to ten."}], "max_tokens": 24}
+    whole = httpx.post(f"{base}/v1/chat/completions", json={**chat, "temperature": 0, "logprobs": True}).json()
+    content = whole["choices"][0]["message"]["content"]
+    cut = httpx.post(
+        f"{base}/v1/chat/completions", json={**chat, "temperature": 0, "logprobs": True, "stop": [content[6:9]]}
+    ).json()["choices"][0]
+    raw = b"".join(bytes(t["bytes"]) for t in cut["logprobs"]["content"]).decode("utf-8", "replace")
+    assert raw.startswith(cut["message"]["content"]) and len(raw) < len(content)
+
+
+@pytest.mark.parametrize(
+    "path,body,message",
+    [
+        ("/v1/completions", {"prompt": "hi", "model": "m" * 1_000_000}, "does not exist"),
+        ("/v1/completions", {"prompt": "hi", "stop": ["x" * 100] * 20_000}, "at most 16 strings"),
+        ("/v1/completions", {"prompt": "hi", "logit_bias": {str(i): 1 for i in range(49152)}}, "at most 300 entries"),
+        ("/v1/completions", {"prompt": "hi", "temperature": "t" * 1_000_000}, "temperature"),
+        ("/v1/completions", {"prompt": "hi", "cache_salt": "s" * 100_000}, "cache_salt"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "c" * 10**6}], "n": 99}, "n: Input"),
+        ("/v1/chat/completions", {"messages": [{"role": "u" * 10**6, "content": "hi"}]}, "messages.0.role"),
+    ],
+)
+def test_error_messages_quote_little_of_what_was_sent(server, path, body, message):
+    r = httpx.post(f"{server[0]}{path}", json=body, timeout=120)
+    assert r.status_code in (400, 404) and message in r.json()["error"]["message"]
+    assert len(r.content) < 1500, len(r.content)
+
+
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ({"prompt": "hi", "stop": ["x" * 257]}, "stop must be strings of at most 256 characters each"),
+        ({"prompt": "hi", "stop": ["x" * 250] * 5}, "at most 1024 characters in all"),
+        ({"prompt": [7] * 2048}, "the prompt has 2048: it leaves no room for a new token"),
+        ({"prompt": "hi", "audio": {"voice": "alloy"}}, "audio is not supported"),
+        ({"prompt": "hi", "modalities": ["text", "audio"]}, "modalities is not supported"),
+        ({"prompt": "hi", "cache_salt": ""}, "cache_salt"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "only text content parts",
+        ),
+        ({"messages": [{"role": "user", "content": None}]}, "a user message needs content"),
+    ],
+)
+def test_limits_and_unsupported_parts_are_400(server, body, message):
+    base, llm = server
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    r = httpx.post(f"{base}{path}", json={"model": MODEL, **body})
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+    assert not llm.engine.waiting
+
+
+def test_unknown_fields_are_accepted(client):
+    c = client.completions.create(
+        model=MODEL, prompt="Hi", max_tokens=2, extra_body={"some_future_field": {"x": 1}, "store": True}
+    )
+    assert c.usage.completion_tokens <= 2

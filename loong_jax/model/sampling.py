@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import reprlib
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -24,6 +25,20 @@ MAX_BANNED = MAX_EOS_IDS + MAX_STOP_TOKEN_IDS  # EOS and stop token ids masked b
 MAX_LOGIT_BIAS = 300  # entries of one request's logit_bias
 MIN_TEMPERATURE = 1e-5  # below this, dividing the logits overflows: such temperatures sample greedily
 MAX_INT32 = 2**31 - 1
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256  # a stream holds back this much text: longer stop strings would stall it
+MAX_STOP_TOTAL_CHARS = 1024  # all of a request's stop strings, scanned at every step
+MAX_CACHE_SALT_CHARS = 1024
+QUOTE_CHARS = 200  # an error message quotes at most this much of a value it refuses
+
+
+def brief(value: object, limit: int = QUOTE_CHARS) -> str:
+    """repr(value), cut to about `limit` characters: an error message never echoes a huge input."""
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = limit
+    short.maxlist = short.maxtuple = short.maxdict = short.maxset = 16
+    text = short.repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclasses.dataclass
@@ -47,6 +62,7 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    cache_salt: str | None = None  # prefix-cache namespace: only requests with the same salt share K/V pages
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "top_k", "seed", "min_tokens", "logprobs"):  # numpy integers are fine
@@ -73,7 +89,7 @@ class SamplingParams:
 
     def validate(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
-            return ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+            return ValueError(f"{name} must be {allowed}, got {brief(getattr(self, name))}")
 
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             raise bad("max_tokens", "an integer >= 1 (or None for the rest of the context)")
@@ -95,8 +111,12 @@ class SamplingParams:
             raise bad("seed", "an integer in [0, 2**63)")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "a non-empty string or a list of non-empty strings")
-        if len(self.stop) > 16:
-            raise bad("stop", "at most 16 strings")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise bad("stop", f"at most {MAX_STOP_STRINGS} strings")
+        if any(len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
+            raise bad("stop", f"strings of at most {MAX_STOP_STRING_CHARS} characters each")
+        if sum(len(s) for s in self.stop) > MAX_STOP_TOTAL_CHARS:
+            raise bad("stop", f"strings of at most {MAX_STOP_TOTAL_CHARS} characters in all")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise bad("min_tokens", "an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
@@ -115,6 +135,10 @@ class SamplingParams:
                     raise bad("logit_bias", "a mapping of token ids to numbers in [-100, 100]")
         if self.logprobs is not None and not (0 <= self.logprobs <= MAX_LOGPROBS):
             raise bad("logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None")
+        if self.cache_salt is not None and (
+            not isinstance(self.cache_salt, str) or not 0 < len(self.cache_salt) <= MAX_CACHE_SALT_CHARS
+        ):
+            raise bad("cache_salt", f"a non-empty string of at most {MAX_CACHE_SALT_CHARS} characters, or None")
 
     @property
     def uses_penalties(self) -> bool:

@@ -7,7 +7,8 @@ pages cached on the group's instances is shared with it (reference counts; nothi
 and its prefill computes only the tokens after them, appending to that K/V where it lies (the appending
 ring prefill). A request's full aligned pages are published when its prefill ends and when it finishes
 (its generated tokens too, for the next turn of a conversation). The last, partial page is never shared:
-a request always computes at least its last prompt token.
+a request always computes at least its last prompt token. A request's `cache_salt` is mixed into its keys:
+only requests with the same salt (and model) share pages, which is how tenants are kept apart.
 """
 
 from __future__ import annotations
@@ -50,8 +51,14 @@ class PrefixCache:
         pages = tokens // self.page_size
         if len(req.page_keys) < pages:
             ids = (req.prompt_ids + req.output_ids)[: pages * self.page_size]
-            req.page_keys = prefix_keys(ids, self.page_size, self.salt, req.page_keys)
+            req.page_keys = prefix_keys(ids, self.page_size, self.salt_of(req), req.page_keys)
         return req.page_keys[:pages]
+
+    def salt_of(self, req: Request) -> bytes:
+        """The salt of the request's page keys: the model's, and the request's cache_salt if it has one, so
+        requests with different cache salts never share a page (their keys differ from the first page)."""
+        salt = req.params.cache_salt
+        return self.salt if salt is None else self.salt + b"\x00" + salt.encode("utf-8", "surrogatepass")
 
     def lookup(self, req: Request, instances: Sequence[int]) -> list[int]:
         """Where the request's cached prefix lies: per page of its longest cached prefix, the instance (of

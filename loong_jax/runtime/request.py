@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import enum
 import time
@@ -54,6 +55,9 @@ class Request:
     cached_tokens: int = 0  # tokens of its prefill whose K/V came from the prefix cache
     page_keys: list[bytes] = dataclasses.field(default_factory=list)  # prefix keys of its full pages so far
     _emitted_text: int = 0
+    _token_ends: list[int] = dataclasses.field(default_factory=list)  # len(text) once each token was added
+    _cut: int | None = None  # where a stop string cut the text (tokens starting at or after it are not shown)
+    _released: int = 0  # tokens handed out by take_tokens
     _stop_checked: int = 0
     _stop_floor: int = 0  # stop strings only count from here: the text of the first min_tokens tokens is exempt
 
@@ -95,11 +99,14 @@ class Request:
         is_eos = token in self.eos_ids and not p.ignore_eos
         stop_id = token in p.stop_token_ids
         if (is_eos or stop_id) and len(self.output_ids) > p.min_tokens:
+            self._token_ends.append(len(self.text))
             self.stop_reason = None if is_eos else token
             self._finish("stop", now)
             return
         if self.detok is not None:
             self.text += self.detok.push(token)
+        self._token_ends.append(len(self.text))
+        if self.detok is not None:
             if len(self.output_ids) <= p.min_tokens:
                 self._stop_floor = self._stop_checked = len(self.text)
             elif p.stop and self._check_stop_strings():
@@ -117,6 +124,7 @@ class Request:
             return False
         i, s = min(hits)
         self.text = self.text[: i + len(s)] if self.params.include_stop_str_in_output else self.text[:i]
+        self._cut = len(self.text)
         self.stop_reason = s
         return True
 
@@ -134,3 +142,23 @@ class Request:
         delta = self.text[self._emitted_text : limit]
         self._emitted_text = limit
         return delta
+
+    def take_tokens(self) -> range:
+        """Indices of the sampled tokens to show since the last call, after take_text_delta: those whose text
+        has been handed out. When a stop string cut the text, tokens starting at or after the cut are never
+        shown (the last token shown may run past the cut when the stop string begins inside it)."""
+        if self.finished and self._cut is None:
+            upto = len(self.output_ids)
+        elif self.finished:
+            upto = bisect.bisect_left(self._token_ends, self._cut) + 1 if self._cut else 0
+            upto = min(upto, len(self.output_ids))
+        else:
+            upto = bisect.bisect_right(self._token_ends, self._emitted_text)
+        upto = max(upto, self._released)
+        shown = range(self._released, upto)
+        self._released = upto
+        return shown
+
+    def token_start(self, index: int) -> int:
+        """Where the index-th sampled token's text starts in `text`."""
+        return self._token_ends[index - 1] if index > 0 else 0
