@@ -60,7 +60,7 @@ def _hand_built(llm, prompts, group, plans, chunk=None):
     return out
 
 
-@pytest.mark.parametrize("group", [(3,), (4, 5, 6, 7), tuple(range(8))], ids=["1", "4", "8"])
+@pytest.mark.parametrize("group", [(3,), tuple(range(8))], ids=["1", "8"])
 def test_hits_anywhere_in_the_group_are_exact(llm, group):
     """A shared system prompt with different questions, then the next turn of the first conversation: the
     first conversation's K/V lies on two of the group's instances (split at a page boundary); the later
@@ -96,7 +96,7 @@ def test_hits_anywhere_in_the_group_are_exact(llm, group):
         assert got[3].cached_tokens > split  # the hit spans two instances
 
 
-@pytest.mark.parametrize("group", [(2,), (0, 1, 2, 3), tuple(range(8))], ids=["1", "4", "8"])
+@pytest.mark.parametrize("group", [(2,), tuple(range(8))], ids=["1", "8"])
 def test_chunked_prompts_and_their_cached_prefixes_are_exact(llm, group):
     """A long document prefilled in passes of 128 tokens (as the scheduler runs a prompt longer than one
     pass), each appending to the K/V of the passes before wherever the plan put it; then a question about
