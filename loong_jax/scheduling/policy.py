@@ -49,6 +49,7 @@ class SchedulerView:
     running: Sequence[Request] = ()  # every running request, in a program or not
     stepping: Sequence[tuple[Group, Sequence[Request]]] = ()  # decode steps in flight: group and requests
     cached: Callable[[Request, Sequence[int]], list[int]] | None = None  # see cached_on (None: no prefix cache)
+    decode_steps: int = 1  # steps of each decode launch (a burst)
 
     def cached_on(self, req: Request, instances: Sequence[int]) -> list[int]:
         """Where a waiting request's longest prefix cached on these instances lies: the instance holding
@@ -104,9 +105,10 @@ def chunk_to_fit(view: SchedulerView, work: PrefillWork) -> PrefillWork:
 
 def continue_chunks(view: SchedulerView, n: int, aligned: bool) -> list[PrefillWork]:
     """The next pass of each prompt whose chunked prefill is under way, oldest first: on the group its last
-    pass ran on when all of it is free, else on the (aligned) group of the instances holding its K/V; it
-    computes what one pass of the group holds and its free pages take, placed where its K/V lies, then
-    busiest-first. A prompt whose group is busy, or has no room yet, waits."""
+    pass ran on when all of it is free, else on the (aligned) group of the instances holding its K/V, grown
+    by a free instance when those have no room left; it computes what one pass of the group holds and its
+    free pages take, placed where its K/V lies, then busiest-first. A prompt whose group is busy, or has no
+    room yet anywhere, waits."""
     taken = set(view.busy)
     out = []
     for req in sorted(view.prefilling, key=lambda r: (-r.priority, r.arrival, r.rid)):
@@ -116,6 +118,13 @@ def continue_chunks(view: SchedulerView, n: int, aligned: bool) -> list[PrefillW
             group = aligned_block(sorted(held), n) if aligned else tuple(sorted(held))
         if not group or taken.intersection(group):
             continue
+        if not any(view.pools[i].free_pages for i in group):  # full: take in the nearest free instance with room
+            spare = [i for i in range(n) if i not in taken and i not in group and view.pools[i].free_pages]
+            for i in sorted(spare, key=lambda i: min(abs(i - j) for j in group)):
+                grown = aligned_block(sorted({*group, i}), n) if aligned else tuple(sorted({*group, i}))
+                if not taken.intersection(grown):
+                    group = grown
+                    break
         pools = [view.pools[i] for i in group]
         room = sum(p.free_pages for p in pools) * pools[0].page_size
         k = min(req.prefill_len - req.prefilled, pass_tokens(view, len(group)), room)
@@ -239,7 +248,7 @@ def assign_masters(
         free[best] -= view.pools[best].pages_needed(req.rid, 1)
         masters.append(best)
         kept.append(req)
-    return DecodeWork(tuple(members), kept, [members.index(m) for m in masters]), stuck
+    return DecodeWork(tuple(members), kept, [members.index(m) for m in masters], view.decode_steps), stuck
 
 
 def fits_rank_cap(view: SchedulerView, lengths: Sequence[int], d: int) -> bool:
