@@ -56,6 +56,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "mode (slow)",
     )
     p.add_argument(
+        "--decode-steps",
+        type=int,
+        default=None,
+        help="decode steps per launch: a burst on the device, its tokens fed back there; the host reads, streams "
+        "and schedules once per burst, and a waiting prompt waits at most one burst (default: the engine's)",
+    )
+    p.add_argument(
         "--no-prefix-caching",
         dest="prefix_caching",
         action="store_false",
@@ -140,6 +147,7 @@ def load_llm(args: argparse.Namespace, **limits: int):
         policy=args.policy,
         attention_backend=args.attention_backend,
         enable_prefix_caching=args.prefix_caching,
+        **({} if args.decode_steps is None else {"decode_steps": args.decode_steps}),
         heartbeat_timeout_s=getattr(args, "heartbeat_timeout", 30.0),
         step_timeout_s=getattr(args, "step_timeout", 300.0),
         **limits,

@@ -26,7 +26,7 @@ from flax import nnx
 
 from checkpoints.tokenizer import IncrementalDetokenizer, Tokenizer
 from loong_jax.model.config import ModelConfig
-from loong_jax.model.sampling import SamplingParams
+from loong_jax.model.sampling import SamplerOutputs, SamplingParams
 from loong_jax.multihost.channel import PlanChannel
 from loong_jax.multihost.leader import Leader
 from loong_jax.prefix import PrefixCache
@@ -58,6 +58,9 @@ class RequestRejected(ValueError):
     """A request that can never be served as asked (too long, larger than the whole KV pool, ...)."""
 
 
+MAX_DECODE_STEPS = 64
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """Capacities and batching limits of the engine."""
@@ -69,6 +72,7 @@ class EngineConfig:
     memory_utilization: float | None = None  # fraction of the memory to fill; None: 0.9 accelerators, 0.5 CPU
     page_size: int = 16
     max_num_seqs: int = 32
+    decode_steps: int = 1  # decode steps per launch (a burst: tokens fed back on the device)
     max_prefill_tokens: int | None = None  # tokens of one prefill pass (longer prompts: chunks); None: max_model_len
     min_prefill_bucket: int = 16
     output_estimate: int = 256  # new tokens admission plans for when a request gives no max_tokens
@@ -98,6 +102,8 @@ class EngineConfig:
             raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}, got {self.attention_backend!r}")
         if self.max_num_seqs < 1 or self.max_prefill_tokens < 1:
             raise ValueError("max_num_seqs and max_prefill_tokens must be >= 1")
+        if not 1 <= self.decode_steps <= MAX_DECODE_STEPS:
+            raise ValueError(f"decode_steps must be in [1, {MAX_DECODE_STEPS}], got {self.decode_steps}")
         if self.num_instances < 1 or self.tp < 1:
             raise ValueError(f"num_instances and tp must be >= 1, got {self.num_instances}, {self.tp}")
         if not (self.heartbeat_timeout_s > 0 and self.step_timeout_s > 0):
@@ -142,14 +148,16 @@ class EngineStats:
     """Counters of what only an elastic engine does (exported as metrics)."""
 
     prefills: int = 0
-    decode_steps: int = 0
+    decode_launches: int = 0  # decode bursts (each of one or several steps)
+    decode_tokens: int = 0  # tokens sampled by decode launches
     scale_downs: int = 0  # prefills whose KV was kept on fewer instances than ran them
     scale_ups: int = 0  # decode steps in which a request got a master that held none of its KV
     migrations: int = 0
     preemptions: int = 0
     failed_launches: int = 0  # programs that failed to start or to finish (their requests failed)
     prefill_degrees: Counter[int] = dataclasses.field(default_factory=Counter)  # degree -> prefills (bounded)
-    decode_degrees: Counter[int] = dataclasses.field(default_factory=Counter)  # degree -> decode steps
+    decode_degrees: Counter[int] = dataclasses.field(default_factory=Counter)  # degree -> decode launches
+    decode_batches: Counter[int] = dataclasses.field(default_factory=Counter)  # requests -> decode launches
 
     def count_degree(self, kind: str, degree: int) -> None:
         (self.prefill_degrees if kind == "prefill" else self.decode_degrees)[degree] += 1
@@ -210,8 +218,8 @@ class Engine:
         max_new = params.max_tokens if params.max_tokens is not None else limit - n
         if params.max_tokens is None and n >= limit:
             raise RequestRejected(
-                f"This model's maximum context length is {limit} tokens, and the prompt has {n}: it leaves no room "
-                f"for a new token (a prompt may have at most {limit - 1} tokens). Please shorten the prompt."
+                f"This model's maximum context length is {limit} tokens, but the prompt has {n}: a prompt may have "
+                f"at most {limit - 1}, to leave room for at least one new token. Please shorten the prompt."
             )
         if n + max(max_new, 1) > limit:
             raise RequestRejected(
@@ -327,6 +335,7 @@ class Engine:
             prefilling=prefilling,
             running=tuple(self.running),
             stepping=[(x.group, x.requests) for x in self.launches if x.kind == "decode"],
+            decode_steps=self.ecfg.decode_steps,
             cached=self.prefix_cache.locator() if self.prefix_cache.enabled else None,
         )
 
@@ -347,7 +356,16 @@ class Engine:
             touched = self._collect()
         elif not launched and not self.launches and self.waiting and not self.running and not self._changed:
             touched.append(self._reject_blocker())  # an idle engine that cannot start it never will
+        elif not launched and not self.launches and self.running and not self._changed:
+            self._unblock()
         return touched
+
+    def _unblock(self) -> None:
+        """Running requests, nothing in flight and nothing the policy can start: the pools are too full for
+        any of them to go on. The one that started last is recomputed later, so that the others can."""
+        req = max(self.running, key=lambda r: (r.scheduled_time or 0.0, r.rid))
+        log.warning("no running request can go on in the memory left; recomputing request %d later", req.rid)
+        self._preempt(req)
 
     def _take_failed(self) -> list[Request]:
         failed, self._failed = self._failed, []
@@ -493,8 +511,10 @@ class Engine:
 
     def _count_decode(self, work: DecodeWork, scale_ups: list[int] | None = None) -> None:
         self.stats.scale_ups += len(self._scale_ups(work) if scale_ups is None else scale_ups)
-        self.stats.decode_steps += 1
+        self.stats.decode_launches += 1
         self.stats.count_degree("decode", len(work.group))
+        if len(self.stats.decode_batches) < 4096 or len(work.requests) in self.stats.decode_batches:  # bounded
+            self.stats.decode_batches[len(work.requests)] += 1
 
     def _collect(self) -> list[Request]:
         """Apply the sampled tokens of every ready launch and free its instances."""
@@ -518,14 +538,12 @@ class Engine:
                 continue
             if launch.kind == "prefill":
                 done.append(launch)
-            now = self.executor.now()
-            for k, reqs in enumerate(launch.ranks):
-                for i, r in enumerate(reqs):
-                    if r.finished:  # aborted while its program ran
-                        continue
-                    top = list(zip(out.top_ids[k, i].tolist(), out.top_logprobs[k, i].tolist()))
-                    r.append_token(int(out.tokens[k, i]), float(out.logprob[k, i]), top[: r.params.logprobs or 0], now)
-                    touched.append(r)
+                out = SamplerOutputs(*(x[:, None] for x in out))  # one step
+            got = _apply_tokens(launch.ranks, out, self.executor.now())
+            touched += [r for r, _ in got]
+            if launch.kind == "decode":
+                self.stats.decode_tokens += sum(n for _, n in got)
+                self._trim(launch)
         self.launches = still
         for launch in done:  # K/V written by finished prefills can serve other requests now
             for r in launch.requests:
@@ -535,6 +553,18 @@ class Engine:
             if r.finished:
                 self._retire(r)
         return touched + self._take_failed()
+
+    def _trim(self, launch: Launch) -> None:
+        """Release the slots a burst reserved and did not fill (its rows stopped early, or a stop string cut
+        them on the host: the K/V after it goes too), so that each request holds exactly its tokens' K/V."""
+        for k, reqs in enumerate(launch.ranks):
+            master = self.pools[launch.group[k]]
+            for r in reqs:
+                if r.finished:
+                    continue  # retired: everything is released
+                excess = sum(p.tokens.get(r.rid, 0) for p in self.pools) - r.num_tokens
+                if excess > 0:
+                    master.truncate(r.rid, excess)
 
     def migrate(self, rid: int, src: int, dst: int, n: int) -> None:
         """Move the last n tokens of request rid that instance src holds to instance dst (and wait)."""
@@ -568,6 +598,7 @@ class Engine:
         req.preemptions += 1
         self.stats.preemptions += 1
         self.waiting.insert(0, req)
+        self._changed = True  # the pools have room now: the policy plans again
 
     def _retire(self, req: Request) -> None:
         if req.finish_reason in ("stop", "length"):  # its K/V is complete: the next turn may start from it
@@ -679,8 +710,31 @@ def warmup_jobs(ecfg: EngineConfig) -> list[tuple[str, tuple[int, ...], int, int
             group = tuple(range(start, start + size))
             for t in _powers(bucket(-(-ecfg.max_prefill_tokens // size), lo), lo):  # SchedulerView.rank_token_cap
                 jobs.append(("prefill", group, t, prefill_rows(t, lo, ecfg.max_num_seqs)))
-            jobs += [("decode", group, b, b) for b in _powers(bucket(ecfg.max_num_seqs))]
+            jobs += [("decode", group, b, ecfg.decode_steps) for b in _powers(bucket(ecfg.max_num_seqs))]
     return [(*job, extras) for extras in (False, True) for job in jobs]
+
+
+def _apply_tokens(ranks: Sequence[Sequence[Request]], out: SamplerOutputs, now: float) -> list[tuple[Request, int]]:
+    """Give each row's sampled tokens ([d, steps, rows] outputs; -1 once the device stopped the row) to its
+    request, step by step, until the request finishes (the host also sees stop strings). Returns each request
+    given tokens, with how many."""
+    tokens, logprob = out.tokens.tolist(), out.logprob.tolist()
+    touched = []
+    for k, reqs in enumerate(ranks):
+        for i, r in enumerate(reqs):
+            if r.finished:  # aborted while its program ran
+                continue
+            want, before = r.params.logprobs or 0, len(r.output_ids)
+            for s in range(len(tokens[k])):
+                token = tokens[k][s][i]
+                if token < 0 or r.finished:
+                    break
+                top = []
+                if want:
+                    top = list(zip(out.top_ids[k, s, i, :want].tolist(), out.top_logprobs[k, s, i, :want].tolist()))
+                r.append_token(token, logprob[k][s][i], top, now)
+            touched.append((r, len(r.output_ids) - before))
+    return touched
 
 
 def _powers(limit: int, start: int = 1) -> list[int]:

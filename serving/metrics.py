@@ -13,6 +13,7 @@ from loong_jax.runtime.request import Request
 
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _DEGREES = (1, 2, 4, 8, 16, 32, 64)
+_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 class Metrics:
@@ -47,7 +48,10 @@ class Metrics:
         self.decode_degree = Histogram(
             "loong:decode_group_degree", "Instances in each decode group.", buckets=_DEGREES, registry=r
         )
-        self.scale_ups = Counter("loong:scale_ups", "Decode steps giving a request a new master instance.", registry=r)
+        self.decode_batch = Histogram(
+            "loong:decode_batch_size", "Requests in each decode launch.", buckets=_BATCHES, registry=r
+        )
+        self.scale_ups = Counter("loong:scale_ups", "Decode launches giving a request a new master.", registry=r)
         self.scale_downs = Counter("loong:scale_downs", "Prefills keeping KV on fewer instances.", registry=r)
         self.migrations = Counter("loong:migrations", "KV migrations between instances.", registry=r)
         self.cache_counters = {  # prefix cache: counter -> where the engine counts it
@@ -83,6 +87,7 @@ class Metrics:
         self._seen = dict.fromkeys(("scale_ups", "scale_downs", "migrations", "preemptions"), 0)
         self._prefill_seen: dict[int, int] = {}  # degree -> prefills already observed
         self._decode_seen: dict[int, int] = {}
+        self._batch_seen: dict[int, int] = {}
         self._last_token: dict[int, tuple[int, float]] = {}
 
     def _capacity(self, c: KVCapacity) -> None:
@@ -116,6 +121,7 @@ class Metrics:
         for hist, counts, seen in (
             (self.prefill_degree, s.prefill_degrees, self._prefill_seen),
             (self.decode_degree, s.decode_degrees, self._decode_seen),
+            (self.decode_batch, s.decode_batches, self._batch_seen),
         ):
             for degree, count in counts.items():
                 for _ in range(count - seen.get(degree, 0)):

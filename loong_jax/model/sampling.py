@@ -179,7 +179,8 @@ class SamplerInputs(NamedTuple):
     presence_penalty: jnp.ndarray
     seed: jnp.ndarray  # [R, 2] uint32: the request's seed split in two words
     step: jnp.ndarray  # tokens generated so far: the key is fold_in(key(seed), step)
-    banned: jnp.ndarray  # [R, NB] token ids forbidden this step (EOS, stop ids before min_tokens), -1 = none
+    stop_ids: jnp.ndarray  # [R, NB] token ids that end the row (EOS unless ignored, stop ids), -1 = none
+    min_left: jnp.ndarray  # tokens still to come before a stop id may end the row (min_tokens): banned till then
     prompt_ids: jnp.ndarray  # [R, L] (extras only; else [R, 0]), -1 = padding
     output_ids: jnp.ndarray  # [R, L] (extras only; else [R, 0]), -1 = padding
     bias_ids: jnp.ndarray  # [R, MAX_LOGIT_BIAS] (extras only; else [R, 0]) token ids, -1 = none
@@ -214,7 +215,8 @@ def sample(logits: jnp.ndarray, inp: SamplerInputs, flags: SamplerFlags) -> Samp
     rows = jnp.arange(r)[:, None]
     if flags.extras:
         x = x.at[rows, jnp.where(inp.bias_ids >= 0, inp.bias_ids, vocab)].add(inp.bias, mode="drop")
-    x = x.at[rows, jnp.where(inp.banned >= 0, inp.banned, vocab)].set(-jnp.inf, mode="drop")
+    banned = jnp.where((inp.stop_ids >= 0) & (inp.min_left[:, None] > 0), inp.stop_ids, vocab)
+    x = x.at[rows, banned].set(-jnp.inf, mode="drop")
     greedy_tok = jnp.argmax(x, axis=-1).astype(jnp.int32)
     tokens = jax.lax.cond(  # an all-greedy batch skips the sampling path at run time
         jnp.any(inp.temperature > 0),
@@ -227,6 +229,24 @@ def sample(logits: jnp.ndarray, inp: SamplerInputs, flags: SamplerFlags) -> Samp
     else:
         top_lp, top_ids = jnp.zeros((r, 0), jnp.float32), jnp.zeros((r, 0), jnp.int32)
     return SamplerOutputs(tokens, chosen_lp, top_ids.astype(jnp.int32), top_lp)
+
+
+def ends_row(inp: SamplerInputs, tokens: jnp.ndarray) -> jnp.ndarray:
+    """Whether each row's sampled token [R] ends it: a stop id (EOS or a stop token) once min_tokens is met."""
+    return jnp.any(inp.stop_ids == tokens[:, None], axis=-1) & (inp.min_left <= 0)
+
+
+def advance(inp: SamplerInputs, tokens: jnp.ndarray, live: jnp.ndarray) -> SamplerInputs:
+    """The inputs of each row's next token once live rows [R] sampled `tokens`: one more step (the seed's
+    fold-in, exactly as if the host had built them), one fewer before min_tokens, the token among the
+    output ids that penalties count."""
+    n = live.astype(jnp.int32)
+    out = inp.output_ids
+    if out.shape[-1]:
+        rows = jnp.arange(out.shape[0])
+        at = jnp.where(live, inp.step, out.shape[-1])  # dead rows write nothing
+        out = out.at[rows, at].set(tokens, mode="drop")
+    return inp._replace(step=inp.step + n, min_left=inp.min_left - n, output_ids=out)
 
 
 def _sample_tokens(x: jnp.ndarray, inp: SamplerInputs) -> jnp.ndarray:

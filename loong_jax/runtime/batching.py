@@ -50,7 +50,8 @@ def sampler_inputs(
     rep, freq, pres = f32(1.0), f32(0.0), f32(0.0)
     top_k, step = np.zeros((d, rows), np.int32), np.zeros((d, rows), np.int32)
     seed = np.zeros((d, rows, 2), np.uint32)
-    banned = np.full((d, rows, MAX_BANNED), -1, np.int32)
+    stop_ids = np.full((d, rows, MAX_BANNED), -1, np.int32)
+    min_left = np.zeros((d, rows), np.int32)
     prompt_ids = np.full((d, rows, lp), -1, np.int32)
     output_ids = np.full((d, rows, lo), -1, np.int32)
     nb = MAX_LOGIT_BIAS if flags.extras else 0
@@ -63,9 +64,9 @@ def sampler_inputs(
             rep[k, i], freq[k, i], pres[k, i] = p.repetition_penalty, p.frequency_penalty, p.presence_penalty
             seed[k, i] = seed_words(r.seed)
             step[k, i] = len(r.output_ids)
-            if len(r.output_ids) < p.min_tokens:  # neither EOS nor a stop token may end it yet
-                ban = [*(() if p.ignore_eos else r.eos_ids[:MAX_EOS_IDS]), *p.stop_token_ids][:MAX_BANNED]
-                banned[k, i, : len(ban)] = ban
+            ends = [*(() if p.ignore_eos else r.eos_ids[:MAX_EOS_IDS]), *p.stop_token_ids][:MAX_BANNED]
+            stop_ids[k, i, : len(ends)] = ends
+            min_left[k, i] = p.min_tokens - len(r.output_ids)  # > 0: neither EOS nor a stop token may end it yet
             if flags.extras and p.logit_bias:
                 bias_ids[k, i, : len(p.logit_bias)] = list(p.logit_bias)
                 bias[k, i, : len(p.logit_bias)] = list(p.logit_bias.values())
@@ -73,5 +74,19 @@ def sampler_inputs(
                 prompt_ids[k, i, : len(r.prompt_ids)] = r.prompt_ids
                 output_ids[k, i, : len(r.output_ids)] = r.output_ids
     return SamplerInputs(
-        temperature, top_k, top_p, min_p, rep, freq, pres, seed, step, banned, prompt_ids, output_ids, bias_ids, bias
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        rep,
+        freq,
+        pres,
+        seed,
+        step,
+        stop_ids,
+        min_left,
+        prompt_ids,
+        output_ids,
+        bias_ids,
+        bias,
     )

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -51,9 +52,11 @@ MAX_MIGRATE_TOKENS = 1024  # per transfer: bounds its buffers (about 1.5x those 
 
 @dataclasses.dataclass
 class DevicePending:
-    """Sampled tokens of a dispatched program, fetched on demand ([d, rows] per field)."""
+    """Sampled tokens of a dispatched program, fetched on demand ([d, rows] or [d, steps, rows] per field)."""
 
     out: Any  # SamplerOutputs of device arrays; empty for programs that sample nothing
+    watched: bool = False  # the executor is told when it is ready (no need to poll)
+    state: Any = None  # a decode burst's DecodeState (device arrays): where the next burst may start
 
     def ready(self) -> bool:
         return all(x.is_ready() for x in jax.tree.leaves(self.out))
@@ -70,18 +73,18 @@ class DevicePending:
 class CompilingPending:
     """A program compiled and dispatched on the compile thread (its first use): ready once it has run."""
 
-    future: concurrent.futures.Future  # of the program's SamplerOutputs (device arrays)
+    future: concurrent.futures.Future  # of the program's (SamplerOutputs, DecodeState or None), on device
 
     def ready(self) -> bool:
         if not self.future.done():
             return False
-        return self.future.exception() is not None or DevicePending(self.future.result()).ready()
+        return self.future.exception() is not None or DevicePending(self.future.result()[0]).ready()
 
     def result(self) -> SamplerOutputs:
-        return DevicePending(self.future.result()).result()  # raises what compiling or running raised
+        return DevicePending(self.future.result()[0]).result()  # raises what compiling or running raised
 
     def outputs(self) -> Any:
-        return self.future.result()
+        return self.future.result()[0]
 
 
 class JaxExecutor:
@@ -122,6 +125,9 @@ class JaxExecutor:
         self._host_state: nnx.State | None = state  # until allocate() copies it to the instances
         self.programs = ProgramCache(max_programs, compiler_options)
         self._compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="loong-compile")
+        # Threads that block on dispatched programs and wake `wait`: no polling on the engine loop.
+        self._watchers = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="loong-watch")
+        self._finished = threading.Condition()
         self.migrations = 0  # KV transfers between instances (migrate calls), for tests and metrics
         self.migrated_tokens = 0
         self.peers: Any = None  # multi-host leader: sends operations on groups with other processes' instances
@@ -176,14 +182,32 @@ class JaxExecutor:
         return time.monotonic()
 
     def wait(self, launches: Sequence[Launch], timeout: float | None) -> None:
-        """Poll until one launch is ready (programs of disjoint groups finish in any order) or time is up."""
+        """Return when one launch is ready (programs of disjoint groups finish in any order) or time is up.
+        Programs on this process's devices wake it when they finish; others (compiling, on other processes)
+        are looked at every half millisecond."""
         end = None if timeout is None else time.monotonic() + timeout
-        while not any(x.pending.ready() for x in launches):
-            if self.peers is not None:
-                self.peers.check()  # a lost follower is an error even while only local programs run
-            if end is not None and time.monotonic() >= end:
-                return
-            time.sleep(0.0005)
+        poll = any(not getattr(x.pending, "watched", False) for x in launches)
+        with self._finished:
+            while not any(x.pending.ready() for x in launches):
+                if self.peers is not None:
+                    self.peers.check()  # a lost follower is an error even while only local programs run
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    return
+                self._finished.wait(0.0005 if poll else (0.1 if left is None else min(left, 0.1)))
+
+    def _watched(self, out: Any, state: Any = None) -> DevicePending:
+        """The pending outputs of a program just dispatched: their copy to the host starts now, and a watcher
+        thread wakes `wait` when they are ready."""
+        for x in jax.tree.leaves(out):
+            x.copy_to_host_async()
+
+        def notify(_: Any) -> None:
+            with self._finished:
+                self._finished.notify_all()
+
+        self._watchers.submit(jax.block_until_ready, out).add_done_callback(notify)
+        return DevicePending(out, watched=True, state=state)
 
     def prefill(self, work: PrefillWork, pools: Sequence[PagePool]) -> Launch:
         """Allocate the kept tokens' slots, lay out the ring inputs and dispatch the group's prefill."""
@@ -222,7 +246,7 @@ class JaxExecutor:
         return Launch("prefill", group, ranks, pending, list(requests))
 
     def decode(self, work: DecodeWork, pools: Sequence[PagePool]) -> Launch:
-        """Reserve each new token's slot at its master, lay out the page tables and dispatch the decode step."""
+        """Reserve the burst's slots at each request's master, lay out the page tables and dispatch it."""
         group, requests, masters = work.group, work.requests, work.masters
         plan = build_decode(
             [r.rid for r in requests],
@@ -231,6 +255,8 @@ class JaxExecutor:
             masters,
             pools,
             self.page_table_width,
+            budgets=[r.max_new_tokens - len(r.output_ids) for r in requests],
+            steps=work.steps,
         )
         ranks = [[requests[i] for i in members] for members in plan.rank_requests]
         flags = sampler_flags(requests)
@@ -266,7 +292,7 @@ class JaxExecutor:
         key = (kind, group, flags, shape_key((inp, samp)))
         program = self.programs.lookup(key)
         if program is not None:
-            return DevicePending(self._dispatch(program, group, args))
+            return self._watched(*self._dispatch(program, group, args))
 
         def compile_and_dispatch() -> Any:
             fn = self._program_fn(kind, group, flags)
@@ -280,11 +306,12 @@ class JaxExecutor:
             return functools.partial(prefill_program, *self._common(group), flags)
         return functools.partial(decode_program, *self._common(group), self.page_size, flags)
 
-    def _dispatch(self, program: Any, group: Group, args: tuple) -> Any:
-        """Run a program on the group (its pools are donated and replaced by the outputs); returns its samples."""
+    def _dispatch(self, program: Any, group: Group, args: tuple) -> tuple[Any, Any]:
+        """Run a program on the group (its pools are donated and replaced by the outputs); returns its samples
+        and, for a decode burst, the state it left its rows in."""
         out, pools = program(*args)
         self.instances.put_group_pools(group, pools)
-        return out
+        return out if isinstance(out[0], SamplerOutputs) else (out, None)
 
     def migrate(self, src: int, dst: int, src_slots: np.ndarray, dst_slots: np.ndarray) -> Launch:
         """Copy K/V at src_slots of instance src into dst_slots of instance dst, in transfers of at most
@@ -385,7 +412,7 @@ class JaxExecutor:
             if inst.has_local(group) and len({inst.owner[i] for i in group}) > 1:
                 key, fn, args, donate = self._program_args("decode", group, 1, 1, SamplerFlags())
                 program = self.programs.get(key, fn, args, donate_argnums=donate)
-                jax.block_until_ready(self._dispatch(program, group, args))
+                jax.block_until_ready(self._dispatch(program, group, args)[0])
         return self.programs.compiles - before
 
     def compiled(self, kind: str, group: Group, size: int, rows: int, extras: bool = False) -> Any:
@@ -403,8 +430,9 @@ class JaxExecutor:
         abstract_slots: int | None = None,
     ) -> tuple[Any, Any, tuple, tuple[int, ...]]:
         """Cache key, function, arguments and donated arguments of a program with placeholder inputs: size is
-        tokens per rank (prefill), rows per rank (decode) or tokens (migrate). With abstract_slots: shapes
-        only (no device memory) and pools of that many slots."""
+        tokens per rank (prefill), rows per rank (decode) or tokens (migrate); rows are the sampled rows
+        (prefill) or the steps of a burst (decode). With abstract_slots: shapes only (no device memory) and
+        pools of that many slots."""
         d, inst = len(group), self.instances
         abstract = abstract_slots is not None
         num_slots = abstract_slots if abstract else self.num_slots
@@ -414,7 +442,7 @@ class JaxExecutor:
             inp = MigrateInputs(*(np.full((2, size), num_slots, np.int32) for _ in range(2)))
             fn = functools.partial(migrate_program, inst.mesh(group), inst.pool_spec)
             return ("migrate", group, shape_key(inp)), fn, (pools, _place(inp, rows_sharding, abstract)), (0,)
-        samp = sampler_inputs([[]] * d, rows, flags, self.penalty_len)
+        samp = sampler_inputs([[]] * d, rows if kind == "prefill" else size, flags, self.penalty_len)
         z = np.zeros((d, size), np.int32)
         if kind == "prefill":
             keep = np.full((d, d, size), num_slots, np.int32)
@@ -425,7 +453,8 @@ class JaxExecutor:
             )
         else:
             table = np.zeros((d, d * size, self.page_table_width), np.int32)
-            inp = DecodeInputs(z, z, z + num_slots, table, np.zeros((d, d * size), np.int32))
+            slots = np.full((d, rows, size), num_slots, np.int32)
+            inp = DecodeInputs(z, z, slots, table, np.zeros((d, d * size), np.int32), z, z > 0)
         fn = self._program_fn(kind, group, flags)
         params = inst.abstract_params(group) if abstract else inst.group_params(group)
         args = (params, pools, *_place((inp, samp), rows_sharding, abstract))

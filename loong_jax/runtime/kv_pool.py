@@ -70,6 +70,12 @@ class PagePool:
         need = -(-(self.tokens.get(rid, 0) + extra_tokens) // self.page_size)
         return max(0, need - have)
 
+    def room(self, rid: int) -> int:
+        """How many more tokens request rid can append here: the rest of its last page, and the pages free."""
+        return (
+            len(self.pages.get(rid, ())) * self.page_size - self.tokens.get(rid, 0) + self.free_pages * self.page_size
+        )
+
     def append(self, rid: int, n: int, positions: int | Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         """Reserve the next n token slots of request rid here; returns their slot ids. positions: where the
         tokens are in the request's sequence (the first of n consecutive ones, or one per token; None:

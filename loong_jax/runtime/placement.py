@@ -213,30 +213,39 @@ def build_decode(
     masters: Sequence[int],
     pools: Sequence[PagePool],
     width: int,
+    budgets: Sequence[int] | None = None,
+    steps: int = 1,
 ) -> DecodePlan:
-    """Per-rank decode inputs; reserves the new token's slot in each master's pool.
+    """Per-rank inputs of a burst of `steps` decode steps; reserves each request's slots for them at its
+    master (as many as its budget, budgets[i] new tokens it may still sample, and the master's room allow).
 
     masters[i] is the group rank of request i's master; pools are the group's instances' pools in order.
+    The page tables list the reserved pages too; kv_lens count what each rank held before the burst.
     """
     d = len(pools)
     num_slots = pools[0].num_slots
+    budgets = [steps] * len(rids) if budgets is None else list(budgets)
     rank_requests: list[list[int]] = [[] for _ in range(d)]
     for i, m in enumerate(masters):
         rank_requests[m].append(i)
     b = bucket(max(len(x) for x in rank_requests))
     tokens = np.zeros((d, b), np.int32)
     pos = np.zeros((d, b), np.int32)
-    slots = np.full((d, b), num_slots, np.int32)
+    slots = np.full((d, steps, b), num_slots, np.int32)
     table = np.zeros((d, d * b, width), np.int32)
     kv_lens = np.zeros((d, d * b), np.int32)
+    budget = np.zeros((d, b), np.int32)
+    live = np.zeros((d, b), bool)
     for m, members in enumerate(rank_requests):
         for j, i in enumerate(members):
             row = m * b + j
             for r, pool in enumerate(pools):
+                kv_lens[r, row] = pool.tokens.get(rids[i], 0)
+            n = max(0, min(steps, budgets[i], pools[m].room(rids[i])))
+            slots[m, :n, j] = pools[m].append(rids[i], n, positions[i] + np.arange(n))
+            for r, pool in enumerate(pools):
                 pages = pool.pages.get(rids[i])
                 if pages:  # padding entries stay page 0, masked by the token count
-                    kv_lens[r, row] = pool.tokens[rids[i]]
                     table[r, row, : len(pages)] = pages
-            tokens[m, j], pos[m, j] = last_tokens[i], positions[i]
-            slots[m, j] = pools[m].append(rids[i], 1, positions[i])[0]
-    return DecodePlan(DecodeInputs(tokens, pos, slots, table, kv_lens), b, rank_requests)
+            tokens[m, j], pos[m, j], budget[m, j], live[m, j] = last_tokens[i], positions[i], budgets[i], n > 0
+    return DecodePlan(DecodeInputs(tokens, pos, slots, table, kv_lens, budget, live), b, rank_requests)

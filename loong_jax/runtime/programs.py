@@ -11,7 +11,9 @@
   all-to-all and are merged with the ring's by log-sum-exp. A batch holding nothing skips all of this.
 * `decode_program`: multi-master decoding (DESIGN 2.3). Masters run the dense layers for their requests;
   per layer queries are all-gathered, every rank attends them to the K/V it holds, the (output,
-  log-sum-exp) partials go back to the masters with an all-to-all and are merged exactly.
+  log-sum-exp) partials go back to the masters with an all-to-all and are merged exactly. One launch runs
+  a burst of K steps: each sampled token is the next step's input, its K/V goes into the slot reserved for
+  it at the master, and a row that samples a stop token or reaches its budget stops (padding after it).
 * `migrate_program`: move K/V tokens from one instance's pool to another's (packing decode batches).
 
 A group of one instance runs the same programs (the ring has one step, the collectives are trivial).
@@ -30,7 +32,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from loong_jax.model.llama import TensorParallel
-from loong_jax.model.sampling import SamplerFlags, SamplerInputs, SamplerOutputs, sample
+from loong_jax.model.sampling import SamplerFlags, SamplerInputs, SamplerOutputs, advance, ends_row, sample
 from loong_jax.runtime.kv_pool import KVCache
 from pallas_kernels import AttentionBackend, block_attention, merge_attention, merge_attention_many, self_attention_term
 
@@ -57,13 +59,30 @@ class PrefillInputs(NamedTuple):
 
 
 class DecodeInputs(NamedTuple):
-    """Per rank: the requests it is master of (B rows), and what it holds of every request (d * B rows)."""
+    """Per rank: the requests it is master of (B rows), and what it holds of every request (d * B rows), for
+    a burst of K steps."""
 
     tokens: jnp.ndarray  # [d, B] last sampled token of each master row
     positions: jnp.ndarray  # [d, B]
-    slots: jnp.ndarray  # [d, B] slot in the master's pool for the new token's K/V (>= pool size: padding)
-    page_table: jnp.ndarray  # [d, d * B, W] this rank's pages of every request of the batch (rank-major rows)
-    kv_lens: jnp.ndarray  # [d, d * B] tokens of each request this rank holds (before the new token)
+    slots: jnp.ndarray  # [d, K, B] slot in the master's pool for each step's K/V (>= pool size: padding)
+    page_table: jnp.ndarray  # [d, d * B, W] this rank's pages of every request (rank-major rows), the
+    #                          pages of the burst's slots included
+    kv_lens: jnp.ndarray  # [d, d * B] tokens of each request this rank holds before the burst
+    budget: jnp.ndarray  # [d, B] new tokens each master row may still sample (max_tokens left)
+    live: jnp.ndarray  # [d, B] bool: rows that take part (padding, finished: False); a row also stops at
+    #                    a step without a reserved slot
+
+
+class DecodeState(NamedTuple):
+    """Where a burst left its rows (device-resident, [d, ...]): the next burst of the same batch starts from
+    it without the host (its new slots and page tables aside)."""
+
+    tokens: jnp.ndarray  # [d, B] each row's last sampled token
+    positions: jnp.ndarray  # [d, B]
+    kv_lens: jnp.ndarray  # [d, d * B]
+    budget: jnp.ndarray  # [d, B]
+    live: jnp.ndarray  # [d, B]
+    samp: SamplerInputs  # advanced past the burst's tokens (seed steps, min_tokens, penalties' ids)
 
 
 def store_kv(pool: KVCache, slots: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> KVCache:
@@ -193,34 +212,53 @@ def decode_program(
     pools: KVCache,
     inp: DecodeInputs,
     samp: SamplerInputs,
-) -> tuple[SamplerOutputs, KVCache]:
-    """One multi-master decode step of a batch whose KV is spread over the group in any proportions."""
+) -> tuple[tuple[SamplerOutputs, DecodeState], KVCache]:
+    """A burst of K multi-master decode steps of a batch whose KV is spread over the group in any
+    proportions; outputs are [K, B] per rank (token -1 where a row did not take the step), and the state the
+    next burst may start from."""
     d = mesh.shape[SP]
 
     def body(params, pools, inp, samp):
         inp, samp = _row(inp), _row(samp)
         model = nnx.merge(graphdef, params)
         b = inp.tokens.shape[0]
+        me = jax.lax.axis_index(SP) if d > 1 else 0
 
-        def attend(layer, q, k, v, new_kv):
-            q_all = jax.lax.all_gather(q, SP, tiled=True) if d > 1 else q
-            o, lse = attn.paged_decode_attention(
-                q_all, pools.k[0], pools.v[0], layer, inp.page_table, inp.kv_lens, page_size=page_size
-            )
-            if d > 1:  # partials for my master rows, from every rank: [d, B, ...]
-                o = jax.lax.all_to_all(o, SP, 0, 0, tiled=True).reshape(d, b, *o.shape[1:])
-                lse = jax.lax.all_to_all(lse, SP, 0, 0, tiled=True).reshape(d, b, *lse.shape[1:])
-            else:
-                o, lse = o[None], lse[None]
-            own_o, own_lse = self_attention_term(q, k, v)
-            out, _ = merge_attention_many(jnp.concatenate([o, own_o[None]]), jnp.concatenate([lse, own_lse[None]]))
-            return out, (new_kv[0].at[layer].set(k), new_kv[1].at[layer].set(v))
+        def step(carry, slots):
+            pools, tokens, positions, kv_lens, budget, live, samp = carry
+            live = live & (slots < pools.k.shape[3])  # no slot reserved for this step: the row stops
 
-        kv_shape = (model.cfg.num_layers, b, pools.k.shape[2], pools.k.shape[4])
-        new_kv = (jnp.zeros(kv_shape, pools.k.dtype), jnp.zeros(kv_shape, pools.v.dtype))
-        h, (k, v) = model.hidden_states(inp.tokens, inp.positions, inp.positions + 1, attend, new_kv, tp)
-        pools = store_kv(pools, inp.slots, k.swapaxes(1, 2), v.swapaxes(1, 2))
-        return _with_row(sample(model.logits(h), samp, flags)), pools
+            def attend(layer, q, k, v, new_kv):
+                q_all = jax.lax.all_gather(q, SP, tiled=True) if d > 1 else q
+                o, lse = attn.paged_decode_attention(
+                    q_all, pools.k[0], pools.v[0], layer, inp.page_table, kv_lens, page_size=page_size
+                )
+                if d > 1:  # partials for my master rows, from every rank: [d, B, ...]
+                    o = jax.lax.all_to_all(o, SP, 0, 0, tiled=True).reshape(d, b, *o.shape[1:])
+                    lse = jax.lax.all_to_all(lse, SP, 0, 0, tiled=True).reshape(d, b, *lse.shape[1:])
+                else:
+                    o, lse = o[None], lse[None]
+                own_o, own_lse = self_attention_term(q, k, v)
+                merged = merge_attention_many(jnp.concatenate([o, own_o[None]]), jnp.concatenate([lse, own_lse[None]]))
+                return merged[0], (new_kv[0].at[layer].set(k), new_kv[1].at[layer].set(v))
+
+            kv_shape = (model.cfg.num_layers, b, pools.k.shape[2], pools.k.shape[4])
+            new_kv = (jnp.zeros(kv_shape, pools.k.dtype), jnp.zeros(kv_shape, pools.v.dtype))
+            h, (k, v) = model.hidden_states(tokens, positions, positions + 1, attend, new_kv, tp)
+            pools = store_kv(pools, jnp.where(live, slots, pools.k.shape[3]), k.swapaxes(1, 2), v.swapaxes(1, 2))
+            out = sample(model.logits(h), samp, flags)
+            emitted = jnp.where(live, out.tokens, -1)
+            grown = live.astype(jnp.int32)
+            kv_lens = kv_lens.at[me * b + jnp.arange(b)].add(grown)  # my master rows hold this step's K/V now
+            budget = budget - grown
+            ended = ends_row(samp, out.tokens) | (budget <= 0)
+            samp = advance(samp, out.tokens, live)
+            carry = (pools, out.tokens, positions + 1, kv_lens, budget, live & ~ended, samp)
+            return carry, out._replace(tokens=emitted)
+
+        carry = (pools, inp.tokens, inp.positions, inp.kv_lens, inp.budget, inp.live & (inp.budget > 0), samp)
+        (pools, *state), outs = jax.lax.scan(step, carry, inp.slots)
+        return _with_row((outs, DecodeState(*state))), pools
 
     return _group_program(mesh, param_specs, pool_spec, body)(params, pools, inp, samp)
 

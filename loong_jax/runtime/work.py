@@ -45,11 +45,13 @@ class Migration:
 
 @dataclasses.dataclass
 class DecodeWork:
-    """One decode step of a group: a master (group rank) per request, where its new token's KV goes."""
+    """A burst of `steps` decode steps of a group (one launch): a master (group rank) per request, where its
+    new tokens' K/V goes. A request stops inside the burst at a stop token or its max_tokens."""
 
     group: Group
     requests: list[Request]
     masters: list[int]
+    steps: int = 1
 
 
 @dataclasses.dataclass

@@ -37,13 +37,15 @@ class Clock:
 class SimPending:
     clock: Clock
     finish: float
+    ranks: int
     rows: int
+    steps: int | None = None  # a decode burst's steps (outputs [ranks, steps, rows]); None: a prefill's
 
     def ready(self) -> bool:
         return self.clock.now >= self.finish
 
     def result(self) -> SamplerOutputs:
-        z = np.zeros((1, self.rows))
+        z = np.zeros((self.ranks, self.rows) if self.steps is None else (self.ranks, self.steps, self.rows))
         return SamplerOutputs(z.astype(np.int32), z.astype(np.float32), z[..., None].astype(np.int32), z[..., None])
 
 
@@ -66,9 +68,10 @@ class SimExecutor:
         first = min(x.pending.finish for x in launches)  # type: ignore[attr-defined]
         self.advance(first if timeout is None else min(first, self.clock.now + timeout))
 
-    def _launch(self, kind, group, ranks, requests, seconds) -> Launch:
+    def _launch(self, kind, group, ranks, requests, seconds, steps: int | None = None) -> Launch:
         rows = max([len(r) for r in ranks] + [1])
-        return Launch(kind, group, ranks, SimPending(self.clock, self.clock.now + seconds, rows), list(requests))
+        pending = SimPending(self.clock, self.clock.now + seconds, len(ranks), rows, steps)
+        return Launch(kind, group, ranks, pending, list(requests))
 
     def prefill(self, work: PrefillWork, pools: Sequence[PagePool]) -> Launch:
         d = len(work.group)
@@ -103,14 +106,20 @@ class SimExecutor:
 
     @staticmethod
     def _reserve_decode(work: DecodeWork, pools: Sequence[PagePool]) -> None:
+        """The slots of each request's next tokens at its master, as the JAX executor reserves them."""
         for req, m in zip(work.requests, work.masters):
-            pools[m].append(req.rid, 1, req.num_tokens)
+            n = min(work.steps, req.max_new_tokens - len(req.output_ids), pools[m].room(req.rid))
+            pools[m].append(req.rid, max(n, 0), req.num_tokens + np.arange(max(n, 0)))
 
     def decode(self, work: DecodeWork, pools: Sequence[PagePool]) -> Launch:
+        """A burst: its steps one after another (the context's growth inside it is not priced)."""
         self._reserve_decode(work, pools)
         context = sum(r.num_tokens for r in work.requests)
-        seconds = self.timing.decode_time(len(work.group), len(work.requests), context)
-        return self._launch("decode", work.group, [list(work.requests)], work.requests, seconds)
+        seconds = self.timing.decode_time(len(work.group), len(work.requests), context) * work.steps
+        ranks = [[] for _ in work.group]
+        for req, m in zip(work.requests, work.masters):
+            ranks[m].append(req)
+        return self._launch("decode", work.group, ranks, work.requests, seconds, work.steps)
 
     def repair(self, group: Group) -> list[int]:
         """Simulated programs never leave pools unusable."""

@@ -137,7 +137,7 @@ def simulate(
     s = engine.stats
     stats = {
         "prefills": s.prefills,
-        "decode_steps": s.decode_steps,
+        "decode_launches": s.decode_launches,
         "scale_downs": s.scale_downs,
         "scale_ups": s.scale_ups,
         "migrations": s.migrations,
