@@ -557,12 +557,12 @@ class Engine:
     def _trim(self, launch: Launch) -> None:
         """Release the slots a burst reserved and did not fill (its rows stopped early, or a stop string cut
         them on the host: the K/V after it goes too), so that each request holds exactly its tokens' K/V."""
-        for k, reqs in enumerate(launch.ranks):
-            master = self.pools[launch.group[k]]
+        group = [self.pools[i] for i in launch.group]  # a decoding request's K/V lies in its group
+        for master, reqs in zip(group, launch.ranks):
             for r in reqs:
                 if r.finished:
                     continue  # retired: everything is released
-                excess = sum(p.tokens.get(r.rid, 0) for p in self.pools) - r.num_tokens
+                excess = sum(p.tokens.get(r.rid, 0) for p in group) - r.num_tokens
                 if excess > 0:
                     master.truncate(r.rid, excess)
 

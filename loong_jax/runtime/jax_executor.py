@@ -56,7 +56,6 @@ class DevicePending:
 
     out: Any  # SamplerOutputs of device arrays; empty for programs that sample nothing
     watched: bool = False  # the executor is told when it is ready (no need to poll)
-    state: Any = None  # a decode burst's DecodeState (device arrays): where the next burst may start
 
     def ready(self) -> bool:
         return all(x.is_ready() for x in jax.tree.leaves(self.out))
@@ -73,18 +72,18 @@ class DevicePending:
 class CompilingPending:
     """A program compiled and dispatched on the compile thread (its first use): ready once it has run."""
 
-    future: concurrent.futures.Future  # of the program's (SamplerOutputs, DecodeState or None), on device
+    future: concurrent.futures.Future  # of the program's SamplerOutputs (device arrays)
 
     def ready(self) -> bool:
         if not self.future.done():
             return False
-        return self.future.exception() is not None or DevicePending(self.future.result()[0]).ready()
+        return self.future.exception() is not None or DevicePending(self.future.result()).ready()
 
     def result(self) -> SamplerOutputs:
-        return DevicePending(self.future.result()[0]).result()  # raises what compiling or running raised
+        return DevicePending(self.future.result()).result()  # raises what compiling or running raised
 
     def outputs(self) -> Any:
-        return self.future.result()[0]
+        return self.future.result()
 
 
 class JaxExecutor:
@@ -196,7 +195,7 @@ class JaxExecutor:
                     return
                 self._finished.wait(0.0005 if poll else (0.1 if left is None else min(left, 0.1)))
 
-    def _watched(self, out: Any, state: Any = None) -> DevicePending:
+    def _watched(self, out: Any) -> DevicePending:
         """The pending outputs of a program just dispatched: their copy to the host starts now, and a watcher
         thread wakes `wait` when they are ready."""
         for x in jax.tree.leaves(out):
@@ -207,7 +206,7 @@ class JaxExecutor:
                 self._finished.notify_all()
 
         self._watchers.submit(jax.block_until_ready, out).add_done_callback(notify)
-        return DevicePending(out, watched=True, state=state)
+        return DevicePending(out, watched=True)
 
     def prefill(self, work: PrefillWork, pools: Sequence[PagePool]) -> Launch:
         """Allocate the kept tokens' slots, lay out the ring inputs and dispatch the group's prefill."""
@@ -292,7 +291,7 @@ class JaxExecutor:
         key = (kind, group, flags, shape_key((inp, samp)))
         program = self.programs.lookup(key)
         if program is not None:
-            return self._watched(*self._dispatch(program, group, args))
+            return self._watched(self._dispatch(program, group, args))
 
         def compile_and_dispatch() -> Any:
             fn = self._program_fn(kind, group, flags)
@@ -306,12 +305,11 @@ class JaxExecutor:
             return functools.partial(prefill_program, *self._common(group), flags)
         return functools.partial(decode_program, *self._common(group), self.page_size, flags)
 
-    def _dispatch(self, program: Any, group: Group, args: tuple) -> tuple[Any, Any]:
-        """Run a program on the group (its pools are donated and replaced by the outputs); returns its samples
-        and, for a decode burst, the state it left its rows in."""
+    def _dispatch(self, program: Any, group: Group, args: tuple) -> Any:
+        """Run a program on the group (its pools are donated and replaced by the outputs); returns its samples."""
         out, pools = program(*args)
         self.instances.put_group_pools(group, pools)
-        return out if isinstance(out[0], SamplerOutputs) else (out, None)
+        return out
 
     def migrate(self, src: int, dst: int, src_slots: np.ndarray, dst_slots: np.ndarray) -> Launch:
         """Copy K/V at src_slots of instance src into dst_slots of instance dst, in transfers of at most
@@ -412,7 +410,7 @@ class JaxExecutor:
             if inst.has_local(group) and len({inst.owner[i] for i in group}) > 1:
                 key, fn, args, donate = self._program_args("decode", group, 1, 1, SamplerFlags())
                 program = self.programs.get(key, fn, args, donate_argnums=donate)
-                jax.block_until_ready(self._dispatch(program, group, args)[0])
+                jax.block_until_ready(self._dispatch(program, group, args))
         return self.programs.compiles - before
 
     def compiled(self, kind: str, group: Group, size: int, rows: int, extras: bool = False) -> Any:
@@ -454,7 +452,7 @@ class JaxExecutor:
         else:
             table = np.zeros((d, d * size, self.page_table_width), np.int32)
             slots = np.full((d, rows, size), num_slots, np.int32)
-            inp = DecodeInputs(z, z, slots, table, np.zeros((d, d * size), np.int32), z, z > 0)
+            inp = DecodeInputs(z, z, slots, table, np.zeros((d, d * size), np.int32), z > 0)
         fn = self._program_fn(kind, group, flags)
         params = inst.abstract_params(group) if abstract else inst.group_params(group)
         args = (params, pools, *_place((inp, samp), rows_sharding, abstract))

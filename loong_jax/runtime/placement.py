@@ -234,18 +234,23 @@ def build_decode(
     slots = np.full((d, steps, b), num_slots, np.int32)
     table = np.zeros((d, d * b, width), np.int32)
     kv_lens = np.zeros((d, d * b), np.int32)
-    budget = np.zeros((d, b), np.int32)
     live = np.zeros((d, b), bool)
     for m, members in enumerate(rank_requests):
         for j, i in enumerate(members):
             row = m * b + j
             for r, pool in enumerate(pools):
                 kv_lens[r, row] = pool.tokens.get(rids[i], 0)
-            n = max(0, min(steps, budgets[i], pools[m].room(rids[i])))
+            n = burst_tokens(pools[m], rids[i], steps, budgets[i])
             slots[m, :n, j] = pools[m].append(rids[i], n, positions[i] + np.arange(n))
             for r, pool in enumerate(pools):
                 pages = pool.pages.get(rids[i])
                 if pages:  # padding entries stay page 0, masked by the token count
                     table[r, row, : len(pages)] = pages
-            tokens[m, j], pos[m, j], budget[m, j], live[m, j] = last_tokens[i], positions[i], budgets[i], n > 0
-    return DecodePlan(DecodeInputs(tokens, pos, slots, table, kv_lens, budget, live), b, rank_requests)
+            tokens[m, j], pos[m, j], live[m, j] = last_tokens[i], positions[i], n > 0
+    return DecodePlan(DecodeInputs(tokens, pos, slots, table, kv_lens, live), b, rank_requests)
+
+
+def burst_tokens(master: PagePool, rid: int, steps: int, budget: int) -> int:
+    """Tokens of a decode burst of `steps` to reserve for request rid at its master: no more than the new
+    tokens it may still sample (its budget) nor than the master's pool has room for. The row stops there."""
+    return max(0, min(steps, budget, master.room(rid)))

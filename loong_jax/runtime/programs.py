@@ -68,21 +68,8 @@ class DecodeInputs(NamedTuple):
     page_table: jnp.ndarray  # [d, d * B, W] this rank's pages of every request (rank-major rows), the
     #                          pages of the burst's slots included
     kv_lens: jnp.ndarray  # [d, d * B] tokens of each request this rank holds before the burst
-    budget: jnp.ndarray  # [d, B] new tokens each master row may still sample (max_tokens left)
-    live: jnp.ndarray  # [d, B] bool: rows that take part (padding, finished: False); a row also stops at
-    #                    a step without a reserved slot
-
-
-class DecodeState(NamedTuple):
-    """Where a burst left its rows (device-resident, [d, ...]): the next burst of the same batch starts from
-    it without the host (its new slots and page tables aside)."""
-
-    tokens: jnp.ndarray  # [d, B] each row's last sampled token
-    positions: jnp.ndarray  # [d, B]
-    kv_lens: jnp.ndarray  # [d, d * B]
-    budget: jnp.ndarray  # [d, B]
-    live: jnp.ndarray  # [d, B]
-    samp: SamplerInputs  # advanced past the burst's tokens (seed steps, min_tokens, penalties' ids)
+    live: jnp.ndarray  # [d, B] bool: rows that take part (padding: False); a row stops at its first step
+    #                    without a reserved slot (the host reserves no more than its max_tokens allow)
 
 
 def store_kv(pool: KVCache, slots: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> KVCache:
@@ -212,10 +199,9 @@ def decode_program(
     pools: KVCache,
     inp: DecodeInputs,
     samp: SamplerInputs,
-) -> tuple[tuple[SamplerOutputs, DecodeState], KVCache]:
+) -> tuple[SamplerOutputs, KVCache]:
     """A burst of K multi-master decode steps of a batch whose KV is spread over the group in any
-    proportions; outputs are [K, B] per rank (token -1 where a row did not take the step), and the state the
-    next burst may start from."""
+    proportions; outputs are [K, B] per rank (token -1 where a row did not take the step)."""
     d = mesh.shape[SP]
 
     def body(params, pools, inp, samp):
@@ -225,7 +211,7 @@ def decode_program(
         me = jax.lax.axis_index(SP) if d > 1 else 0
 
         def step(carry, slots):
-            pools, tokens, positions, kv_lens, budget, live, samp = carry
+            pools, tokens, positions, kv_lens, live, samp = carry
             live = live & (slots < pools.k.shape[3])  # no slot reserved for this step: the row stops
 
             def attend(layer, q, k, v, new_kv):
@@ -250,15 +236,14 @@ def decode_program(
             emitted = jnp.where(live, out.tokens, -1)
             grown = live.astype(jnp.int32)
             kv_lens = kv_lens.at[me * b + jnp.arange(b)].add(grown)  # my master rows hold this step's K/V now
-            budget = budget - grown
-            ended = ends_row(samp, out.tokens) | (budget <= 0)
+            ended = ends_row(samp, out.tokens)  # judged by the inputs the token was sampled with
             samp = advance(samp, out.tokens, live)
-            carry = (pools, out.tokens, positions + 1, kv_lens, budget, live & ~ended, samp)
+            carry = (pools, out.tokens, positions + 1, kv_lens, live & ~ended, samp)
             return carry, out._replace(tokens=emitted)
 
-        carry = (pools, inp.tokens, inp.positions, inp.kv_lens, inp.budget, inp.live & (inp.budget > 0), samp)
-        (pools, *state), outs = jax.lax.scan(step, carry, inp.slots)
-        return _with_row((outs, DecodeState(*state))), pools
+        carry = (pools, inp.tokens, inp.positions, inp.kv_lens, inp.live, samp)
+        (pools, *_), outs = jax.lax.scan(step, carry, inp.slots)
+        return _with_row(outs), pools
 
     return _group_program(mesh, param_specs, pool_spec, body)(params, pools, inp, samp)
 

@@ -16,6 +16,7 @@ import numpy as np
 from loong_jax.model.sampling import SamplerOutputs
 from loong_jax.runtime.instances import Group
 from loong_jax.runtime.kv_pool import PagePool
+from loong_jax.runtime.placement import burst_tokens
 from loong_jax.runtime.request import Request
 from loong_jax.runtime.work import DecodeWork, Launch, PrefillWork
 
@@ -108,8 +109,8 @@ class SimExecutor:
     def _reserve_decode(work: DecodeWork, pools: Sequence[PagePool]) -> None:
         """The slots of each request's next tokens at its master, as the JAX executor reserves them."""
         for req, m in zip(work.requests, work.masters):
-            n = min(work.steps, req.max_new_tokens - len(req.output_ids), pools[m].room(req.rid))
-            pools[m].append(req.rid, max(n, 0), req.num_tokens + np.arange(max(n, 0)))
+            n = burst_tokens(pools[m], req.rid, work.steps, req.max_new_tokens - len(req.output_ids))
+            pools[m].append(req.rid, n, req.num_tokens + np.arange(n))
 
     def decode(self, work: DecodeWork, pools: Sequence[PagePool]) -> Launch:
         """A burst: its steps one after another (the context's growth inside it is not priced)."""
