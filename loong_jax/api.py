@@ -35,7 +35,9 @@ class LLM:
     such as virtual CPU devices). output_estimate: the new tokens admission plans for when a request sets no
     max_tokens (it may run longer: a request that then finds no room is recomputed later, nothing is lost).
     decode_steps: decode steps per launch (a burst on the device: the host reads, streams and schedules once
-    per burst; a waiting prompt waits at most one burst).
+    per burst; a waiting prompt waits at most one burst). max_batch_requests: requests one scheduling decision
+    admits (None: what one prefill pass per instance takes); running decodes are paused for them when the
+    time the waiting requests save outweighs the time the decodes lose.
     compiler_options: XLA options for every program, e.g. {"xla_backend_optimization_level": 0} for faster
     compiles of slower code (small models, experiments).
     """
@@ -52,6 +54,7 @@ class LLM:
         memory_utilization: float | None = None,
         page_size: int = 16,
         max_num_seqs: int = 32,
+        max_batch_requests: int | None = None,
         decode_steps: int = 1,
         max_prefill_tokens: int | None = None,
         output_estimate: int = 256,
@@ -85,6 +88,7 @@ class LLM:
             memory_utilization=memory_utilization,
             page_size=page_size,
             max_num_seqs=max_num_seqs,
+            max_batch_requests=max_batch_requests,
             decode_steps=decode_steps,
             max_prefill_tokens=max_prefill_tokens,
             output_estimate=output_estimate,

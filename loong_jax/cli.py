@@ -63,6 +63,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "and schedules once per burst, and a waiting prompt waits at most one burst (default: the engine's)",
     )
     p.add_argument(
+        "--max-batch-requests",
+        type=int,
+        default=None,
+        help="requests one scheduling decision admits (default: as many as one prefill pass per instance takes)",
+    )
+    p.add_argument(
         "--no-prefix-caching",
         dest="prefix_caching",
         action="store_false",
@@ -148,6 +154,7 @@ def load_llm(args: argparse.Namespace, **limits: int):
         attention_backend=args.attention_backend,
         enable_prefix_caching=args.prefix_caching,
         **({} if args.decode_steps is None else {"decode_steps": args.decode_steps}),
+        max_batch_requests=args.max_batch_requests,
         heartbeat_timeout_s=getattr(args, "heartbeat_timeout", 30.0),
         step_timeout_s=getattr(args, "step_timeout", 300.0),
         **limits,

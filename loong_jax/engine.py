@@ -26,7 +26,7 @@ from flax import nnx
 
 from checkpoints.tokenizer import IncrementalDetokenizer, Tokenizer
 from loong_jax.model.config import ModelConfig
-from loong_jax.model.sampling import SamplerOutputs, SamplingParams
+from loong_jax.model.sampling import VARIANTS, SamplerFlags, SamplerOutputs, SamplingParams
 from loong_jax.multihost.channel import PlanChannel
 from loong_jax.multihost.leader import Leader
 from loong_jax.prefix import PrefixCache
@@ -72,6 +72,7 @@ class EngineConfig:
     memory_utilization: float | None = None  # fraction of the memory to fill; None: 0.9 accelerators, 0.5 CPU
     page_size: int = 16
     max_num_seqs: int = 32
+    max_batch_requests: int | None = None  # requests one scheduling decision admits (None: one prefill pass each)
     decode_steps: int = 1  # decode steps per launch (a burst: tokens fed back on the device)
     max_prefill_tokens: int | None = None  # tokens of one prefill pass (longer prompts: chunks); None: max_model_len
     min_prefill_bucket: int = 16
@@ -102,6 +103,8 @@ class EngineConfig:
             raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}, got {self.attention_backend!r}")
         if self.max_num_seqs < 1 or self.max_prefill_tokens < 1:
             raise ValueError("max_num_seqs and max_prefill_tokens must be >= 1")
+        if self.max_batch_requests is not None and self.max_batch_requests < 1:
+            raise ValueError(f"max_batch_requests must be >= 1 (or None: no limit), got {self.max_batch_requests}")
         if not 1 <= self.decode_steps <= MAX_DECODE_STEPS:
             raise ValueError(f"decode_steps must be in [1, {MAX_DECODE_STEPS}], got {self.decode_steps}")
         if self.num_instances < 1 or self.tp < 1:
@@ -283,7 +286,8 @@ class Engine:
         the one-program-at-a-time policy for instances that share one processor."""
         if self.ecfg.policy == "shared":
             return SharedComputePolicy(self.ecfg.num_instances)
-        config = SchedulerConfig(aligned_groups=self.ecfg.aligned_groups)
+        ecfg = self.ecfg
+        config = SchedulerConfig(aligned_groups=ecfg.aligned_groups, max_batch_requests=ecfg.max_batch_requests)
         return ElasticScheduler(self.ecfg.num_instances, cost, config)
 
     def record_timeline(self, limit: int = 200_000) -> Timeline:
@@ -699,10 +703,10 @@ def sizing_jobs(ecfg: EngineConfig) -> list[tuple[str, tuple[int, ...], int, int
     return jobs
 
 
-def warmup_jobs(ecfg: EngineConfig) -> list[tuple[str, tuple[int, ...], int, int, bool]]:
+def warmup_jobs(ecfg: EngineConfig) -> list[tuple[str, tuple[int, ...], int, int, SamplerFlags]]:
     """The default warm set: every aligned power-of-two group of instances (the device sets the policy
     uses, 2N - 1 of them), with each prefill token bucket up to max_prefill_tokens / degree per rank and
-    each decode batch bucket up to max_num_seqs, in both sampler variants (plain, and with extras)."""
+    each decode batch bucket up to max_num_seqs, in every sampler variant (greedy, sampling, with extras)."""
     n, lo = ecfg.num_instances, ecfg.min_prefill_bucket
     jobs = []
     for size in _powers(n):
@@ -711,7 +715,7 @@ def warmup_jobs(ecfg: EngineConfig) -> list[tuple[str, tuple[int, ...], int, int
             for t in _powers(bucket(-(-ecfg.max_prefill_tokens // size), lo), lo):  # SchedulerView.rank_token_cap
                 jobs.append(("prefill", group, t, prefill_rows(t, lo, ecfg.max_num_seqs)))
             jobs += [("decode", group, b, ecfg.decode_steps) for b in _powers(bucket(ecfg.max_num_seqs))]
-    return [(*job, extras) for extras in (False, True) for job in jobs]
+    return [(*job, flags) for flags in VARIANTS for job in jobs]
 
 
 def _apply_tokens(ranks: Sequence[Sequence[Request]], out: SamplerOutputs, now: float) -> list[tuple[Request, int]]:

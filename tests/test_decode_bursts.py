@@ -161,3 +161,32 @@ def test_a_stop_string_inside_a_burst_cuts_the_text_and_frees_the_k_v_after_it(s
         outputs[steps] = (req.output_ids, req.logprobs)
     assert outputs[1][0] == outputs[8][0]  # the tokens the burst sampled after the stop string are dropped
     np.testing.assert_allclose(outputs[8][1], outputs[1][1], atol=1e-4)
+
+
+def _serve_on_one_instance(arrivals_per_step: int, prompt: int = 200, **limits):
+    """64 requests (prompts of `prompt` tokens, 64 new tokens) arriving a few per engine step at one
+    instance with room for all of them; returns the engine and the requests once all finished."""
+    limits = dict(max_num_seqs=64, max_model_len=512, max_prefill_tokens=2048, decode_steps=4, **limits)
+    engine = tiny_esp_engine(num_instances=1, kv_tokens=32768, limits=limits)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 200, prompt).tolist() for _ in range(64)]
+    reqs = []
+    while len(reqs) < len(prompts) or engine.has_unfinished():
+        for p in prompts[len(reqs) : len(reqs) + arrivals_per_step]:
+            reqs.append(engine.add_request(p, SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)))
+        engine.step()
+    assert all(r.finish_reason == "length" for r in reqs) and engine.kv_used_tokens == 0
+    return engine, reqs
+
+
+def test_decode_batches_grow_as_requests_arrive():
+    """New requests join the running decode batch (the pause for their prefill weighs everyone queued behind
+    them, not only the ones one pass takes): the batch grows past one prefill pass (10 prompts) towards
+    max_num_seqs instead of running in waves; 64 short prompts arriving at once all decode together. (The
+    built-in cost model prices the tiny model's prefills like a real model's: a pause is a real trade.)"""
+    engine, _ = _serve_on_one_instance(arrivals_per_step=1)
+    assert max(engine.stats.decode_batches) > 16, engine.stats.decode_batches
+    engine, _ = _serve_on_one_instance(arrivals_per_step=64, prompt=40)
+    assert max(engine.stats.decode_batches) == 64, engine.stats.decode_batches
+    engine, _ = _serve_on_one_instance(arrivals_per_step=64, prompt=40, max_batch_requests=4)  # admitted per decision
+    assert engine.stats.prefills >= 16

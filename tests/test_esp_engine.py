@@ -70,12 +70,13 @@ def _check_timeline(spans, stats):
 
 
 def test_no_compile_after_warmup():
-    # The warm set (76 programs: 7 device sets) must fit the program cache, which this process's memory-map
-    # limit bounds: drop what earlier tests compiled, and keep the set small enough to fit beside what they
-    # still hold. Prompts of up to 480 tokens go through passes of at most 64; decodes run in bursts of 4.
+    # The warm set (96 programs: 7 device sets, 3 sampler variants) must fit the program cache, which this
+    # process's memory-map limit bounds: drop what earlier tests compiled, and keep the set small enough to
+    # fit beside what they still hold. Prompts of up to 480 tokens go through passes of at most 64; decodes
+    # run in bursts of 4.
     gc.collect()
     jax.clear_caches()
-    limits = dict(max_model_len=512, max_num_seqs=4, max_prefill_tokens=64, decode_steps=4)
+    limits = dict(max_model_len=512, max_num_seqs=4, max_prefill_tokens=64, min_prefill_bucket=32, decode_steps=4)
     engine = tiny_esp_engine(num_instances=4, kv_tokens=4096, page_size=8, seed=0, limits=limits)
     ecfg = engine.ecfg
     jobs = warmup_jobs(ecfg)
@@ -85,7 +86,7 @@ def test_no_compile_after_warmup():
     waves = []
     for _ in range(4):
         lengths = rng.choice([1, 5, 17, 60, 130, 250], size=4)
-        extras = [{}, {"logprobs": 3}, {"presence_penalty": 0.5}, {"logit_bias": {5: 2.0}}]  # both sampler variants
+        extras = [{}, {"logprobs": 3}, {"presence_penalty": 0.5}, {"logit_bias": {5: 2.0}}]  # every sampler variant
         params = [
             SamplingParams(max_tokens=int(m), temperature=float(t), top_p=float(p), seed=int(s), **x)
             for m, t, p, s, x in zip(

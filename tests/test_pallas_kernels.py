@@ -10,15 +10,17 @@ see no key are -inf in both, with output 0.
 from __future__ import annotations
 
 import functools
+from collections import Counter
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from esp_helpers import greedy_params, tiny_esp_engine
+from jax.extend import core as jax_core
 from jax.sharding import AbstractDevice, AbstractMesh, Mesh, use_abstract_mesh
 
-from loong_jax.model.sampling import SamplerFlags
+from loong_jax.model.sampling import VARIANTS
 from loong_jax.runtime.work import DecodeWork, Iteration, PrefillWork
 from pallas_kernels import attention_backend, paged_decode, reference, ring_attention
 
@@ -171,16 +173,46 @@ def test_model_with_pallas_kernels_matches_xla():
 GPUS = {"A100": "NVIDIA A100-SXM4-80GB", "H100": "NVIDIA H100 80GB HBM3"}  # sm80 and sm90
 
 
-def lower_for_gpu(fn: functools.partial, args, donate, device_kind: str) -> str:
-    """The program's CUDA module for an abstract GPU of that kind (no GPU here): its group mesh swapped for an
-    abstract mesh of that device, arguments as bare shapes. jax 0.11's Triton lowering needs the device kind."""
+def _on_abstract_gpu(fn: functools.partial, args, device_kind: str):
+    """The program with its group mesh swapped for an abstract mesh of that GPU kind (no GPU here), its
+    arguments as bare shapes, and that mesh. jax 0.11's Triton lowering needs the device kind."""
     mesh = next(a for a in fn.args if isinstance(a, Mesh))
     device = AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu")
     gpu_mesh = AbstractMesh(mesh.axis_sizes, mesh.axis_names, axis_types=mesh.axis_types, abstract_device=device)
     fn = functools.partial(fn.func, *[gpu_mesh if a is mesh else a for a in fn.args], **fn.keywords)
-    args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
+    return fn, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args), gpu_mesh
+
+
+def lower_for_gpu(fn: functools.partial, args, donate, device_kind: str) -> str:
+    """The program's CUDA module for an abstract GPU of that kind."""
+    fn, args, gpu_mesh = _on_abstract_gpu(fn, args, device_kind)
     with use_abstract_mesh(gpu_mesh):
         return jax.jit(fn, donate_argnums=donate).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _primitives(jaxpr, found: Counter) -> Counter:
+    """Primitives of a jaxpr and of the jaxprs inside it, not looking inside Pallas kernels."""
+    for eqn in jaxpr.eqns:
+        found[eqn.primitive.name] += 1
+        if eqn.primitive.name != "pallas_call":
+            for sub in jax_core.jaxprs_in_params(eqn.params):
+                _primitives(sub, found)
+    return found
+
+
+def test_decode_programs_never_wait_for_the_host_on_gpu():
+    """A GPU runs a `cond` by copying its predicate to the host and waiting, and a `while` loop by reading
+    its condition every trip; the decode programs (a burst of steps, every sampler variant) as a GPU runs
+    them have neither: only loops of static length (scans) outside the kernels."""
+    engine = tiny_esp_engine(num_instances=2, kv_tokens=256, limits={"max_model_len": 256})
+    ex = engine.executor
+    ex.attention = attention_backend("pallas", "gpu")
+    for flags in VARIANTS:
+        _, fn, args, _ = ex._program_args("decode", (0, 1), 4, 4, flags, ex.page_size)
+        fn, args, gpu_mesh = _on_abstract_gpu(fn, args, GPUS["H100"])
+        with use_abstract_mesh(gpu_mesh):
+            found = _primitives(jax.jit(fn).trace(*args).jaxpr.jaxpr, Counter())
+        assert found["cond"] == found["while"] == 0 and found["scan"] >= 2 and found["pallas_call"], (flags, found)
 
 
 @pytest.mark.parametrize("instances,tp,gpu", [(1, 1, "A100"), (4, 1, "H100"), (4, 1, "A100"), (2, 2, "H100")])
@@ -194,7 +226,7 @@ def test_real_programs_lower_for_cuda_with_the_triton_kernels(instances, tp, gpu
             continue
         g = group[:2] if kind == "migrate" else group
         # (a prefill program includes the appending path: K/V held before, attended where it lies)
-        _, fn, args, donate = ex._program_args(kind, g, size, rows, SamplerFlags(extras=True), ex.page_size)
+        _, fn, args, donate = ex._program_args(kind, g, size, rows, VARIANTS[-1], ex.page_size)
         text = lower_for_gpu(fn, args, donate, GPUS[gpu])
         if kind != "migrate":
             assert "__gpu$xla.gpu.triton" in text, f"{kind}: no Triton kernel in the CUDA module"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from loong_jax import SamplingParams
-from loong_jax.model.sampling import sample
+from loong_jax.model.sampling import _smallest_kept, sample
 from loong_jax.runtime.batching import sampler_flags, sampler_inputs
 from loong_jax.runtime.request import Request
 
@@ -50,6 +50,28 @@ def test_top_k_top_p_min_p_restrict_the_support():
     assert set(np.unique(out.tokens)) == set(range(nucleus))
     out = _sample(np.tile(LOGITS, (n, 1)), _reqs(n, min_p=0.5))
     assert set(np.unique(out.tokens)) == set(np.nonzero(probs >= 0.5 * probs.max())[0])
+
+
+def test_top_k_and_top_p_keep_what_the_sorted_rule_keeps():
+    """The bisection threshold keeps, per row, exactly the tokens the sorted-order rule keeps: fewer than k
+    more likely tokens, holding less than top_p of the mass (distinct probabilities, so no ties)."""
+    rng = np.random.default_rng(1)
+    rows, vocab = 64, 3000
+    probs = rng.dirichlet(np.full(vocab, rng.choice([0.05, 1.0])), size=rows).astype(np.float32)
+    probs[::7, vocab // 2 :] = 0.0  # rows whose tail is already cut (min-p)
+    top_k = rng.choice([0, 1, 5, 40, vocab, vocab + 7], size=rows).astype(np.int32)
+    top_p = rng.choice([1.0, 0.9, 0.5, 0.05, 1e-6], size=rows).astype(np.float32)
+    t = np.asarray(jax.jit(_smallest_kept)(probs, top_k, top_p))
+    kept = probs.view(np.int32) >= t[:, None]
+    for i in range(rows):
+        order = np.argsort(-probs[i], kind="stable")
+        before = np.cumsum(probs[i][order]) - probs[i][order]
+        k = top_k[i] if top_k[i] > 0 else vocab
+        rule = (np.arange(vocab) < k) & ((before < top_p[i] * probs[i].sum()) if top_p[i] < 1 else True)
+        expected = np.zeros(vocab, bool)
+        expected[order[rule & (probs[i][order] > 0)]] = True
+        got = kept[i] & (probs[i] > 0)
+        assert (got == expected).all(), f"row {i}: k={top_k[i]}, p={top_p[i]}"
 
 
 def test_greedy_and_top_k_one_agree():

@@ -89,14 +89,14 @@ class Follower:
         try:
             if kind == "run":
                 inp = INPUTS[op["kind"]](*op["inp"])
-                return ex.run_local(op["kind"], group, SamplerFlags(op["extras"]), inp, SamplerInputs(*op["samp"]))
+                return ex.run_local(op["kind"], group, SamplerFlags(*op["flags"]), inp, SamplerInputs(*op["samp"]))
             if kind == "migrate":
                 ex.migrate_local(op["src"], op["dst"], np.asarray(op["src_slots"]), np.asarray(op["dst_slots"]))
                 answer: dict = {"ok": True}
             elif kind == "repair":
                 answer = {"lost": ex.repair_local(group)}
             elif kind == "warmup":
-                ex.warmup_local([(job[0], tuple(job[1]), *job[2:]) for job in op["jobs"]], show=False)
+                ex.warmup_local([(k, tuple(g), n, r, SamplerFlags(*f)) for k, g, n, r, f in op["jobs"]], show=False)
                 answer = {"ok": True}
             else:
                 raise ValueError(f"unknown operation {kind!r}")

@@ -26,8 +26,10 @@ def prefill_rows(tokens: int, min_tokens: int, max_rows: int) -> int:
 
 
 def sampler_flags(reqs: Sequence[Request]) -> SamplerFlags:
-    """The sampler variant a batch needs: the extras one if any request uses penalties, bias or logprobs."""
-    return SamplerFlags(extras=any(r.params.uses_extras for r in reqs))
+    """The sampler variant a batch needs: extras if any request uses penalties, bias or logprobs; sample if
+    any samples (temperature > 0); else greedy."""
+    extras = any(r.params.uses_extras for r in reqs)
+    return SamplerFlags(sample=extras or any(r.params.temperature > 0 for r in reqs), extras=extras)
 
 
 def sampler_inputs(

@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from loong_jax.model.config import ModelConfig
-from loong_jax.model.sampling import SamplerFlags, SamplerOutputs
+from loong_jax.model.sampling import VARIANTS, SamplerFlags, SamplerOutputs
 from loong_jax.runtime.batching import bucket, sampler_flags, sampler_inputs
 from loong_jax.runtime.instances import SP, Group, Instances
 from loong_jax.runtime.kv_pool import PagePool
@@ -146,14 +146,14 @@ class JaxExecutor:
 
     def footprint(self, jobs: Sequence[tuple[str, Group, int, int]], num_slots: int | None = None) -> Footprint:
         """Per-device bytes of a weight copy, of a KV token, and of the largest temporaries of the given
-        programs, each with the costlier sampler variant (extras: penalties, logit bias, top logprobs), and
+        programs, each with the costliest sampler variant (extras: penalties, logit bias, top logprobs), and
         the memory mappings the largest takes. The programs are compiled without any device memory, for a
         pool of num_slots slots (by default the fewest pages past two blocks of held K/V, so that the appending
         prefill runs its loop as with any larger pool: the pools are donated and updated in place, so
         temporaries do not grow with them). The compiled programs' host memory is left to the caller, who
         decides how many to keep."""
         temp = maps = 0
-        flags = SamplerFlags(extras=True)
+        flags = VARIANTS[-1]
         slots = num_slots or -(-(PREFIX_BLOCK + 1) // self.page_size) * self.page_size
         for kind, group, size, rows in jobs:
             _, fn, args, donate = self._program_args(kind, group, size, rows, flags, slots)
@@ -272,7 +272,7 @@ class JaxExecutor:
             "op": "run",
             "kind": kind,
             "group": list(group),
-            "extras": flags.extras,
+            "flags": list(flags),
             "inp": list(inp),
             "samp": list(samp),
         }
@@ -368,8 +368,8 @@ class JaxExecutor:
                 lost.append(i)
         return lost
 
-    def warmup(self, jobs: Sequence[tuple[str, Group, int, int, bool]], show: bool) -> int:
-        """Compile programs: (kind, group, tokens or rows per rank, sampled rows, sampler extras) each; no
+    def warmup(self, jobs: Sequence[tuple[str, Group, int, int, SamplerFlags]], show: bool) -> int:
+        """Compile programs: (kind, group, tokens or rows per rank, sampled rows, sampler variant) each; no
         more than the program cache keeps (the first ones: the rest would only evict them). In a multi-host
         run every process does the same, in the same order, and runs each group that spans processes once."""
         seq = None
@@ -380,7 +380,7 @@ class JaxExecutor:
             self.peers.answers(seq, range(self.instances.n), timeout_s=float("inf"))  # heartbeats still count
         return compiled
 
-    def warmup_local(self, jobs: Sequence[tuple[str, Group, int, int, bool]], show: bool) -> int:
+    def warmup_local(self, jobs: Sequence[tuple[str, Group, int, int, SamplerFlags]], show: bool) -> int:
         """warmup() of this process's programs; then every group of the jobs that spans several processes
         runs once (its collectives' connections are made before serving), in the jobs' order."""
         keep = self.programs.max_programs
@@ -413,9 +413,9 @@ class JaxExecutor:
                 jax.block_until_ready(self._dispatch(program, group, args))
         return self.programs.compiles - before
 
-    def compiled(self, kind: str, group: Group, size: int, rows: int, extras: bool = False) -> Any:
+    def compiled(self, kind: str, group: Group, size: int, rows: int, flags: SamplerFlags = VARIANTS[0]) -> Any:
         """The compiled program of a kind for a group, per-rank shape and sampler variant (compiles if new)."""
-        key, fn, args, donate = self._program_args(kind, group, size, rows, SamplerFlags(extras))
+        key, fn, args, donate = self._program_args(kind, group, size, rows, SamplerFlags(*flags))
         return self.programs.get(key, fn, args, donate_argnums=donate)
 
     def _program_args(

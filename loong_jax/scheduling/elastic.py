@@ -4,8 +4,9 @@ Four steps (DESIGN.md 2.4), all priced by the cost model:
 1. Dispatch: waiting requests by priority then arrival, with bounded skipping ahead of a request that does
    not fit, admitted only if their KV including growth to max_tokens fits the pool (memory-safe).
 2. Instance allocation: the admitted requests get the idle instances; a decode group is paused for them
-   when the latency the new requests save (normalised by input length) exceeds the latency the paused
-   decodes lose (normalised by output length), or, with latency targets (`SLO`), when the pause lets the
+   when the latency the new requests save (normalised by input length; with `weigh_queue`, also the
+   requests queued behind them, which start that much sooner too) exceeds the latency the paused decodes
+   lose (normalised by output length), or, with latency targets (`SLO`), when the pause lets the
    shortest admitted requests still meet their time to first token while every paused decode keeps its
    time per output token (the pause is then for those requests only); with `wait_for_steps` a group in
    the middle of a decode step may be chosen too, and the prefill waits for that step to end (decode
@@ -64,7 +65,7 @@ class SLO:
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
     window: int = 64  # waiting requests looked at per decision
-    max_batch_requests: int = 16  # requests admitted per decision
+    max_batch_requests: int | None = None  # requests admitted per decision (None: as many as fit)
     max_skips: int = 8  # times a request may be passed by later ones before it blocks the queue
     aligned_groups: bool = True  # groups are aligned power-of-two blocks (bounded programs to compile)
     pack_decodes: bool = False  # allow migrating decode KV to free instances for prefill
@@ -76,6 +77,7 @@ class SchedulerConfig:
     slo: SLO | None = None  # also pause decodes when that saves a time to first token within these targets
     wait_for_steps: bool = False  # a prefill may wait for decode steps in flight to end and pause those groups
     pause_later: bool = False  # not pausing now may mean pausing a group in flight when its step ends
+    weigh_queue: bool = True  # a pause also counts what it saves the requests waiting behind the admitted ones
 
 
 PLANS = {"busiest": busiest_first_plan, "least_loaded": least_loaded_plan}
@@ -143,23 +145,27 @@ class ElasticScheduler:
     # ----- step 1: dispatch --------------------------------------------------------------------------
 
     def _dispatch(self, view: SchedulerView, usable: Sequence[int]) -> tuple[list[Request], list[Request]]:
-        """Admissible waiting requests in order, and the ones passed over (for bounded skipping)."""
+        """Admissible waiting requests in order, as many as one prefill pass per usable instance takes (the
+        rest could not start now anyway), and the ones passed over (for bounded skipping)."""
         cfg = self.cfg
         page = view.pools[0].page_size
         order = sorted(view.waiting[: cfg.window * 4], key=lambda r: (-r.priority, r.arrival, r.rid))
         reserved, total = view.reserved_pages, view.total_pages
         free = sum(view.pools[i].free_pages for i in usable)
         room = view.max_num_seqs - view.num_running
+        if cfg.max_batch_requests is not None:
+            room = min(room, cfg.max_batch_requests)
+        tokens = view.max_prefill_tokens * max(1, len(usable))
         admitted: list[Request] = []
         blocked: list[Request] = []
         for req in order[: cfg.window]:
-            if len(admitted) >= min(room, cfg.max_batch_requests):
+            if len(admitted) >= room or (admitted and req.num_prefill_tokens > tokens):
                 break
             need = view.pages_to_reserve(req)
             prompt = _pages(req.num_prefill_tokens, page) + 1
             if reserved + need <= total and prompt <= free:
                 admitted.append(req)
-                reserved, free = reserved + need, free - prompt
+                reserved, free, tokens = reserved + need, free - prompt, tokens - req.num_prefill_tokens
             else:
                 blocked.append(req)
                 if req.skipped >= cfg.max_skips:
@@ -195,6 +201,7 @@ class ElasticScheduler:
         requests to prefill now (with latency targets, a pause may be for the shortest of them only)."""
         batch = admitted
         gain_w = self._norm(admitted, inputs=True)
+        behind_w = self._norm(self._behind(view, admitted), inputs=True) if self.cfg.weigh_queue else 0.0
         drain = 0.0
         if idle:
             latency = self._prefill_time(len(idle), batch)
@@ -219,7 +226,7 @@ class ElasticScheduler:
                 waiting = min([waiting] + [self._pause_later(g, reqs, batch, gain_w) for g, reqs in view.stepping])
             for g, reqs, ends in sorted(options, key=lambda o: (o[2] > 0, self._norm(o[1], inputs=False), -len(o[0]))):
                 with_g = max(wait, ends) + self._prefill_time(size + len(g), batch)
-                gain = waiting - with_g * gain_w
+                gain = waiting - with_g * gain_w + (latency - with_g) * behind_w
                 cost = with_g * self._norm(reqs, inputs=False)
                 k = len(now) if gain > cost * self.cfg.pause_weight else 0
                 if self.cfg.slo and not k:
@@ -234,6 +241,13 @@ class ElasticScheduler:
         if paused or not self.cfg.pack_decodes or not idle:
             return paused, [], hold, now
         return [], self._pack(view, batch, gain_w, latency, len(idle), groups), False, admitted
+
+    def _behind(self, view: SchedulerView, admitted: list[Request]) -> list[Request]:
+        """Waiting requests after the admitted ones that could still join the running batch (max_num_seqs):
+        a pause that starts the admitted requests sooner starts these sooner too."""
+        room = view.max_num_seqs - view.num_running - len(admitted)
+        taken = {r.rid for r in admitted}
+        return [r for r in view.waiting[: self.cfg.window] if r.rid not in taken][: max(0, room)]
 
     def _slo_pause(
         self,
