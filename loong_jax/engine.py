@@ -104,7 +104,10 @@ class EngineConfig:
         if self.max_num_seqs < 1 or self.max_prefill_tokens < 1:
             raise ValueError("max_num_seqs and max_prefill_tokens must be >= 1")
         if self.max_batch_requests is not None and self.max_batch_requests < 1:
-            raise ValueError(f"max_batch_requests must be >= 1 (or None: no limit), got {self.max_batch_requests}")
+            raise ValueError(
+                "max_batch_requests must be >= 1 (or None: one prefill pass per instance), "
+                f"got {self.max_batch_requests}"
+            )
         if not 1 <= self.decode_steps <= MAX_DECODE_STEPS:
             raise ValueError(f"decode_steps must be in [1, {MAX_DECODE_STEPS}], got {self.decode_steps}")
         if self.num_instances < 1 or self.tp < 1:

@@ -415,7 +415,7 @@ class JaxExecutor:
 
     def compiled(self, kind: str, group: Group, size: int, rows: int, flags: SamplerFlags = VARIANTS[0]) -> Any:
         """The compiled program of a kind for a group, per-rank shape and sampler variant (compiles if new)."""
-        key, fn, args, donate = self._program_args(kind, group, size, rows, SamplerFlags(*flags))
+        key, fn, args, donate = self._program_args(kind, group, size, rows, flags)
         return self.programs.get(key, fn, args, donate_argnums=donate)
 
     def _program_args(

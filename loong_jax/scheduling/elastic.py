@@ -65,7 +65,7 @@ class SLO:
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
     window: int = 64  # waiting requests looked at per decision
-    max_batch_requests: int | None = None  # requests admitted per decision (None: as many as fit)
+    max_batch_requests: int | None = None  # requests admitted per decision (None: one prefill pass per instance)
     max_skips: int = 8  # times a request may be passed by later ones before it blocks the queue
     aligned_groups: bool = True  # groups are aligned power-of-two blocks (bounded programs to compile)
     pack_decodes: bool = False  # allow migrating decode KV to free instances for prefill
