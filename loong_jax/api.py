@@ -34,10 +34,13 @@ class LLM:
     (the cost-model scheduler) or "shared" (one program at a time, for instances that share one processor,
     such as virtual CPU devices). output_estimate: the new tokens admission plans for when a request sets no
     max_tokens (it may run longer: a request that then finds no room is recomputed later, nothing is lost).
-    decode_steps: decode steps per launch (a burst on the device: the host reads, streams and schedules once
-    per burst; a waiting prompt waits at most one burst). max_batch_requests: requests one scheduling decision
-    admits (None: what one prefill pass per instance takes); running decodes are paused for them when the
-    time the waiting requests save outweighs the time the decodes lose.
+    decode_steps: the most decode steps per launch (a burst on the device: the host reads, streams and
+    schedules once per burst, and dispatches a group's next burst before reading the last; single steps while
+    a prompt that could start waits, so that it waits at most for the bursts in flight). max_burst_s: where a
+    burst of decode_steps would last longer than this at the decode speed measured, single steps instead.
+    max_batch_requests: requests one scheduling decision admits (None: what one prefill pass per instance
+    takes); running decodes are paused for them when the time the waiting requests save outweighs the time
+    the decodes lose.
     compiler_options: XLA options for every program, e.g. {"xla_backend_optimization_level": 0} for faster
     compiles of slower code (small models, experiments).
     """
@@ -55,7 +58,8 @@ class LLM:
         page_size: int = 16,
         max_num_seqs: int = 32,
         max_batch_requests: int | None = None,
-        decode_steps: int = 1,
+        decode_steps: int = 8,
+        max_burst_s: float = 0.5,
         max_prefill_tokens: int | None = None,
         output_estimate: int = 256,
         policy: str = "elastic",
@@ -90,6 +94,7 @@ class LLM:
             max_num_seqs=max_num_seqs,
             max_batch_requests=max_batch_requests,
             decode_steps=decode_steps,
+            max_burst_s=max_burst_s,
             max_prefill_tokens=max_prefill_tokens,
             output_estimate=output_estimate,
             policy=policy,

@@ -59,8 +59,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "--decode-steps",
         type=int,
         default=None,
-        help="decode steps per launch: a burst on the device, its tokens fed back there; the host reads, streams "
-        "and schedules once per burst, and a waiting prompt waits at most one burst (default: the engine's)",
+        help="most decode steps per launch: a burst on the device, its tokens fed back there; the host reads, "
+        "streams and schedules once per burst and dispatches the next before reading the last; single steps while "
+        "a prompt that could start waits (default: 8)",
     )
     p.add_argument(
         "--max-batch-requests",

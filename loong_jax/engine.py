@@ -15,7 +15,8 @@ import hashlib
 import itertools
 import logging
 import secrets
-from collections import Counter
+import statistics
+from collections import Counter, deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -73,7 +74,8 @@ class EngineConfig:
     page_size: int = 16
     max_num_seqs: int = 32
     max_batch_requests: int | None = None  # requests one scheduling decision admits (None: one prefill pass each)
-    decode_steps: int = 1  # decode steps per launch (a burst: tokens fed back on the device)
+    decode_steps: int = 8  # most decode steps per launch (a burst: tokens fed back on the device; see burst_steps)
+    max_burst_s: float = 0.5  # bursts that would last longer (at the decode speed seen) run as single steps
     max_prefill_tokens: int | None = None  # tokens of one prefill pass (longer prompts: chunks); None: max_model_len
     min_prefill_bucket: int = 16
     output_estimate: int = 256  # new tokens admission plans for when a request gives no max_tokens
@@ -110,6 +112,8 @@ class EngineConfig:
             )
         if not 1 <= self.decode_steps <= MAX_DECODE_STEPS:
             raise ValueError(f"decode_steps must be in [1, {MAX_DECODE_STEPS}], got {self.decode_steps}")
+        if not self.max_burst_s > 0:
+            raise ValueError(f"max_burst_s must be > 0 seconds, got {self.max_burst_s}")
         if self.num_instances < 1 or self.tp < 1:
             raise ValueError(f"num_instances and tp must be >= 1, got {self.num_instances}, {self.tp}")
         if not (self.heartbeat_timeout_s > 0 and self.step_timeout_s > 0):
@@ -156,6 +160,7 @@ class EngineStats:
     prefills: int = 0
     decode_launches: int = 0  # decode bursts (each of one or several steps)
     decode_tokens: int = 0  # tokens sampled by decode launches
+    chained_launches: int = 0  # decode bursts dispatched before the burst they continue was read
     scale_downs: int = 0  # prefills whose KV was kept on fewer instances than ran them
     scale_ups: int = 0  # decode steps in which a request got a master that held none of its KV
     migrations: int = 0
@@ -200,6 +205,7 @@ class Engine:
         self._failed: list[Request] = []  # requests failed since the last step returned (to publish)
         self._ids = itertools.count()
         self._reserved_pages = 0
+        self._step_times: deque[float] = deque(maxlen=9)  # seconds a decode step took
         self._rng = np.random.default_rng(seed if seed is not None else secrets.randbits(63))
         eos = tokenizer.eos_token_ids if tokenizer is not None else cfg.eos_token_ids
         self.eos_ids = tuple(eos or cfg.eos_token_ids)
@@ -342,9 +348,17 @@ class Engine:
             prefilling=prefilling,
             running=tuple(self.running),
             stepping=[(x.group, x.requests) for x in self.launches if x.kind == "decode"],
-            decode_steps=self.ecfg.decode_steps,
+            decode_steps=self._burst_limit(),
             cached=self.prefix_cache.locator() if self.prefix_cache.enabled else None,
         )
+
+    def _burst_limit(self) -> int:
+        """decode_steps, unless a burst of it would last longer than max_burst_s at the speed decode steps
+        have run lately: then single steps (a prompt arriving waits for the bursts in flight, so their length
+        bounds what it adds to its time to first token; where a step is that slow the host's share of it,
+        which bursts save, is small anyway)."""
+        k, recent = self.ecfg.decode_steps, self._step_times
+        return k if not recent or statistics.median(recent) * k <= self.ecfg.max_burst_s else 1
 
     def step(self, timeout: float | None = None) -> list[Request]:
         """One turn of the loop: apply finished launches, launch what the policy puts on free instances.
@@ -358,6 +372,7 @@ class Engine:
             self._changed = False
             launched = self.launch(self.policy.schedule(self._view()))
             touched += self._take_failed()
+        launched += self._chain()
         if not launched and not touched and self.launches:
             self.executor.wait(self.launches, timeout)
             touched = self._collect()
@@ -373,6 +388,49 @@ class Engine:
         req = max(self.running, key=lambda r: (r.scheduled_time or 0.0, r.rid))
         log.warning("no running request can go on in the memory left; recomputing request %d later", req.rid)
         self._preempt(req)
+
+    def _chain(self) -> int:
+        """Dispatch the next burst of each decode group the scheduler would leave as it is, before the
+        running burst's tokens are read: the host then reads, streams and schedules one burst while the
+        device runs the next. Only where there is nothing to decide: no request waiting or failed, nothing
+        but decode bursts in flight, every running request in one, every request of the burst with tokens
+        left to sample and room at its master for a whole burst (else the scheduler scales up). At most
+        two bursts of a group are in flight; a prompt arriving meanwhile waits for both. Returns how many."""
+        if self.waiting or self._failed or not all(x.kind == "decode" for x in self.launches):
+            return 0
+        stepping = {r.rid for x in self.launches for r in x.requests}
+        if any(r.rid not in stepping for r in self.running):
+            return 0
+        chained = 0
+        for launch in list(self.launches):
+            work = launch.work
+            if (
+                launch.successor is not None
+                or (launch.follows is not None and not launch.follows.collected)
+                or getattr(launch.pending, "carry", None) is None
+                or work is None
+                or work.steps == 1
+                or not self.executor.can_chain(work.group)
+            ):
+                continue
+            budgets = [r.max_new_tokens - len(r.output_ids) - launch.reserved[r.rid] for r in work.requests]
+            masters = [self.pools[work.group[m]] for m in work.masters]
+            if any(r.finished for r in work.requests) or any(
+                b < 1 or pool.room(r.rid) < min(b, work.steps) for r, b, pool in zip(work.requests, budgets, masters)
+            ):
+                continue
+            try:
+                nxt = self.executor.decode(work, [self.pools[i] for i in work.group], after=launch)
+            except Exception as e:
+                self._launch_failed("decode", work.group, work.requests, e)
+                continue
+            launch.successor, nxt.started = nxt, self.executor.now()
+            self.launches.append(nxt)
+            self.stats.chained_launches += 1
+            self._count_decode(work, [])
+            self._record(nxt, tokens=len(work.requests))
+            chained += 1
+        return chained
 
     def _take_failed(self) -> list[Request]:
         failed, self._failed = self._failed, []
@@ -470,6 +528,7 @@ class Engine:
             except Exception as e:
                 self._launch_failed("decode", work.group, work.requests, e)
                 continue
+            launch.started = self.executor.now()
             self.launches.append(launch)
             launched += 1
             self._count_decode(work, scale_ups)
@@ -528,12 +587,16 @@ class Engine:
         touched: list[Request] = []
         still, done = [], []
         for launch in self.launches:
-            if not launch.pending.ready():
+            if not launch.pending.ready() or (launch.follows is not None and not launch.follows.collected):
                 still.append(launch)
                 continue
             self._changed = True
+            launch.collected = True
+            self._timed(launch)
             if launch.span is not None:
                 launch.span.end = self.executor.now()
+                if launch.successor is not None and launch.successor.span is not None:  # it starts now
+                    launch.successor.span.start = max(launch.successor.span.start, launch.span.end)
             if not launch.ranks:
                 continue
             try:
@@ -561,15 +624,28 @@ class Engine:
                 self._retire(r)
         return touched + self._take_failed()
 
+    def _timed(self, launch: Launch) -> None:
+        """Note how long a decode step took in a burst just finished (from its dispatch, or from the end of the
+        burst it continues; the median of the last few is used, so one that compiled counts for little), and
+        start its successor's clock."""
+        if launch.work is None or launch.started is None:
+            return
+        now = self.executor.now()
+        self._step_times.append((now - launch.started) / launch.work.steps)
+        if launch.successor is not None:
+            launch.successor.started = max(launch.successor.started or now, now)
+
     def _trim(self, launch: Launch) -> None:
         """Release the slots a burst reserved and did not fill (its rows stopped early, or a stop string cut
         them on the host: the K/V after it goes too), so that each request holds exactly its tokens' K/V."""
         group = [self.pools[i] for i in launch.group]  # a decoding request's K/V lies in its group
+        nxt = launch.successor if launch.successor is not None and not launch.successor.collected else None
         for master, reqs in zip(group, launch.ranks):
             for r in reqs:
                 if r.finished:
                     continue  # retired: everything is released
-                excess = sum(p.tokens.get(r.rid, 0) for p in group) - r.num_tokens
+                ahead = nxt.reserved.get(r.rid, 0) if nxt is not None else 0  # the running burst's slots stay
+                excess = sum(p.tokens.get(r.rid, 0) for p in group) - r.num_tokens - ahead
                 if excess > 0:
                     master.truncate(r.rid, excess)
 
@@ -709,7 +785,8 @@ def sizing_jobs(ecfg: EngineConfig) -> list[tuple[str, tuple[int, ...], int, int
 def warmup_jobs(ecfg: EngineConfig) -> list[tuple[str, tuple[int, ...], int, int, SamplerFlags]]:
     """The default warm set: every aligned power-of-two group of instances (the device sets the policy
     uses, 2N - 1 of them), with each prefill token bucket up to max_prefill_tokens / degree per rank and
-    each decode batch bucket up to max_num_seqs, in every sampler variant (greedy, sampling, with extras)."""
+    each decode batch bucket up to max_num_seqs in bursts of one step and of decode_steps, in every sampler
+    variant (greedy, sampling, with extras)."""
     n, lo = ecfg.num_instances, ecfg.min_prefill_bucket
     jobs = []
     for size in _powers(n):
@@ -717,7 +794,8 @@ def warmup_jobs(ecfg: EngineConfig) -> list[tuple[str, tuple[int, ...], int, int
             group = tuple(range(start, start + size))
             for t in _powers(bucket(-(-ecfg.max_prefill_tokens // size), lo), lo):  # SchedulerView.rank_token_cap
                 jobs.append(("prefill", group, t, prefill_rows(t, lo, ecfg.max_num_seqs)))
-            jobs += [("decode", group, b, ecfg.decode_steps) for b in _powers(bucket(ecfg.max_num_seqs))]
+            for steps in sorted({1, ecfg.decode_steps}):  # single steps while a prompt waits, else bursts
+                jobs += [("decode", group, b, steps) for b in _powers(bucket(ecfg.max_num_seqs))]
     return [(*job, flags) for flags in VARIANTS for job in jobs]
 
 

@@ -110,8 +110,8 @@ def test_an_abort_inside_a_burst_frees_its_slots_and_leaves_the_others_exact(eng
 
 def test_the_scheduler_decodes_in_bursts_with_preemption_and_prefix_hits():
     """The elastic scheduler on 2 instances whose pools hold a few requests: prompts sharing a prefix (hits),
-    outputs longer than admission planned for (preemption and recomputation); bursts of 8 give the outputs
-    of single steps."""
+    outputs longer than admission planned for (preemption and recomputation); bursts of up to 8 (single
+    steps while a prompt that could start waits) give the outputs of single steps."""
 
     limits = {"max_model_len": 128, "output_estimate": 8}
     engine = tiny_esp_engine(num_instances=2, kv_tokens=96, limits=limits)
@@ -134,7 +134,7 @@ def test_the_scheduler_decodes_in_bursts_with_preemption_and_prefix_hits():
     got, burst_launches, preemptions = run(8)
     _same(got, want)
     assert preemptions > 0 and engine.prefix_cache.stats.hits > hits
-    assert burst_launches < single_launches / 3
+    assert burst_launches < single_launches / 1.5  # bursts, and single steps while a prompt that fits waits
 
 
 def test_a_stop_string_inside_a_burst_cuts_the_text_and_frees_the_k_v_after_it(smol_llm):
@@ -190,3 +190,102 @@ def test_decode_batches_grow_as_requests_arrive():
     assert max(engine.stats.decode_batches) == 64, engine.stats.decode_batches
     engine, _ = _serve_on_one_instance(arrivals_per_step=64, prompt=40, max_batch_requests=4)  # admitted per decision
     assert engine.stats.prefills >= 16
+
+
+def _served(engine, prompts, params, steps, abort_in_flight=False):
+    """The requests served through `Engine.step` with bursts of up to `steps`; with abort_in_flight, the first
+    is aborted once two of its bursts are in flight (one continuing the other). Pools are checked after every
+    step and are empty at the end. Returns the requests and how many bursts were chained."""
+    engine.ecfg = dataclasses.replace(engine.ecfg, decode_steps=steps)
+    chained = engine.stats.chained_launches
+    reqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    while engine.has_unfinished():
+        engine.step()
+        if abort_in_flight and not reqs[0].finished and any(x.follows in engine.launches for x in engine.launches):
+            engine.abort(reqs[0].rid)
+        for pool in engine.pools:
+            pool.check()
+    assert engine.kv_used_tokens == 0
+    return reqs, engine.stats.chained_launches - chained
+
+
+def test_bursts_dispatched_before_the_last_is_read_are_exact(engine):
+    """With nothing to decide (no prompt waiting, only decode bursts running), a group's next burst is
+    dispatched before the running one's tokens are read, starting from the state that burst leaves on the
+    device (last tokens, stopped rows, sampler state): outputs equal single steps whatever stops a request
+    (max_tokens, a stop token, min_tokens, EOS; seeded sampling with penalties), and an abort while two
+    bursts are in flight frees everything and leaves the other requests exact."""
+    rng = np.random.default_rng(6)
+    prompts = [rng.integers(3, 256, n).tolist() for n in (9, 23, 14, 31, 5)]
+    greedy = dict(temperature=0.0, logprobs=2, ignore_eos=True)
+    free, _ = _served(engine, prompts, [SamplingParams(max_tokens=30, **greedy)] * 5, 1)
+    stop_at = [r.output_ids[12] for r in free]
+    eos = free[4].output_ids[17]
+    params = [
+        SamplingParams(max_tokens=27, **greedy),
+        SamplingParams(max_tokens=30, stop_token_ids=[stop_at[1]], **greedy),  # inside a chained burst
+        SamplingParams(max_tokens=30, stop_token_ids=[stop_at[2]], min_tokens=14, **greedy),
+        SamplingParams(max_tokens=30, temperature=0.9, seed=4, top_k=30, repetition_penalty=1.2, logprobs=1),
+        SamplingParams(max_tokens=30, temperature=0.0, logprobs=2),  # EOS (below)
+    ]
+    engine.eos_ids, before = (eos,), engine.eos_ids
+    try:
+        want, _ = _served(engine, prompts, params, 1)
+        got, chained = _served(engine, prompts, params, 4)
+        _same(got, want)
+        assert chained >= 3, chained
+        aborted, _ = _served(engine, prompts, params, 4, abort_in_flight=True)
+        assert aborted[0].finish_reason == "abort"
+        _same(aborted[1:], want[1:])
+    finally:
+        engine.eos_ids = before
+        engine.ecfg = dataclasses.replace(engine.ecfg, decode_steps=1)
+    assert want[1].finish_reason == want[4].finish_reason == "stop" and want[4].output_ids[-1] == eos
+
+
+def test_a_waiting_prompt_stops_the_bursts():
+    """A prompt that arrives while a group decodes in chained bursts waits only for the bursts in flight:
+    from then on, until its prefill starts, decode launches are single steps and none is chained."""
+    engine = tiny_esp_engine(num_instances=1, kv_tokens=1024, limits=dict(max_model_len=256, decode_steps=8))
+    rng = np.random.default_rng(7)
+    params = SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True)
+    first = engine.add_request(rng.integers(3, 256, 20).tolist(), params)
+    while engine.stats.chained_launches < 2:
+        engine.step()
+    late = engine.add_request(rng.integers(3, 256, 20).tolist(), params)
+    tokens_then, chained = len(first.output_ids), engine.stats.chained_launches
+    in_flight = {id(x) for x in engine.launches}
+    while True:
+        engine.step()
+        if late.output_ids:  # prefilled: nothing waits any more
+            break
+        for x in engine.launches:
+            if x.kind == "decode" and id(x) not in in_flight:
+                assert x.work.steps == 1
+                in_flight.add(id(x))
+    assert engine.stats.chained_launches == chained and not first.finished
+    while engine.has_unfinished():
+        engine.step()
+    assert first.finish_reason == late.finish_reason == "length" and len(first.output_ids) > tokens_then
+
+
+def test_bursts_that_would_last_too_long_run_as_single_steps():
+    """Once a decode step has been timed, a burst that would last longer than max_burst_s is a single step
+    (a prompt arriving would wait for it); the outputs stay those of any burst size."""
+    limits = dict(max_model_len=128, decode_steps=8, max_burst_s=1e-6)
+    engine = tiny_esp_engine(num_instances=1, kv_tokens=256, limits=limits)
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    req = engine.add_request([5, 6, 7, 8, 9], params)
+    steps, seen = [], set()
+    while engine.has_unfinished():
+        engine.step()
+        for x in engine.launches:
+            if x.kind == "decode" and id(x) not in seen:
+                seen.add(id(x))
+                steps.append(x.work.steps)
+    assert steps[0] == 8 and set(steps[1:]) == {1} and len(req.output_ids) == 30
+    engine.ecfg = dataclasses.replace(engine.ecfg, max_burst_s=60.0)
+    again = engine.add_request([5, 6, 7, 8, 9], params)
+    while engine.has_unfinished():
+        engine.step()
+    assert again.output_ids == req.output_ids

@@ -93,8 +93,8 @@ def test_pools_a_failed_program_destroyed_are_replaced_and_their_other_requests_
     engine = tiny_esp_engine(num_instances=1, kv_tokens=512, page_size=4, limits=dict(max_model_len=256))
     rng = np.random.default_rng(2)
     prompts = [rng.integers(3, 256, n).tolist() for n in (15, 18)]
-    keep = engine.add_request(prompts[0], greedy_params(10))
-    for _ in range(4):  # keep is decoding, its KV in instance 0's pool
+    keep = engine.add_request(prompts[0], greedy_params(40))
+    for _ in range(4):  # keep is decoding (in bursts of 8), its KV in instance 0's pool
         engine.step()
     assert keep.status is Status.RUNNING and len(keep.output_ids) >= 1
     bad = engine.add_request(prompts[1], greedy_params(10))
@@ -111,7 +111,7 @@ def test_pools_a_failed_program_destroyed_are_replaced_and_their_other_requests_
     _run(engine)
     assert bad.finish_reason == "error"
     assert keep.preemptions == 1 and keep.finish_reason == "length"  # its KV was lost: recomputed exactly
-    assert keep.output_ids == _single_outputs(prompts[:1], 10)[0]
+    assert keep.output_ids == _single_outputs(prompts[:1], 40)[0]
     assert engine.kv_used_tokens == 0
 
 

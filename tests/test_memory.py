@@ -15,6 +15,7 @@ import pytest
 from esp_helpers import tiny_esp_engine
 
 from loong_jax.engine import EngineConfig, sizing_jobs
+from loong_jax.runtime.jax_executor import HELD_SLOT_BYTES
 from loong_jax.runtime.memory import (
     MIN_PROGRAMS,
     Footprint,
@@ -160,8 +161,10 @@ def test_sized_engine_reports_its_capacity_and_temporaries_do_not_grow_with_the_
     assert engine.executor.instances.pools[0].k.shape[3] == cap.tokens_per_instance
     assert cap.temp_bytes > 0 and cap.weight_bytes > 0
     jobs = sizing_jobs(engine.ecfg)
-    small, large = (engine.executor.footprint(jobs, num_slots=s).temp_bytes for s in (None, 16 * 8192))
-    assert small == large > 0
+    small, large = (engine.executor.footprint(jobs, num_slots=s) for s in (None, 16 * 8192))
+    # only the held-slot lists grow with the pool, and they are counted with each token's bytes
+    assert 0 < small.temp_bytes <= large.temp_bytes <= small.temp_bytes + HELD_SLOT_BYTES * 16 * 8192
+    assert small.kv_bytes_per_token == engine.executor.instances.kv_bytes_per_token_per_device() + HELD_SLOT_BYTES
 
 
 def readme_python_example() -> str:

@@ -21,6 +21,7 @@ from jax.extend import core as jax_core
 from jax.sharding import AbstractDevice, AbstractMesh, Mesh, use_abstract_mesh
 
 from loong_jax.model.sampling import VARIANTS
+from loong_jax.runtime.packing import run_packed, run_packed_decode
 from loong_jax.runtime.work import DecodeWork, Iteration, PrefillWork
 from pallas_kernels import attention_backend, paged_decode, reference, ring_attention
 
@@ -176,11 +177,14 @@ GPUS = {"A100": "NVIDIA A100-SXM4-80GB", "H100": "NVIDIA H100 80GB HBM3"}  # sm8
 def _on_abstract_gpu(fn: functools.partial, args, device_kind: str):
     """The program with its group mesh swapped for an abstract mesh of that GPU kind (no GPU here), its
     arguments as bare shapes, and that mesh. jax 0.11's Triton lowering needs the device kind."""
-    mesh = next(a for a in fn.args if isinstance(a, Mesh))
+    inner = fn.args[0] if fn.func in (run_packed, run_packed_decode) else fn  # the program inside its unpacking
+    mesh = next(a for a in inner.args if isinstance(a, Mesh))
     device = AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu")
     gpu_mesh = AbstractMesh(mesh.axis_sizes, mesh.axis_names, axis_types=mesh.axis_types, abstract_device=device)
-    fn = functools.partial(fn.func, *[gpu_mesh if a is mesh else a for a in fn.args], **fn.keywords)
-    return fn, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args), gpu_mesh
+    swapped = functools.partial(inner.func, *[gpu_mesh if a is mesh else a for a in inner.args], **inner.keywords)
+    if inner is not fn:
+        swapped = functools.partial(fn.func, swapped, *fn.args[1:])
+    return swapped, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args), gpu_mesh
 
 
 def lower_for_gpu(fn: functools.partial, args, donate, device_kind: str) -> str:

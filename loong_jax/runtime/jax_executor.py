@@ -30,6 +30,7 @@ from loong_jax.runtime.batching import bucket, sampler_flags, sampler_inputs
 from loong_jax.runtime.instances import SP, Group, Instances
 from loong_jax.runtime.kv_pool import PagePool
 from loong_jax.runtime.memory import Footprint, count_memory_maps
+from loong_jax.runtime.packing import layout, pack, packed_program
 from loong_jax.runtime.placement import build_decode, build_prefill
 from loong_jax.runtime.program_cache import ProgramCache, shape_key
 from loong_jax.runtime.programs import (
@@ -48,6 +49,9 @@ from pallas_kernels.reference import DECODE_PAGES_PER_BLOCK
 
 log = logging.getLogger("loong_jax")
 MAX_MIGRATE_TOKENS = 1024  # per transfer: bounds its buffers (about 1.5x those tokens' K/V on each side)
+# Per pool slot and device: the one temporary that grows with the pool, an appending prefill's list of held
+# slots and their rows (two int32 each) unpacked from its inputs; counted with each token's K/V bytes.
+HELD_SLOT_BYTES = 8
 
 
 @dataclasses.dataclass
@@ -56,6 +60,7 @@ class DevicePending:
 
     out: Any  # SamplerOutputs of device arrays; empty for programs that sample nothing
     watched: bool = False  # the executor is told when it is ready (no need to poll)
+    carry: Any = None  # a decode's packed state for a burst that continues it (see run_packed_decode)
 
     def ready(self) -> bool:
         return all(x.is_ready() for x in jax.tree.leaves(self.out))
@@ -72,18 +77,19 @@ class DevicePending:
 class CompilingPending:
     """A program compiled and dispatched on the compile thread (its first use): ready once it has run."""
 
-    future: concurrent.futures.Future  # of the program's SamplerOutputs (device arrays)
+    future: concurrent.futures.Future  # of the program's SamplerOutputs (device arrays) and carry
+    carry: Any = None  # never continued: a burst continues only a program already dispatched
 
     def ready(self) -> bool:
         if not self.future.done():
             return False
-        return self.future.exception() is not None or DevicePending(self.future.result()).ready()
+        return self.future.exception() is not None or DevicePending(self.future.result()[0]).ready()
 
     def result(self) -> SamplerOutputs:
-        return DevicePending(self.future.result()).result()  # raises what compiling or running raised
+        return DevicePending(self.future.result()[0]).result()  # raises what compiling or running raised
 
     def outputs(self) -> Any:
-        return self.future.result()
+        return self.future.result()[0]
 
 
 class JaxExecutor:
@@ -150,8 +156,8 @@ class JaxExecutor:
         the memory mappings the largest takes. The programs are compiled without any device memory, for a
         pool of num_slots slots (by default the fewest pages past two blocks of held K/V, so that the appending
         prefill runs its loop as with any larger pool: the pools are donated and updated in place, so
-        temporaries do not grow with them). The compiled programs' host memory is left to the caller, who
-        decides how many to keep."""
+        temporaries do not grow with them, but for HELD_SLOT_BYTES per slot, counted per token). The compiled
+        programs' host memory is left to the caller, who decides how many to keep."""
         temp = maps = 0
         flags = VARIANTS[-1]
         slots = num_slots or -(-(PREFIX_BLOCK + 1) // self.page_size) * self.page_size
@@ -161,7 +167,8 @@ class JaxExecutor:
             costs = _compile_costs(lowered, self.programs.compiler_options)
             temp, maps = max(temp, costs[0]), max(maps, costs[1])
         inst = self.instances
-        return Footprint(inst.weight_bytes_per_device(), temp, inst.kv_bytes_per_token_per_device(), 0, maps)
+        per_token = inst.kv_bytes_per_token_per_device() + HELD_SLOT_BYTES
+        return Footprint(inst.weight_bytes_per_device(), temp, per_token, 0, maps)
 
     @property
     def state(self) -> nnx.State:
@@ -195,7 +202,7 @@ class JaxExecutor:
                     return
                 self._finished.wait(0.0005 if poll else (0.1 if left is None else min(left, 0.1)))
 
-    def _watched(self, out: Any) -> DevicePending:
+    def _watched(self, out: Any, carry: Any = None) -> DevicePending:
         """The pending outputs of a program just dispatched: their copy to the host starts now, and a watcher
         thread wakes `wait` when they are ready."""
         for x in jax.tree.leaves(out):
@@ -206,7 +213,7 @@ class JaxExecutor:
                 self._finished.notify_all()
 
         self._watchers.submit(jax.block_until_ready, out).add_done_callback(notify)
-        return DevicePending(out, watched=True)
+        return DevicePending(out, watched=True, carry=carry)
 
     def prefill(self, work: PrefillWork, pools: Sequence[PagePool]) -> Launch:
         """Allocate the kept tokens' slots, lay out the ring inputs and dispatch the group's prefill."""
@@ -244,30 +251,44 @@ class JaxExecutor:
         pending = self._run("prefill", group, flags, plan.inputs, samp)
         return Launch("prefill", group, ranks, pending, list(requests))
 
-    def decode(self, work: DecodeWork, pools: Sequence[PagePool]) -> Launch:
-        """Reserve the burst's slots at each request's master, lay out the page tables and dispatch it."""
+    def can_chain(self, group: Group) -> bool:
+        """Whether a decode burst on this group can continue one still running (see `decode`): its
+        instances are all this process's (a burst spanning processes is sent with its inputs)."""
+        return self.peers is None or self.instances.is_local(group)
+
+    def decode(self, work: DecodeWork, pools: Sequence[PagePool], after: Launch | None = None) -> Launch:
+        """Reserve the burst's slots at each request's master, lay out the page tables and dispatch it.
+
+        after: a burst of the same work still running, whose tokens the host has not read: this burst starts
+        from the state it leaves on the device (last tokens, stopped rows, sampler state) and from the slots
+        it reserved as if every row ran all its steps (a row that stopped stays stopped)."""
         group, requests, masters = work.group, work.requests, work.masters
+        if after is not None and (after.pending.carry is None or not self.can_chain(group)):
+            raise ValueError("this burst cannot continue that one: its state is not on this process's devices")
+        ahead = [0] * len(requests) if after is None else [after.reserved[r.rid] for r in requests]
         plan = build_decode(
             [r.rid for r in requests],
             [r.output_ids[-1] for r in requests],
-            [r.num_tokens for r in requests],
+            [r.num_tokens + a for r, a in zip(requests, ahead)],
             masters,
             pools,
             self.page_table_width,
-            budgets=[r.max_new_tokens - len(r.output_ids) for r in requests],
+            budgets=[r.max_new_tokens - len(r.output_ids) - a for r, a in zip(requests, ahead)],
             steps=work.steps,
         )
         ranks = [[requests[i] for i in members] for members in plan.rank_requests]
         flags = sampler_flags(requests)
         samp = sampler_inputs(ranks, plan.rows, flags, self.penalty_len)
-        pending = self._run("decode", group, flags, plan.inputs, samp)
-        return Launch("decode", group, ranks, pending, list(requests))
+        carry = None if after is None else after.pending.carry
+        pending = self._run("decode", group, flags, plan.inputs, samp, carry)
+        reserved = {r.rid: n for r, n in zip(requests, plan.reserved)}
+        return Launch("decode", group, ranks, pending, list(requests), work=work, reserved=reserved, follows=after)
 
-    def _run(self, kind: str, group: Group, flags: SamplerFlags, inp: Any, samp: Any) -> Pending:
+    def _run(self, kind: str, group: Group, flags: SamplerFlags, inp: Any, samp: Any, carry: Any = None) -> Pending:
         """Dispatch a prefill or decode on the group; with other processes' instances in it, they are sent
         the same inputs first and the pending outputs gather every process's rows."""
         if self.peers is None or self.instances.is_local(group):
-            return self.run_local(kind, group, flags, inp, samp)
+            return self.run_local(kind, group, flags, inp, samp, carry)
         op = {
             "op": "run",
             "kind": kind,
@@ -280,21 +301,25 @@ class JaxExecutor:
         local = self.run_local(kind, group, flags, inp, samp) if self.instances.has_local(group) else None
         return self.peers.gather(seq, kind, group, local)
 
-    def run_local(self, kind: str, group: Group, flags: SamplerFlags, inp: Any, samp: Any) -> Pending:
+    def run_local(
+        self, kind: str, group: Group, flags: SamplerFlags, inp: Any, samp: Any, carry: Any = None
+    ) -> Pending:
         """This process's part of a prefill or decode: dispatch a compiled program at once; one not compiled
         yet (a new sampler variant or shape) is compiled and dispatched on the compile thread, so the
-        programs of other groups go on meanwhile."""
+        programs of other groups go on meanwhile. carry: a decode's start state left by the burst before."""
         inst = self.instances
-        rows = inst.sharding(group, P(SP))
-        inp, samp = jax.device_put((inp, samp), rows)
-        args = (inst.group_params(group), inst.group_pools(group), inp, samp)
-        key = (kind, group, flags, shape_key((inp, samp)))
+        spec = layout((inp, samp))
+        words = jax.device_put(pack((inp, samp)), inst.sharding(group, P(SP)))  # one transfer
+        args = (inst.group_params(group), inst.group_pools(group), words)
+        if kind == "decode":
+            args += (words if carry is None else carry,)
+        key = (kind, group, flags, spec)
         program = self.programs.lookup(key)
         if program is not None:
-            return self._watched(self._dispatch(program, group, args))
+            return self._watched(*self._dispatch(program, group, args))
 
         def compile_and_dispatch() -> Any:
-            fn = self._program_fn(kind, group, flags)
+            fn = packed_program(self._program_fn(kind, group, flags), spec, kind)
             return self._dispatch(self.programs.get(key, fn, args, donate_argnums=(1,)), group, args)
 
         return CompilingPending(self._compiler.submit(compile_and_dispatch))
@@ -305,11 +330,12 @@ class JaxExecutor:
             return functools.partial(prefill_program, *self._common(group), flags)
         return functools.partial(decode_program, *self._common(group), self.page_size, flags)
 
-    def _dispatch(self, program: Any, group: Group, args: tuple) -> Any:
-        """Run a program on the group (its pools are donated and replaced by the outputs); returns its samples."""
-        out, pools = program(*args)
+    def _dispatch(self, program: Any, group: Group, args: tuple) -> tuple[Any, Any]:
+        """Run a program on the group (its pools are donated and replaced by the outputs); returns its samples
+        and, for a decode, the state a burst continuing it starts from (else None)."""
+        out, pools, *carry = program(*args)
         self.instances.put_group_pools(group, pools)
-        return out
+        return out, (carry[0] if carry else None)
 
     def migrate(self, src: int, dst: int, src_slots: np.ndarray, dst_slots: np.ndarray) -> Launch:
         """Copy K/V at src_slots of instance src into dst_slots of instance dst, in transfers of at most
@@ -453,10 +479,12 @@ class JaxExecutor:
             table = np.zeros((d, d * size, self.page_table_width), np.int32)
             slots = np.full((d, rows, size), num_slots, np.int32)
             inp = DecodeInputs(z, z, slots, table, np.zeros((d, d * size), np.int32), z > 0)
-        fn = self._program_fn(kind, group, flags)
+        spec = layout((inp, samp))
+        fn = packed_program(self._program_fn(kind, group, flags), spec, kind)
         params = inst.abstract_params(group) if abstract else inst.group_params(group)
-        args = (params, pools, *_place((inp, samp), rows_sharding, abstract))
-        return (kind, group, flags, shape_key((inp, samp))), fn, args, (1,)
+        words = _place(pack((inp, samp)), rows_sharding, abstract)
+        args = (params, pools, words, words) if kind == "decode" else (params, pools, words)
+        return (kind, group, flags, spec), fn, args, (1,)
 
 
 _COMPILE_COSTS: dict[str, tuple[int, int]] = {}  # lowered program text -> its costs (same text, same costs)

@@ -204,6 +204,7 @@ class DecodePlan:
     inputs: DecodeInputs
     rows: int  # master rows per rank (bucketed)
     rank_requests: list[list[int]]  # per rank: indices (into the batch) of the requests it is master of
+    reserved: list[int]  # per request: the slots reserved for it (the most tokens it may sample in the burst)
 
 
 def build_decode(
@@ -235,19 +236,20 @@ def build_decode(
     table = np.zeros((d, d * b, width), np.int32)
     kv_lens = np.zeros((d, d * b), np.int32)
     live = np.zeros((d, b), bool)
+    reserved = [0] * len(rids)
     for m, members in enumerate(rank_requests):
         for j, i in enumerate(members):
             row = m * b + j
             for r, pool in enumerate(pools):
                 kv_lens[r, row] = pool.tokens.get(rids[i], 0)
-            n = burst_tokens(pools[m], rids[i], steps, budgets[i])
+            n = reserved[i] = burst_tokens(pools[m], rids[i], steps, budgets[i])
             slots[m, :n, j] = pools[m].append(rids[i], n, positions[i] + np.arange(n))
             for r, pool in enumerate(pools):
                 pages = pool.pages.get(rids[i])
                 if pages:  # padding entries stay page 0, masked by the token count
                     table[r, row, : len(pages)] = pages
             tokens[m, j], pos[m, j], live[m, j] = last_tokens[i], positions[i], n > 0
-    return DecodePlan(DecodeInputs(tokens, pos, slots, table, kv_lens, live), b, rank_requests)
+    return DecodePlan(DecodeInputs(tokens, pos, slots, table, kv_lens, live), b, rank_requests, reserved)
 
 
 def burst_tokens(master: PagePool, rid: int, steps: int, budget: int) -> int:

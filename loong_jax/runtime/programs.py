@@ -72,6 +72,17 @@ class DecodeInputs(NamedTuple):
     #                    without a reserved slot (the host reserves no more than its max_tokens allow)
 
 
+class DecodeCarry(NamedTuple):
+    """What a burst leaves for the next burst of the same rows, on the device: each row's last sampled token,
+    whether it still runs (no stop token sampled), and its sampler state after the burst (seed steps, the
+    min_tokens count, the output ids penalties count). A chained burst starts from it instead of the host's
+    copy, so it can be dispatched before the burst before it has been read."""
+
+    tokens: jnp.ndarray  # [d, B]
+    live: jnp.ndarray  # [d, B] bool
+    samp: SamplerInputs
+
+
 def store_kv(pool: KVCache, slots: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> KVCache:
     """Write every layer's K/V [L, KV, N, D] into one rank's pool [1, L, KV, S, D] at slots [N], in place."""
 
@@ -99,13 +110,15 @@ def _with_row(tree: Any) -> Any:
     return jax.tree.map(lambda x: x[None], tree)
 
 
-def _group_program(mesh: Mesh, param_specs: Any, pool_spec: P, body: Any) -> Any:
-    """shard_map `body(params, pools, *rows)` over the mesh: params per their specs, the rest split on sp."""
+def _group_program(mesh: Mesh, param_specs: Any, pool_spec: P, body: Any, carry: bool = False) -> Any:
+    """shard_map `body(params, pools, *rows)` over the mesh: params per their specs, the rest split on sp;
+    it returns (rows, pools) or, with carry, (rows, pools, rows)."""
+    pools = KVCache(pool_spec, pool_spec)
     return jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(param_specs, KVCache(pool_spec, pool_spec), P(SP), P(SP)),
-        out_specs=(P(SP), KVCache(pool_spec, pool_spec)),
+        in_specs=(param_specs, pools, P(SP), P(SP)),
+        out_specs=(P(SP), pools, P(SP)) if carry else (P(SP), pools),
         check_vma=False,
     )
 
@@ -199,9 +212,10 @@ def decode_program(
     pools: KVCache,
     inp: DecodeInputs,
     samp: SamplerInputs,
-) -> tuple[SamplerOutputs, KVCache]:
+) -> tuple[SamplerOutputs, KVCache, DecodeCarry]:
     """A burst of K multi-master decode steps of a batch whose KV is spread over the group in any
-    proportions; outputs are [K, B] per rank (token -1 where a row did not take the step)."""
+    proportions; outputs are [K, B] per rank (token -1 where a row did not take the step), and the state
+    the next burst of the same rows may start from."""
     d = mesh.shape[SP]
 
     def body(params, pools, inp, samp):
@@ -242,10 +256,10 @@ def decode_program(
             return carry, out._replace(tokens=emitted)
 
         carry = (pools, inp.tokens, inp.positions, inp.kv_lens, inp.live, samp)
-        (pools, *_), outs = jax.lax.scan(step, carry, inp.slots)
-        return _with_row(outs), pools
+        (pools, tokens, _, _, live, samp), outs = jax.lax.scan(step, carry, inp.slots)
+        return _with_row(outs), pools, _with_row(DecodeCarry(tokens, live, samp))
 
-    return _group_program(mesh, param_specs, pool_spec, body)(params, pools, inp, samp)
+    return _group_program(mesh, param_specs, pool_spec, body, carry=True)(params, pools, inp, samp)
 
 
 class MigrateInputs(NamedTuple):

@@ -95,6 +95,12 @@ class Launch:
     pending: Pending
     requests: list[Request] = dataclasses.field(default_factory=list)  # every request the program touches
     span: Span | None = None  # its entry on the engine's timeline, when one is recorded
+    work: DecodeWork | None = None  # a decode's work (a burst continuing it repeats it)
+    reserved: dict[int, int] = dataclasses.field(default_factory=dict)  # a decode's slots reserved per request
+    follows: Launch | None = None  # the burst this one continues (dispatched before that one was read)
+    successor: Launch | None = None  # the burst continuing this one
+    collected: bool = False  # its results were applied
+    started: float | None = None  # a decode's start on the engine's clock (a chained one's: its predecessor's end)
 
 
 class Executor(Protocol):
@@ -104,7 +110,14 @@ class Executor(Protocol):
 
     def prefill(self, work: PrefillWork, pools: Sequence[PagePool]) -> Launch: ...
 
-    def decode(self, work: DecodeWork, pools: Sequence[PagePool]) -> Launch: ...
+    def decode(self, work: DecodeWork, pools: Sequence[PagePool], after: Launch | None = None) -> Launch:
+        """A decode burst; after: a burst of the same work still in flight that this one continues from the
+        state it leaves on the devices (only where `can_chain`)."""
+        ...
+
+    def can_chain(self, group: Group) -> bool:
+        """Whether a decode burst on the group can be dispatched to continue one still in flight."""
+        ...
 
     def migrate(self, src: int, dst: int, src_slots: np.ndarray, dst_slots: np.ndarray) -> Launch: ...
 

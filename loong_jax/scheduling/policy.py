@@ -248,7 +248,25 @@ def assign_masters(
         free[best] -= view.pools[best].pages_needed(req.rid, 1)
         masters.append(best)
         kept.append(req)
-    return DecodeWork(tuple(members), kept, [members.index(m) for m in masters], view.decode_steps), stuck
+    return DecodeWork(tuple(members), kept, [members.index(m) for m in masters], burst_steps(view)), stuck
+
+
+def burst_steps(view: SchedulerView) -> int:
+    """Steps of the next decode launches: the longest burst (`decode_steps`: the host reads, streams and
+    schedules once per burst) unless a chunked prefill is under way or a prompt is waiting that could start
+    once instances are free (the head of the queue is within max_num_seqs, the reservation budget and the
+    free pages): then single steps, so that the scheduler decides again after each token and a waiting
+    prompt is delayed by no more than the bursts already running when it arrived. A prompt waiting for
+    memory gets it sooner from bursts (the running requests finish sooner)."""
+    if view.decode_steps == 1 or view.prefilling:
+        return 1
+    if view.waiting and view.num_running < view.max_num_seqs:
+        head = min(view.waiting, key=lambda r: (-r.priority, r.arrival, r.rid))
+        free = sum(p.free_pages for p in view.pools)
+        prompt_pages = -(-head.num_prefill_tokens // view.pools[0].page_size) + 1
+        if view.reserved_pages + view.pages_to_reserve(head) <= view.total_pages and prompt_pages <= free:
+            return 1
+    return view.decode_steps
 
 
 def fits_rank_cap(view: SchedulerView, lengths: Sequence[int], d: int) -> bool:

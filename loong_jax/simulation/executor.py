@@ -112,7 +112,11 @@ class SimExecutor:
             n = burst_tokens(pools[m], req.rid, work.steps, req.max_new_tokens - len(req.output_ids))
             pools[m].append(req.rid, n, req.num_tokens + np.arange(n))
 
-    def decode(self, work: DecodeWork, pools: Sequence[PagePool]) -> Launch:
+    def can_chain(self, group: Group) -> bool:
+        """No: what chaining saves is the host's time between bursts, which the simulator does not model."""
+        return False
+
+    def decode(self, work: DecodeWork, pools: Sequence[PagePool], after: Launch | None = None) -> Launch:
         """A burst: its steps one after another (the context's growth inside it is not priced)."""
         self._reserve_decode(work, pools)
         context = sum(r.num_tokens for r in work.requests)

@@ -93,6 +93,7 @@ def simulate(
         max_prefill_tokens=cluster.max_model_len,
         aligned_groups=False,
         enable_prefix_caching=cluster.prefix_caching,
+        decode_steps=1,  # the paper's iteration: the scheduler decides after every decode step
     )
     if cluster.prefix_caching and not all(w.hash_ids for w in workload):
         raise ValueError("prefix caching in the simulator needs a workload with hash ids (the Mooncake trace)")
