@@ -120,7 +120,7 @@ def main() -> None:
                 outs = greedy(args.tokens)  # compiles every program on the way
                 greedy(1)
                 t = timed(partial(greedy, args.tokens), args.repeats) - timed(partial(greedy, 1), args.repeats)
-                before = llm.engine.stats.decode_launches
+                before, chained = llm.engine.stats.decode_launches, llm.engine.stats.chained_launches
                 greedy(args.tokens)
                 row = {
                     "decode_steps": steps,
@@ -130,13 +130,14 @@ def main() -> None:
                     "minimal_loop_tokens_per_s": loop_speed[b],
                     "ratio": b * (args.tokens - 1) / t / loop_speed[b],
                     "decode_launches_per_run": llm.engine.stats.decode_launches - before,
+                    "chained_launches_per_run": llm.engine.stats.chained_launches - chained,
                     "same_tokens": all(o.token_ids[1:] == loop_tokens[b][i].tolist() for i, o in enumerate(outs)),
                 }
                 results.append(row)
                 print(
                     f"decode_steps {steps}, batch {b:3d}: engine {row['engine_tokens_per_s']:9.0f} tok/s, minimal "
                     f"loop {loop_speed[b]:9.0f} tok/s -> {row['ratio']:.2f}x ({row['decode_launches_per_run']} "
-                    f"decode launches; same tokens: {row['same_tokens']})"
+                    f"decode launches, {row['chained_launches_per_run']} chained; same tokens: {row['same_tokens']})"
                 )
     out = {
         "benchmark": "decode_overhead",

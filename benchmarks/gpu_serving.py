@@ -10,6 +10,8 @@ recorded in the JSON and the rest runs.
 
     python benchmarks/gpu_serving.py --out results/gpu_serving.json
     python benchmarks/gpu_serving.py --quick        # tiny shapes on CPU: checks the script itself
+    python benchmarks/gpu_serving.py --profile DIR  # also a jax.profiler trace of decode at batch 1 and the
+                                                    # largest batch, and its breakdown (step_profile.py)
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from step_profile import profile_decode, show  # noqa: E402
 
 from loong_jax.engine import EngineConfig, build_engine  # noqa: E402
 from loong_jax.model.config import ModelConfig  # noqa: E402
@@ -138,6 +142,7 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2-135m,llama3-8b")
     ap.add_argument("--backends", default="pallas,xla")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "gpu_serving.json"))
+    ap.add_argument("--profile", default=None, help="trace decode into this folder and report its breakdown")
     args = ap.parse_args()
     dev = jax.devices()[0]
     report: dict = {"device": getattr(dev, "device_kind", str(dev)), "jax": jax.__version__, "runs": {}}
@@ -161,6 +166,12 @@ def main() -> None:
                 del state
                 row = {"attention": engine.executor.attention.name, "kv_capacity": engine.kv_capacity.as_dict()}
                 row.update(measure(engine, cfg.vocab_size, lengths, batches, prompt_len, new))
+                if args.profile:
+                    row["decode_profile"] = {}
+                    for b in sorted({1, max(batches)}):
+                        where = os.path.join(args.profile, key.replace("/", "_"), f"b{b}")
+                        row["decode_profile"][b] = got = profile_decode(engine, cfg.vocab_size, b, new, where)
+                        show(f"{key} batch {b}", got)
                 del engine
             except Exception:
                 row = {"error": traceback.format_exc()[-3000:]}

@@ -175,6 +175,7 @@ def start_server(args):
         kv_tokens_per_instance=args.kv_tokens,
         max_num_seqs=max(16, args.concurrency),
         policy=args.policy,
+        **({} if args.decode_steps is None else {"decode_steps": args.decode_steps}),
     )
     if args.warmup:
         llm.warmup(show_progress=False)
@@ -236,6 +237,7 @@ def main() -> None:
     ap.add_argument("--kv-tokens", type=int, default=16384)
     ap.add_argument("--warmup", action="store_true", help="warm the in-process server up first")
     ap.add_argument("--policy", choices=["elastic", "shared"], default="elastic", help="in-process server's policy")
+    ap.add_argument("--decode-steps", type=int, default=None, help="in-process server's most decode steps per launch")
     ap.add_argument("--source", default="random", help="random | mooncake | path to a JSONL of lengths")
     ap.add_argument("--num-requests", type=int, default=48)
     ap.add_argument("--min-input", type=int, default=32)

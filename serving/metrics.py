@@ -54,6 +54,22 @@ class Metrics:
         self.scale_ups = Counter("loong:scale_ups", "Decode launches giving a request a new master.", registry=r)
         self.scale_downs = Counter("loong:scale_downs", "Prefills keeping KV on fewer instances.", registry=r)
         self.migrations = Counter("loong:migrations", "KV migrations between instances.", registry=r)
+        self.decode_launches = Counter(
+            "loong:decode_launches", "Decode launches (bursts of one or several steps).", registry=r
+        )
+        self.chained_launches = Counter(
+            "loong:decode_launches_chained",
+            "Decode bursts dispatched before the burst they continue was read.",
+            registry=r,
+        )
+        self._stat_counters = {  # EngineStats field -> its counter
+            "scale_ups": self.scale_ups,
+            "scale_downs": self.scale_downs,
+            "migrations": self.migrations,
+            "preemptions": self.preemptions,
+            "decode_launches": self.decode_launches,
+            "chained_launches": self.chained_launches,
+        }
         self.cache_counters = {  # prefix cache: counter -> where the engine counts it
             Counter("loong:prefix_cache_queries", "Prefills that looked for a cached prefix.", registry=r): (
                 lambda e: e.prefix_cache.stats.queries
@@ -84,7 +100,7 @@ class Metrics:
             self.cache_pages.labels(instance=str(i)).set(0)
         if capacity is not None:
             self._capacity(capacity)
-        self._seen = dict.fromkeys(("scale_ups", "scale_downs", "migrations", "preemptions"), 0)
+        self._seen = dict.fromkeys(self._stat_counters, 0)
         self._prefill_seen: dict[int, int] = {}  # degree -> prefills already observed
         self._decode_seen: dict[int, int] = {}
         self._batch_seen: dict[int, int] = {}
@@ -127,16 +143,9 @@ class Metrics:
                 for _ in range(count - seen.get(degree, 0)):
                     hist.observe(degree)
                 seen[degree] = count
-        self.scale_ups.inc(s.scale_ups - self._seen["scale_ups"])
-        self.scale_downs.inc(s.scale_downs - self._seen["scale_downs"])
-        self.migrations.inc(s.migrations - self._seen["migrations"])
-        self.preemptions.inc(s.preemptions - self._seen["preemptions"])
-        self._seen = {
-            "scale_ups": s.scale_ups,
-            "scale_downs": s.scale_downs,
-            "migrations": s.migrations,
-            "preemptions": s.preemptions,
-        }
+        for name, counter in self._stat_counters.items():
+            counter.inc(getattr(s, name) - self._seen[name])
+            self._seen[name] = getattr(s, name)
         for req in touched:
             n = len(req.output_ids)
             before = self._last_token.get(req.rid)

@@ -262,6 +262,8 @@ def test_metrics_report_the_elastic_engine(server, client):
         "loong:decode_group_degree_bucket",
         "loong:scale_downs_total",
         "loong:migrations_total",
+        "loong:decode_launches_total",
+        "loong:decode_launches_chained_total",
         "loong:kv_cache_tokens_per_instance 4096.0",
         "loong:kv_cache_capacity_tokens 16384.0",
         'loong:kv_cache_sizing_info{budget_bytes="',
