@@ -59,7 +59,7 @@ class LLM:
         max_num_seqs: int = 32,
         max_batch_requests: int | None = None,
         decode_steps: int = 8,
-        max_burst_s: float = 0.5,
+        max_burst_s: float = 0.25,
         max_prefill_tokens: int | None = None,
         output_estimate: int = 256,
         policy: str = "elastic",

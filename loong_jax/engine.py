@@ -75,7 +75,7 @@ class EngineConfig:
     max_num_seqs: int = 32
     max_batch_requests: int | None = None  # requests one scheduling decision admits (None: one prefill pass each)
     decode_steps: int = 8  # most decode steps per launch (a burst: tokens fed back on the device; see burst_steps)
-    max_burst_s: float = 0.5  # bursts that would last longer (at the decode speed seen) run as single steps
+    max_burst_s: float = 0.25  # bursts that would last longer (at the decode speed seen) run as single steps
     max_prefill_tokens: int | None = None  # tokens of one prefill pass (longer prompts: chunks); None: max_model_len
     min_prefill_bucket: int = 16
     output_estimate: int = 256  # new tokens admission plans for when a request gives no max_tokens
@@ -205,7 +205,7 @@ class Engine:
         self._failed: list[Request] = []  # requests failed since the last step returned (to publish)
         self._ids = itertools.count()
         self._reserved_pages = 0
-        self._step_times: deque[float] = deque(maxlen=9)  # seconds a decode step took
+        self._step_times: deque[float] = deque(maxlen=5)  # seconds a decode step took
         self._rng = np.random.default_rng(seed if seed is not None else secrets.randbits(63))
         eos = tokenizer.eos_token_ids if tokenizer is not None else cfg.eos_token_ids
         self.eos_ids = tuple(eos or cfg.eos_token_ids)
@@ -354,11 +354,12 @@ class Engine:
 
     def _burst_limit(self) -> int:
         """decode_steps, unless a burst of it would last longer than max_burst_s at the speed decode steps
-        have run lately: then single steps (a prompt arriving waits for the bursts in flight, so their length
-        bounds what it adds to its time to first token; where a step is that slow the host's share of it,
-        which bursts save, is small anyway)."""
+        have run lately, or no step has been timed yet: then single steps (a prompt arriving waits for the
+        bursts in flight, and a stream's tokens come a burst at a time, so their length bounds what they add
+        to a time to first token and to the gaps between tokens; where a step is that slow the host's share
+        of it, which bursts save, is small anyway)."""
         k, recent = self.ecfg.decode_steps, self._step_times
-        return k if not recent or statistics.median(recent) * k <= self.ecfg.max_burst_s else 1
+        return k if recent and statistics.median(recent) * k <= self.ecfg.max_burst_s else 1
 
     def step(self, timeout: float | None = None) -> list[Request]:
         """One turn of the loop: apply finished launches, launch what the policy puts on free instances.
@@ -785,18 +786,22 @@ def sizing_jobs(ecfg: EngineConfig) -> list[tuple[str, tuple[int, ...], int, int
 def warmup_jobs(ecfg: EngineConfig) -> list[tuple[str, tuple[int, ...], int, int, SamplerFlags]]:
     """The default warm set: every aligned power-of-two group of instances (the device sets the policy
     uses, 2N - 1 of them), with each prefill token bucket up to max_prefill_tokens / degree per rank and
-    each decode batch bucket up to max_num_seqs in bursts of one step and of decode_steps, in every sampler
-    variant (greedy, sampling, with extras)."""
+    each decode batch bucket up to max_num_seqs in single steps, in every sampler variant (greedy, sampling,
+    with extras); then the same decodes in bursts of decode_steps. Where the program cache cannot keep them
+    all (a process's memory-map limit), the first ones are warmed: bursts come last, as single steps are
+    what a busy engine runs (a program not warmed compiles on first use, off the engine loop)."""
     n, lo = ecfg.num_instances, ecfg.min_prefill_bucket
-    jobs = []
+    jobs, bursts = [], []
     for size in _powers(n):
         for start in range(0, n - size + 1, size):
             group = tuple(range(start, start + size))
             for t in _powers(bucket(-(-ecfg.max_prefill_tokens // size), lo), lo):  # SchedulerView.rank_token_cap
                 jobs.append(("prefill", group, t, prefill_rows(t, lo, ecfg.max_num_seqs)))
-            for steps in sorted({1, ecfg.decode_steps}):  # single steps while a prompt waits, else bursts
-                jobs += [("decode", group, b, steps) for b in _powers(bucket(ecfg.max_num_seqs))]
-    return [(*job, flags) for flags in VARIANTS for job in jobs]
+            for b in _powers(bucket(ecfg.max_num_seqs)):
+                jobs.append(("decode", group, b, 1))
+                if ecfg.decode_steps > 1:
+                    bursts.append(("decode", group, b, ecfg.decode_steps))
+    return [(*job, flags) for part in (jobs, bursts) for flags in VARIANTS for job in part]
 
 
 def _apply_tokens(ranks: Sequence[Sequence[Request]], out: SamplerOutputs, now: float) -> list[tuple[Request, int]]:

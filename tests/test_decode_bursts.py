@@ -270,8 +270,8 @@ def test_a_waiting_prompt_stops_the_bursts():
 
 
 def test_bursts_that_would_last_too_long_run_as_single_steps():
-    """Once a decode step has been timed, a burst that would last longer than max_burst_s is a single step
-    (a prompt arriving would wait for it); the outputs stay those of any burst size."""
+    """Until a decode step has been timed, and where a burst would then last longer than max_burst_s, decode
+    launches are single steps (a prompt arriving would wait for the burst); the outputs stay the same."""
     limits = dict(max_model_len=128, decode_steps=8, max_burst_s=1e-6)
     engine = tiny_esp_engine(num_instances=1, kv_tokens=256, limits=limits)
     params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
@@ -283,9 +283,10 @@ def test_bursts_that_would_last_too_long_run_as_single_steps():
             if x.kind == "decode" and id(x) not in seen:
                 seen.add(id(x))
                 steps.append(x.work.steps)
-    assert steps[0] == 8 and set(steps[1:]) == {1} and len(req.output_ids) == 30
+    assert set(steps) == {1} and len(req.output_ids) == 30
     engine.ecfg = dataclasses.replace(engine.ecfg, max_burst_s=60.0)
     again = engine.add_request([5, 6, 7, 8, 9], params)
+    launches = engine.stats.decode_launches
     while engine.has_unfinished():
         engine.step()
-    assert again.output_ids == req.output_ids
+    assert again.output_ids == req.output_ids and engine.stats.decode_launches - launches < 10  # bursts
