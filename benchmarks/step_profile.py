@@ -158,7 +158,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--decode-steps", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per request in the traced decode")
-    ap.add_argument("--trace-dir", default="/tmp/loong_step_profile")
+    ap.add_argument("--trace-dir", default=os.path.join(os.path.dirname(__file__), "results", "traces"))
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "step_profile_cpu.json"))
     args = ap.parse_args()
     cfg = TINY if args.model == "tiny" else SHAPES[args.model]
