@@ -43,7 +43,7 @@ from loong_jax.runtime.memory import (
     program_limit,
     size_kv_pools,
 )
-from loong_jax.runtime.request import Request, Status
+from loong_jax.runtime.request import Request, Status, queue_order
 from loong_jax.runtime.timeline import Span, Timeline
 from loong_jax.runtime.work import DecodeWork, Executor, FatalError, Iteration, Launch, Migration
 from loong_jax.scheduling.cost_model import CostModel, rough_cost_model
@@ -397,22 +397,24 @@ class Engine:
         but decode bursts in flight, every running request in one, every request of the burst with tokens
         left to sample and room at its master for a whole burst (else the scheduler scales up). At most
         two bursts of a group are in flight; a prompt arriving meanwhile waits for both. Returns how many."""
-        if self.waiting or self._failed or not all(x.kind == "decode" for x in self.launches):
+        tails = [  # bursts in flight that nothing continues yet, and whose predecessor was read
+            x
+            for x in self.launches
+            if x.work is not None
+            and x.work.steps > 1
+            and x.successor is None
+            and (x.follows is None or x.follows.collected)
+            and getattr(x.pending, "carry", None) is not None
+        ]
+        if not tails or self.waiting or self._failed or not all(x.kind == "decode" for x in self.launches):
             return 0
         stepping = {r.rid for x in self.launches for r in x.requests}
         if any(r.rid not in stepping for r in self.running):
             return 0
         chained = 0
-        for launch in list(self.launches):
+        for launch in tails:
             work = launch.work
-            if (
-                launch.successor is not None
-                or (launch.follows is not None and not launch.follows.collected)
-                or getattr(launch.pending, "carry", None) is None
-                or work is None
-                or work.steps == 1
-                or not self.executor.can_chain(work.group)
-            ):
+            if not self.executor.can_chain(work.group):
                 continue
             budgets = [r.max_new_tokens - len(r.output_ids) - launch.reserved[r.rid] for r in work.requests]
             masters = [self.pools[work.group[m]] for m in work.masters]
@@ -440,7 +442,7 @@ class Engine:
     def _reject_blocker(self) -> Request:
         """The request the policy would start first on an idle engine but could not: it is the one refused
         (admission should have refused it already; this is the safety net)."""
-        req = min(self.waiting, key=lambda r: (-r.priority, r.arrival, r.rid))
+        req = min(self.waiting, key=queue_order)
         n = req.num_prefill_tokens
         log.error("request %d (%d tokens) cannot be scheduled on an idle engine; rejecting it", req.rid, n)
         self._fail(req, f"the engine cannot place this request ({n} prompt tokens) on its instances")
@@ -597,7 +599,7 @@ class Engine:
             if launch.span is not None:
                 launch.span.end = self.executor.now()
                 if launch.successor is not None and launch.successor.span is not None:  # it starts now
-                    launch.successor.span.start = max(launch.successor.span.start, launch.span.end)
+                    launch.successor.span.start = launch.span.end
             if not launch.ranks:
                 continue
             try:
@@ -634,7 +636,7 @@ class Engine:
         now = self.executor.now()
         self._step_times.append((now - launch.started) / launch.work.steps)
         if launch.successor is not None:
-            launch.successor.started = max(launch.successor.started or now, now)
+            launch.successor.started = now
 
     def _trim(self, launch: Launch) -> None:
         """Release the slots a burst reserved and did not fill (its rows stopped early, or a stop string cut

@@ -35,7 +35,7 @@ def pack(tree: Any) -> np.ndarray:
         if x.dtype.itemsize != 4:
             raise TypeError(f"only 4-byte and bool arrays are packed, got {x.dtype}")
         parts.append(np.ascontiguousarray(x).reshape(d, -1).view(WORD))
-    return np.concatenate(parts, axis=1) if parts else np.zeros((d, 0), WORD)
+    return np.concatenate(parts, axis=1)
 
 
 def unpack(words: jnp.ndarray, spec: Layout) -> Any:

@@ -162,3 +162,8 @@ class Request:
     def token_start(self, index: int) -> int:
         """Where the index-th sampled token's text starts in `text`."""
         return self._token_ends[index - 1] if index > 0 else 0
+
+
+def queue_order(req: Request) -> tuple[int, float, int]:
+    """The order requests are served in: higher priority first, then earlier arrival."""
+    return -req.priority, req.arrival, req.rid

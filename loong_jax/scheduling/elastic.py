@@ -34,7 +34,7 @@ import numpy as np
 
 from loong_jax.runtime.instances import Group
 from loong_jax.runtime.placement import busiest_first_plan, least_loaded_plan
-from loong_jax.runtime.request import Request
+from loong_jax.runtime.request import Request, queue_order
 from loong_jax.runtime.work import Iteration, Migration, PrefillWork
 from loong_jax.scheduling.cost_model import CostModel
 from loong_jax.scheduling.policy import (
@@ -149,7 +149,7 @@ class ElasticScheduler:
         rest could not start now anyway), and the ones passed over (for bounded skipping)."""
         cfg = self.cfg
         page = view.pools[0].page_size
-        order = sorted(view.waiting[: cfg.window * 4], key=lambda r: (-r.priority, r.arrival, r.rid))
+        order = sorted(view.waiting[: cfg.window * 4], key=queue_order)
         reserved, total = view.reserved_pages, view.total_pages
         free = sum(view.pools[i].free_pages for i in usable)
         room = view.max_num_seqs - view.num_running
@@ -175,7 +175,7 @@ class ElasticScheduler:
     @staticmethod
     def _count_skips(blocked: list[Request], launched: list[Request]) -> None:
         for b in blocked:
-            if any((-r.priority, r.arrival, r.rid) > (-b.priority, b.arrival, b.rid) for r in launched):
+            if any(queue_order(r) > queue_order(b) for r in launched):
                 b.skipped += 1
 
     # ----- step 2: instance allocation ------------------------------------------------------------
@@ -360,7 +360,7 @@ class ElasticScheduler:
                 continue
             room = sum(view.pools[i].free_pages for i in group)
             batch, new, pages = [], [], 0
-            for req in sorted(reqs, key=lambda r: (-r.priority, r.arrival, r.rid)):
+            for req in sorted(reqs, key=queue_order):
                 n = req.num_prefill_tokens - len(view.cached_on(req, group)) * page
                 if sum(new) + n > view.max_prefill_tokens or not fits_rank_cap(view, new + [n], len(group)):
                     continue

@@ -23,7 +23,7 @@ from loong_jax.runtime.batching import bucket
 from loong_jax.runtime.instances import Group
 from loong_jax.runtime.kv_pool import PagePool
 from loong_jax.runtime.placement import busiest_first_plan
-from loong_jax.runtime.request import Request
+from loong_jax.runtime.request import Request, queue_order
 from loong_jax.runtime.work import DecodeWork, Iteration, PrefillWork
 
 
@@ -111,7 +111,7 @@ def continue_chunks(view: SchedulerView, n: int, aligned: bool) -> list[PrefillW
     room yet anywhere, waits."""
     taken = set(view.busy)
     out = []
-    for req in sorted(view.prefilling, key=lambda r: (-r.priority, r.arrival, r.rid)):
+    for req in sorted(view.prefilling, key=queue_order):
         held = holders(view, req)
         group = req.prefill_group
         if not group or taken.intersection(group) or not held <= set(group):
@@ -261,7 +261,7 @@ def burst_steps(view: SchedulerView) -> int:
     if view.decode_steps == 1 or view.prefilling:
         return 1
     if view.waiting and view.num_running < view.max_num_seqs:
-        head = min(view.waiting, key=lambda r: (-r.priority, r.arrival, r.rid))
+        head = min(view.waiting, key=queue_order)
         free = sum(p.free_pages for p in view.pools)
         prompt_pages = -(-head.num_prefill_tokens // view.pools[0].page_size) + 1
         if view.reserved_pages + view.pages_to_reserve(head) <= view.total_pages and prompt_pages <= free:
