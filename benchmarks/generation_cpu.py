@@ -2,8 +2,9 @@
 
 Measures single-stream decode tokens/s and the time of a 2048-token prefill for both, reports compile
 time separately, prints the ratios and writes JSON. The engine runs with each of the given decode burst
-sizes (1: a launch and a read per token; the default: bursts, each dispatched before the last is read).
-Run: `python benchmarks/generation_cpu.py` (`--decode-steps 1 8`).
+sizes (1: a launch and a read per token; the default: bursts, each dispatched before the last is read) and
+layer loops (unrolled over per-layer weights, or a scan over stacked weights).
+Run: `python benchmarks/generation_cpu.py` (`--decode-steps 1 8 --layers unrolled scan`).
 """
 
 from __future__ import annotations
@@ -30,11 +31,16 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_loong(prompt_ids: list[int], decode_tokens: int, repeats: int, decode_steps: int) -> dict:
+def bench_loong(prompt_ids: list[int], decode_tokens: int, repeats: int, decode_steps: int, layers: str) -> dict:
     from loong_jax import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(kv_tokens_per_instance=16384, compilation_cache_dir=None, decode_steps=decode_steps)
+    llm = LLM(
+        kv_tokens_per_instance=16384,
+        compilation_cache_dir=None,
+        decode_steps=decode_steps,
+        unroll_layers=layers == "unrolled",
+    )
     load_s = time.perf_counter() - t0
     one = SamplingParams(max_tokens=1, temperature=0)
     many = SamplingParams(max_tokens=decode_tokens + 1, temperature=0, ignore_eos=True)
@@ -97,6 +103,9 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decode-steps", type=int, nargs="+", default=[1, 8], help="the engine's burst sizes to try")
+    ap.add_argument(
+        "--layers", nargs="+", default=["unrolled"], choices=["unrolled", "scan"], help="the layer loops to try"
+    )
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "generation_cpu.json"))
     args = ap.parse_args()
 
@@ -108,20 +117,23 @@ def main() -> None:
     ids = tok.encode(TEXT * 200)[: args.prompt_tokens]
     assert len(ids) == args.prompt_tokens
 
-    runs = {k: bench_loong(ids, args.decode_tokens, args.repeats, k) for k in args.decode_steps}
+    runs = {
+        f"decode_steps={k} layers={layers}": bench_loong(ids, args.decode_tokens, args.repeats, k, layers)
+        for layers in args.layers
+        for k in args.decode_steps
+    }
     ref = bench_transformers(ids, args.decode_tokens, args.repeats, path)
-    ours = runs[args.decode_steps[-1]]
+    ours = runs[f"decode_steps={args.decode_steps[-1]} layers={args.layers[0]}"]
     result = {
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32)",
         "prompt_tokens": args.prompt_tokens,
         "decode_tokens": args.decode_tokens,
         "decode_steps": args.decode_steps[-1],
+        "layers": args.layers[0],
         "loong_jax": ours,
-        "loong_jax_by_decode_steps": runs,
-        "decode_speedup_by_decode_steps": {
-            k: r["decode_tokens_per_s"] / ref["decode_tokens_per_s"] for k, r in runs.items()
-        },
+        "loong_jax_by_run": runs,
+        "decode_speedup_by_run": {k: r["decode_tokens_per_s"] / ref["decode_tokens_per_s"] for k, r in runs.items()},
         "transformers": ref,
         "decode_speedup": ours["decode_tokens_per_s"] / ref["decode_tokens_per_s"],
         "prefill_time_ratio": ours["prefill_2048_s"] / ref["prefill_2048_s"],
@@ -131,8 +143,11 @@ def main() -> None:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))
     for k, r in runs.items():
-        speedup = result["decode_speedup_by_decode_steps"][k]
-        print(f"decode_steps {k}: {r['decode_tokens_per_s']:.1f} tok/s ({speedup:.2f}x transformers)")
+        speedup = result["decode_speedup_by_run"][k]
+        print(
+            f"{k}: {r['decode_tokens_per_s']:.1f} tok/s ({speedup:.2f}x transformers), "
+            f"prefill {r['prefill_2048_s']:.2f} s, compile and first run {r['compile_and_first_run_s']:.1f} s"
+        )
     print(
         f"decode (decode_steps {args.decode_steps[-1]}): {ours['decode_tokens_per_s']:.1f} vs "
         f"{ref['decode_tokens_per_s']:.1f} tok/s "

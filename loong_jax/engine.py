@@ -83,6 +83,7 @@ class EngineConfig:
     policy: str = "elastic"  # "elastic": the cost-model scheduler; "shared": instances share one processor
     attention_backend: str = "auto"  # "auto" (Pallas on GPU, XLA elsewhere), "xla" or "pallas"
     enable_prefix_caching: bool = True  # reuse the K/V of full pages of earlier requests' prefixes
+    unroll_layers: bool = True  # layers one after another over per-layer weights (read in place); False: a scan
     heartbeat_timeout_s: float = 30.0  # multi-host: a follower silent this long is lost
     step_timeout_s: float = 300.0  # multi-host: a follower that has not answered a launch by then is lost
 
@@ -733,6 +734,7 @@ def build_engine(
         max_programs=len(warmup_jobs(ecfg)) + EXTRA_PROGRAMS,
         attention=ecfg.attention_backend,
         compiler_options=compiler_options,
+        unroll_layers=ecfg.unroll_layers,
     )
     log.info("attention backend: %s", executor.attention.name)
     footprint = executor.footprint(sizing_jobs(ecfg))

@@ -18,7 +18,6 @@ from pallas_kernels.reference import (
     merge_attention,
     merge_attention_many,
     paged_decode_attention,
-    self_attention_term,
 )
 
 BACKENDS = ("auto", "xla", "pallas")
@@ -55,5 +54,4 @@ __all__ = [
     "merge_attention",
     "merge_attention_many",
     "paged_decode_attention",
-    "self_attention_term",
 ]

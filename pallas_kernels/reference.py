@@ -45,15 +45,6 @@ def merge_attention(
     return merge_attention_many(jnp.stack([o1, o2]), jnp.stack([lse1, lse2]))
 
 
-def self_attention_term(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Attention of each decode query [B, H, D] to its own new key/value [B, KV, D] alone: (v, score)."""
-    b, h, d = q.shape
-    g = h // k.shape[1]
-    kk = jnp.repeat(k.astype(jnp.float32), g, axis=1)
-    score = jnp.einsum("bhd,bhd->bh", q.astype(jnp.float32), kk) / (d**0.5)
-    return jnp.repeat(v, g, axis=1).astype(q.dtype), score
-
-
 def _online_step(carry, scores, valid):
     """Fold one block of scores [..., k] into (max, sum, acc); returns the block's probabilities too."""
     m_prev, l_prev, acc = carry

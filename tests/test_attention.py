@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels import block_attention, merge_attention, paged_decode_attention
-from pallas_kernels.reference import self_attention_term
 
 
 def _packed(rng, lengths, pad_to, heads, kv_heads, dim):
@@ -103,17 +102,3 @@ def test_paged_decode_attention_matches_gathered_reference(lengths, page_size, g
         )
         np.testing.assert_allclose(np.asarray(out)[b], ref[0], atol=3e-5)
         np.testing.assert_allclose(np.asarray(lse)[b], ref_lse[0], atol=3e-5)
-
-
-def test_self_term_merged_with_pool_equals_attention_over_all():
-    rng = np.random.default_rng(3)
-    q, k_pool, v_pool, table = _paged_case(rng, [20], 4, 16, 4, 2, 8, layers=1)
-    k_new = rng.standard_normal((1, 2, 8)).astype(np.float32)
-    v_new = rng.standard_normal((1, 2, 8)).astype(np.float32)
-    past = paged_decode_attention(q, k_pool, v_pool, jnp.int32(0), table, np.array([20]), page_size=4)
-    out, _ = merge_attention(*past, *self_attention_term(q, k_new, v_new))
-    slots = (table[0][:, None] * 4 + np.arange(4)[None, :]).reshape(-1)[:20]
-    kk = np.concatenate([k_pool[0][:, slots].swapaxes(0, 1), k_new])
-    vv = np.concatenate([v_pool[0][:, slots].swapaxes(0, 1), v_new])
-    ref, _ = naive_attention(q, kk, vv, np.array([20]), np.zeros(1, np.int32), np.arange(21), np.zeros(21, np.int32))
-    np.testing.assert_allclose(np.asarray(out), ref, atol=3e-5)

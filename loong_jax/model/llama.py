@@ -4,9 +4,11 @@ The model never touches a KV cache itself: each layer computes Q/K/V (RoPE appli
 `attend` function supplied by the caller, together with a carry that is threaded through the layer scan
 (a KV pool that the ring prefill writes in place, a buffer that collects the new tokens' K/V, or nothing).
 Prefill, decode and the elastic runtime's distributed programs differ only in the `attend` they pass.
-Layers are stacked on a leading axis and run with `lax.scan` so that a program compiles one layer, not
-`num_layers` copies. (A buffer in the carry is updated in place as long as nothing in the scan also reads
-it, which is why decode reads its pool from a closure and writes the new K/V after the scan.)
+Layer parameters are stacked on a leading axis. Programs run the layers one after another over per-layer
+arrays (`unstack_layers`: each matmul reads its weights where they lie, at the cost of compiling every layer)
+or, given the stacked arrays, with `lax.scan` (one layer compiled, but each step copies every layer's weights
+out of the stack). A buffer in the carry, such as a KV pool, is updated in place as long as it is written
+before it is read within a layer.
 
 Inside an instance of several devices (tensor parallelism) the caller passes a `TensorParallel` plan:
 attention heads and MLP columns are sharded on its axis and the two row-sharded projections are summed.
@@ -18,7 +20,9 @@ from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from loong_jax.model.config import ModelConfig
 from loong_jax.model.rope import apply_rope, rotary_angles
@@ -128,7 +132,7 @@ class DecoderLayer(nnx.Module):
 
 
 class Llama(nnx.Module):
-    """Embedding, a scanned stack of decoder layers, final norm and (tied or untied) LM head."""
+    """Embedding, a stack of decoder layers, final norm and (tied or untied) LM head."""
 
     def __init__(self, cfg: ModelConfig, dtype: Any = jnp.float32, rngs: nnx.Rngs | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
@@ -158,6 +162,11 @@ class Llama(nnx.Module):
         x = self.embed[...][tokens]
         angles = rotary_angles(self.cfg, positions, seq_lens)
         graphdef, layer_state = nnx.split(self.layers)
+        if is_unstacked(layer_state):  # one layer after another, each reading its own arrays in place
+            for i in range(self.cfg.num_layers):
+                state = jax.tree.map(lambda t, i=i: t[i], layer_state, is_leaf=_is_tuple)
+                x, carry = nnx.merge(graphdef, state)(x, angles, jnp.int32(i), attend, carry, tp)
+            return x, carry
 
         def body(x_carry, xs):
             layer_idx, state = xs
@@ -172,6 +181,44 @@ class Llama(nnx.Module):
         h = self.final_norm(h)
         w = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
         return (h @ w).astype(jnp.float32)
+
+
+def _is_tuple(x: Any) -> bool:
+    return isinstance(x, tuple) and not isinstance(x, P)
+
+
+def is_unstacked(layer_state: Any) -> bool:
+    """Whether a state's layer parameters are tuples of per-layer arrays (see `unstack_layers`)."""
+    return _is_tuple(jax.tree.leaves(layer_state, is_leaf=_is_tuple)[0])
+
+
+def unstack_layers(tree: nnx.State, num_layers: int) -> nnx.State:
+    """The layer parameters [L, ...] of a state split into tuples of L arrays (also for trees shaped like a
+    state: partition specs, shapes). A program over this layout runs the layers one after another, each
+    matmul reading its weights where they lie; scanning over stacked arrays slices each layer's weights out
+    of them, a copy of every weight at every step on CPU (and on GPU unless XLA fuses the slice)."""
+
+    def split(x: Any) -> tuple:
+        if isinstance(x, P):
+            return (P(*x[1:]),) * num_layers
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return (jax.ShapeDtypeStruct(x.shape[1:], x.dtype),) * num_layers
+        host = np.asarray(x) if isinstance(x, np.ndarray) or _on_cpu(x) else x  # views, not copies
+        return tuple(host[i] for i in range(num_layers))
+
+    return nnx.State({k: (jax.tree.map(split, v) if k == "layers" else v) for k, v in tree.items()})
+
+
+def stack_layers(state: nnx.State) -> nnx.State:
+    """Inverse of `unstack_layers` for arrays (a copy): the layout checkpoints are written in."""
+    if not is_unstacked(state["layers"]):
+        return state
+    stacked = jax.tree.map(lambda t: jnp.stack(t), state["layers"], is_leaf=_is_tuple)
+    return nnx.State({k: (stacked if k == "layers" else v) for k, v in state.items()})
+
+
+def _on_cpu(x: Any) -> bool:
+    return isinstance(x, jax.Array) and all(d.platform == "cpu" for d in x.devices())
 
 
 def param_partition_specs(cfg: ModelConfig, tp: TensorParallel | None) -> dict[str, tuple]:

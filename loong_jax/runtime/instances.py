@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from loong_jax.model.config import ModelConfig
-from loong_jax.model.llama import TensorParallel, param_partition_specs, tensor_parallel_plan
+from loong_jax.model.llama import TensorParallel, param_partition_specs, tensor_parallel_plan, unstack_layers
 from loong_jax.runtime.kv_pool import KVCache
 
 Group = tuple[int, ...]
@@ -44,8 +44,11 @@ class Instances:
         tp: int,
         dtype: Any,
         devices: Sequence[jax.Device] | None = None,
+        unstacked: bool = False,
     ):
-        """The layout only (devices, meshes, partition specs): nothing is put on the devices until `allocate`."""
+        """The layout only (devices, meshes, partition specs): nothing is put on the devices until `allocate`.
+        unstacked: keep each layer's weights in arrays of their own (`unstack_layers`), so that programs read
+        them in place."""
         devices = list(devices if devices is not None else jax.devices())
         if len(devices) < num_instances * tp:
             raise ValueError(
@@ -62,6 +65,10 @@ class Instances:
         flat_specs = param_partition_specs(cfg, self.tp_plan)
         self.param_specs = _specs_like(state, {k: P(*v) for k, v in flat_specs.items()})
         self.param_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+        self.unstacked = unstacked
+        if unstacked:
+            self.param_specs = unstack_layers(self.param_specs, cfg.num_layers)
+            self.param_shapes = unstack_layers(self.param_shapes, cfg.num_layers)
         self.kv_tp = bool(self.tp_plan and self.tp_plan.attention)
         self.pool_spec = P(SP, None, TP if self.kv_tp else None, None, None)
         self._meshes: dict[Group, Mesh] = {}
@@ -85,6 +92,8 @@ class Instances:
     def allocate(self, state: nnx.State, num_slots: int) -> None:
         """Put a copy of the weights (sharded over its tp devices) and an empty KV pool on every instance."""
         self.num_slots = num_slots
+        if self.unstacked:
+            state = unstack_layers(state, self.cfg.num_layers)
         for i in range(self.n):
             if not self.local[i]:
                 self.weights.append(None)

@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from loong_jax.model.config import ModelConfig
+from loong_jax.model.llama import stack_layers
 from loong_jax.model.sampling import VARIANTS, SamplerFlags, SamplerOutputs
 from loong_jax.runtime.batching import bucket, sampler_flags, sampler_inputs
 from loong_jax.runtime.instances import SP, Group, Instances
@@ -112,10 +113,13 @@ class JaxExecutor:
         max_programs: int | None = None,
         attention: str = "auto",
         compiler_options: dict[str, Any] | None = None,
+        unroll_layers: bool = False,
     ):
         """The layout only: weights and pools go on the devices in `allocate`, once the pool size is known.
         attention: the attention backend ("auto": Pallas kernels on GPU, XLA elsewhere). compiler_options:
-        XLA options for every program (such as a lower LLVM optimisation level: faster compiles, slower code)."""
+        XLA options for every program (such as a lower LLVM optimisation level: faster compiles, slower code).
+        unroll_layers: programs run the layers one after another over per-layer weight arrays (read in place,
+        longer compiles) instead of scanning stacked arrays."""
         self.cfg = cfg
         self.dtype = dtype
         self.min_prefill_bucket = min_prefill_bucket
@@ -125,7 +129,9 @@ class JaxExecutor:
         self.num_slots = 0
         self.page_table_width = bucket(max_pages_per_request, DECODE_PAGES_PER_BLOCK)
         self.penalty_len = bucket(max_pages_per_request * page_size, 16)  # the ids penalties look at
-        self.instances = Instances(cfg, state, num_instances=num_instances, tp=tp, dtype=dtype, devices=devices)
+        self.instances = Instances(
+            cfg, state, num_instances=num_instances, tp=tp, dtype=dtype, devices=devices, unstacked=unroll_layers
+        )
         self.attention = attention_backend(attention, self.instances.devices[0][0].platform)
         self._host_state: nnx.State | None = state  # until allocate() copies it to the instances
         self.programs = ProgramCache(max_programs, compiler_options)
@@ -172,8 +178,8 @@ class JaxExecutor:
 
     @property
     def state(self) -> nnx.State:
-        """The model weights (instance 0's copy): for scoring, conversion and inspection."""
-        return self.instances.weights[0]
+        """The model weights (instance 0's copy, layers stacked): for scoring, conversion and inspection."""
+        return stack_layers(self.instances.weights[0])
 
     @staticmethod
     def prefix_width(num_slots: int) -> int:

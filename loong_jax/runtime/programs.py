@@ -11,9 +11,11 @@
   all-to-all and are merged with the ring's by log-sum-exp. A batch holding nothing skips all of this.
 * `decode_program`: multi-master decoding (DESIGN 2.3). Masters run the dense layers for their requests;
   per layer queries are all-gathered, every rank attends them to the K/V it holds, the (output,
-  log-sum-exp) partials go back to the masters with an all-to-all and are merged exactly. One launch runs
-  a burst of K steps: each sampled token is the next step's input, its K/V goes into the slot reserved for
-  it at the master, and a row that samples a stop token or reaches its budget stops (padding after it).
+  log-sum-exp) partials go back to the masters with an all-to-all and are merged exactly. Each layer's new
+  K/V is written into the slot reserved for it at the master before the pools are read (a write after the
+  read would make XLA copy the pool), so the new token is attended where it lies. One launch runs a burst of
+  K steps: each sampled token is the next step's input, and a row that samples a stop token or reaches its
+  budget stops (padding after it).
 * `migrate_program`: move K/V tokens from one instance's pool to another's (packing decode batches).
 
 A group of one instance runs the same programs (the ring has one step, the collectives are trivial).
@@ -34,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 from loong_jax.model.llama import TensorParallel
 from loong_jax.model.sampling import SamplerFlags, SamplerInputs, SamplerOutputs, advance, ends_row, sample
 from loong_jax.runtime.kv_pool import KVCache
-from pallas_kernels import AttentionBackend, block_attention, merge_attention, merge_attention_many, self_attention_term
+from pallas_kernels import AttentionBackend, block_attention, merge_attention, merge_attention_many
 
 SP = "sp"
 PREFIX_BLOCK = 512  # tokens of held K/V an appending prefill attends to at a time
@@ -90,6 +92,18 @@ def store_kv(pool: KVCache, slots: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) 
         return buf[0].at[:, :, slots].set(new.astype(buf.dtype), mode="drop")[None]
 
     return KVCache(put(pool.k, k), put(pool.v, v))
+
+
+def store_layer_kv(pool: KVCache, layer: jnp.ndarray, slots: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> KVCache:
+    """Write one layer's K/V [N, KV, D] into one rank's pool [1, L, KV, S, D] at slots [N], in place (slots
+    past the pool are dropped)."""
+    if slots.shape[0] == 1:  # XLA turns a one-index scatter into a read-modify-write of the slot, which then
+        # makes it copy the whole pool every step; a second, dropped index keeps it a scatter, done in place
+        slots, k, v = jnp.append(slots, pool.k.shape[3]), jnp.concatenate([k, k]), jnp.concatenate([v, v])
+    return KVCache(
+        pool.k.at[0, layer, :, slots].set(k.astype(pool.k.dtype), mode="drop"),
+        pool.v.at[0, layer, :, slots].set(v.astype(pool.v.dtype), mode="drop"),
+    )
 
 
 def take_held(pool: jnp.ndarray, layer: jnp.ndarray, slots: jnp.ndarray) -> jnp.ndarray:
@@ -227,29 +241,28 @@ def decode_program(
         def step(carry, slots):
             pools, tokens, positions, kv_lens, live, samp = carry
             live = live & (slots < pools.k.shape[3])  # no slot reserved for this step: the row stops
+            slots = jnp.where(live, slots, pools.k.shape[3])
 
-            def attend(layer, q, k, v, new_kv):
+            mine = jnp.zeros_like(kv_lens).at[me * b + jnp.arange(b)].set(live.astype(jnp.int32))
+            lens = kv_lens + mine  # my master rows attend to this step's token too, written first
+
+            def attend(layer, q, k, v, pools):
+                pools = store_layer_kv(pools, layer, slots, k, v)
                 q_all = jax.lax.all_gather(q, SP, tiled=True) if d > 1 else q
                 o, lse = attn.paged_decode_attention(
-                    q_all, pools.k[0], pools.v[0], layer, inp.page_table, kv_lens, page_size=page_size
+                    q_all, pools.k[0], pools.v[0], layer, inp.page_table, lens, page_size=page_size
                 )
-                if d > 1:  # partials for my master rows, from every rank: [d, B, ...]
-                    o = jax.lax.all_to_all(o, SP, 0, 0, tiled=True).reshape(d, b, *o.shape[1:])
-                    lse = jax.lax.all_to_all(lse, SP, 0, 0, tiled=True).reshape(d, b, *lse.shape[1:])
-                else:
-                    o, lse = o[None], lse[None]
-                own_o, own_lse = self_attention_term(q, k, v)
-                merged = merge_attention_many(jnp.concatenate([o, own_o[None]]), jnp.concatenate([lse, own_lse[None]]))
-                return merged[0], (new_kv[0].at[layer].set(k), new_kv[1].at[layer].set(v))
+                if d == 1:
+                    return o, pools
+                # the partials for my master rows, from every rank: [d, B, ...]
+                o = jax.lax.all_to_all(o, SP, 0, 0, tiled=True).reshape(d, b, *o.shape[1:])
+                lse = jax.lax.all_to_all(lse, SP, 0, 0, tiled=True).reshape(d, b, *lse.shape[1:])
+                return merge_attention_many(o, lse)[0], pools
 
-            kv_shape = (model.cfg.num_layers, b, pools.k.shape[2], pools.k.shape[4])
-            new_kv = (jnp.zeros(kv_shape, pools.k.dtype), jnp.zeros(kv_shape, pools.v.dtype))
-            h, (k, v) = model.hidden_states(tokens, positions, positions + 1, attend, new_kv, tp)
-            pools = store_kv(pools, jnp.where(live, slots, pools.k.shape[3]), k.swapaxes(1, 2), v.swapaxes(1, 2))
+            h, pools = model.hidden_states(tokens, positions, positions + 1, attend, pools, tp)
             out = sample(model.logits(h), samp, flags)
             emitted = jnp.where(live, out.tokens, -1)
-            grown = live.astype(jnp.int32)
-            kv_lens = kv_lens.at[me * b + jnp.arange(b)].add(grown)  # my master rows hold this step's K/V now
+            kv_lens = lens
             ended = ends_row(samp, out.tokens)  # judged by the inputs the token was sampled with
             samp = advance(samp, out.tokens, live)
             carry = (pools, out.tokens, positions + 1, kv_lens, live & ~ended, samp)
