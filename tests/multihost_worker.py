@@ -121,7 +121,8 @@ def layouts_across_processes() -> dict:
     2 processes x 4 devices (instances 0-3 on process 0, 4-7 on process 1): a ring prefill on 2-5 whose
     KV lands on 3 (process 0), on 3 and 4 (both) and on 5 (process 1); decodes whose requests' KV lies on
     both processes, with masters alternating across the boundary; a migration from 5 to 1; a scale-up of
-    request 0 from 3 onto 6; then all 8 instances. The leader reports the tokens and KV use."""
+    request 0 from 3 onto 6; then all 8 instances in bursts, one chained to the one before. The leader
+    reports the tokens and KV use."""
     import numpy as np
 
     from loong_jax import LLM, SamplingParams
@@ -146,17 +147,24 @@ def layouts_across_processes() -> dict:
     n1 = len(prompts[1])
     plans = [[1] * len(prompts[0]), [1] * (n1 // 2) + [2] * (n1 - n1 // 2), [3] * len(prompts[2])]
     engine.execute(Iteration(prefills=[PrefillWork((2, 3, 4, 5), reqs, [np.asarray(p, np.int32) for p in plans])]))
-    for step in range(LAYOUT_STEPS - 1):
+    for step in range(12):
         if step == 8:  # request 2's KV from instance 5 (process 1) to 1 (process 0)
             engine.migrate(reqs[2].rid, 5, 1, engine.pools[5].tokens[reqs[2].rid])
         if step < 8:
             group, masters = (3, 4, 5), [0, step % 2, 2]
-        elif step < 16:
-            group, masters = (1, 3, 4, 6), [3, 1 + step % 2, 0]  # request 0's new tokens on 6
         else:
-            group, masters = tuple(range(8)), [step % 8, (step + 3) % 8, (step + 5) % 8]
+            group, masters = (1, 3, 4, 6), [3, 1 + step % 2, 0]  # request 0's new tokens on 6
         engine.execute(Iteration(decodes=[DecodeWork(group, reqs, masters)]))
+    # then all 8 instances in bursts of 4 (the first compiles the program); the third is dispatched before
+    # the second is read: each process continues from its own part of the state the second leaves (it stops
+    # at max_tokens, after 3 steps)
+    everyone = (tuple(range(8)), reqs, [0, 3, 5])
+    engine.execute(Iteration(decodes=[DecodeWork(*everyone, steps=4)]))
+    engine.launch(Iteration(decodes=[DecodeWork(*everyone, steps=4)]))
+    chained = engine._chain()
+    engine.execute(Iteration())
     out = {
+        "chained": chained,
         "tokens": [r.output_ids for r in reqs],
         "logprobs": [r.logprobs for r in reqs],
         "finished": all(r.finished for r in reqs),

@@ -96,13 +96,14 @@ def test_plans_reach_every_follower_in_order_and_a_silent_leader_is_a_timeout():
 
 def test_greedy_layouts_across_two_processes_match_one_instance(smol_llm):
     # prefill on 2-5 kept on 3 / 3+4 / 5, decodes with KV on both processes, a migration 5 -> 1 and a
-    # scale-up 3 -> 6 across the boundary, then all 8 instances (see multihost_worker.py); the reference is
+    # scale-up 3 -> 6 across the boundary, then all 8 instances in a burst and one chained to it, dispatched
+    # before the first is read (see multihost_worker.py); the reference is
     # plain generation on one instance of this process
     from multihost_worker import LAYOUT_QUESTIONS, LAYOUT_STEPS
 
     leader, follower = run_processes("layouts", num=2, local_devices=4, timeout=600)
     assert follower == {"followed": True}
-    assert leader["finished"] and leader["migrations"] == 1
+    assert leader["finished"] and leader["migrations"] == 1 and leader["chained"] == 1
     prompts = [smol_llm.chat_prompt_ids([{"role": "user", "content": q}]) for q in LAYOUT_QUESTIONS]
     params = SamplingParams(max_tokens=LAYOUT_STEPS, temperature=0.0, ignore_eos=True, logprobs=0)
     want = smol_llm.generate(prompts, params)

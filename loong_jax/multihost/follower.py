@@ -34,6 +34,7 @@ class Follower:
         self.channel = channel
         self.done = -1  # the last operation read
         self.beats = 0
+        self._bursts: dict[tuple[int, ...], tuple[int, Any]] = {}  # per group: its last decode (operation, pending)
         self._stop = threading.Event()
 
     def run(self) -> None:
@@ -89,7 +90,12 @@ class Follower:
         try:
             if kind == "run":
                 inp = INPUTS[op["kind"]](*op["inp"])
-                return ex.run_local(op["kind"], group, SamplerFlags(*op["flags"]), inp, SamplerInputs(*op["samp"]))
+                carry = self._carry(group, op["after"]) if "after" in op else None
+                flags, samp = SamplerFlags(*op["flags"]), SamplerInputs(*op["samp"])
+                pending = ex.run_local(op["kind"], group, flags, inp, samp, carry)
+                if op["kind"] == "decode":
+                    self._bursts[group] = (seq, pending)
+                return pending
             if kind == "migrate":
                 ex.migrate_local(op["src"], op["dst"], np.asarray(op["src_slots"]), np.asarray(op["dst_slots"]))
                 answer: dict = {"ok": True}
@@ -105,6 +111,16 @@ class Follower:
             answer = {"error": f"{type(e).__name__}: {e}"}
         self.channel.reply(seq, answer)
         return None
+
+    def _carry(self, group: tuple[int, ...], after: int) -> Any:
+        """This process's part of the state the decode burst `after` left (waiting for it to be dispatched if
+        it was compiling): where a burst continuing it starts."""
+        seq, pending = self._bursts.get(group, (None, None))
+        if seq != after:
+            raise ValueError(f"cannot continue decode operation {after}: it was not the last one on {list(group)}")
+        if pending.carry is not None:
+            return pending.carry
+        return pending.future.result()[1]  # compiled on first use: its state once it is dispatched
 
     def _answer_if_ready(self, seq: int, pending: Any) -> bool:
         """Send a launched program's rows (or its error) once it has run; whether it was answered."""

@@ -9,6 +9,7 @@ within the step deadline, is a `PeerLost`: the engine stops and answers every re
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -116,6 +117,15 @@ class Leader:
         raise PeerLost(why)
 
 
+@dataclasses.dataclass(frozen=True)
+class ChainedFrom:
+    """A decode burst's start state spread over processes: the operation that leaves it, and the part on this
+    process's devices (None where it holds none of the group)."""
+
+    seq: int
+    local: Any
+
+
 class GatheredPending:
     """An operation's outputs gathered from this process (if it takes part) and the followers that do."""
 
@@ -161,6 +171,14 @@ class GatheredPending:
         leader.reply_wait_s += now - self._local_ready
         self._done = True
         return True
+
+    @property
+    def carry(self) -> ChainedFrom | None:
+        """What a decode burst continuing this one starts from: this operation (each follower keeps its own
+        part's state) and this process's part's state; None while this process's part is still compiling."""
+        if self.local is not None and self.local.carry is None:
+            return None
+        return ChainedFrom(self.seq, None if self.local is None else self.local.carry)
 
     def raise_errors(self) -> None:
         for p, reply in self.replies.items():

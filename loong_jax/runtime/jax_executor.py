@@ -258,9 +258,9 @@ class JaxExecutor:
         return Launch("prefill", group, ranks, pending, list(requests))
 
     def can_chain(self, group: Group) -> bool:
-        """Whether a decode burst on this group can continue one still running (see `decode`): its
-        instances are all this process's (a burst spanning processes is sent with its inputs)."""
-        return self.peers is None or self.instances.is_local(group)
+        """Whether a decode burst on this group can continue one still running (see `decode`): always (on a
+        group spanning processes, each keeps its part of the state and is told which burst to continue)."""
+        return True
 
     def decode(self, work: DecodeWork, pools: Sequence[PagePool], after: Launch | None = None) -> Launch:
         """Reserve the burst's slots at each request's master, lay out the page tables and dispatch it.
@@ -303,8 +303,10 @@ class JaxExecutor:
             "inp": list(inp),
             "samp": list(samp),
         }
+        if carry is not None:  # a burst continuing another: each process starts from its own part of its state
+            op["after"], carry = carry.seq, carry.local
         seq = self.peers.send(op)
-        local = self.run_local(kind, group, flags, inp, samp) if self.instances.has_local(group) else None
+        local = self.run_local(kind, group, flags, inp, samp, carry) if self.instances.has_local(group) else None
         return self.peers.gather(seq, kind, group, local)
 
     def run_local(
