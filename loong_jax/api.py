@@ -41,9 +41,10 @@ class LLM:
     max_batch_requests: requests one scheduling decision admits (None: what one prefill pass per instance
     takes); running decodes are paused for them when the time the waiting requests save outweighs the time
     the decodes lose.
-    unroll_layers: run the layers one after another, each reading its weights where they lie (the default);
-    False: a loop over the stacked weights, which compiles 2-3x faster but copies every layer's weights at
-    every step (decode about 1.6x slower for SmolLM2 on CPU).
+    unroll_layers: run the layers one after another, each reading its weights where they lie; False: a loop
+    over the stacked weights, which copies every layer's weights at every step but compiles 2-3x faster, with
+    half the memory mappings and a third of the prefill temporaries on CPU. None (default): unrolled on
+    accelerators, a loop on CPU (where unrolling makes SmolLM2 decode 1.6x faster).
     compiler_options: XLA options for every program, e.g. {"xla_backend_optimization_level": 0} for faster
     compiles of slower code (small models, experiments).
     """
@@ -68,7 +69,7 @@ class LLM:
         policy: str = "elastic",
         attention_backend: str = "auto",
         enable_prefix_caching: bool = True,
-        unroll_layers: bool = True,
+        unroll_layers: bool | None = None,
         heartbeat_timeout_s: float = 30.0,
         step_timeout_s: float = 300.0,
         seed: int | None = None,

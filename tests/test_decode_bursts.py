@@ -196,7 +196,8 @@ def _served(engine, prompts, params, steps, abort_in_flight=False):
     """The requests served through `Engine.step` with bursts of up to `steps`; with abort_in_flight, the first
     is aborted once two of its bursts are in flight (one continuing the other). Pools are checked after every
     step and are empty at the end. Returns the requests and how many bursts were chained."""
-    engine.ecfg = dataclasses.replace(engine.ecfg, decode_steps=steps)
+    # bursts whatever the step times seen (on a busy machine a slow step would turn them into single steps)
+    engine.ecfg = dataclasses.replace(engine.ecfg, decode_steps=steps, max_burst_s=60.0)
     chained = engine.stats.chained_launches
     reqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
     while engine.has_unfinished():

@@ -208,7 +208,7 @@ def test_decode_programs_never_wait_for_the_host_on_gpu():
     """A GPU runs a `cond` by copying its predicate to the host and waiting, and a `while` loop by reading
     its condition every trip; the decode programs (a burst of steps, every sampler variant) as a GPU runs
     them have neither: only loops of static length (scans) outside the kernels."""
-    engine = tiny_esp_engine(num_instances=2, kv_tokens=256, limits={"max_model_len": 256})
+    engine = tiny_esp_engine(num_instances=2, kv_tokens=256, limits={"max_model_len": 256, "unroll_layers": True})
     ex = engine.executor
     ex.attention = attention_backend("pallas", "gpu")
     for flags in VARIANTS:
@@ -216,14 +216,14 @@ def test_decode_programs_never_wait_for_the_host_on_gpu():
         fn, args, gpu_mesh = _on_abstract_gpu(fn, args, GPUS["H100"])
         with use_abstract_mesh(gpu_mesh):
             found = _primitives(jax.jit(fn).trace(*args).jaxpr.jaxpr, Counter())
-        assert found["cond"] == found["while"] == 0 and found["scan"] >= 2 and found["pallas_call"], (flags, found)
+        assert found["cond"] == found["while"] == 0 and found["scan"] >= 1 and found["pallas_call"], (flags, found)
 
 
 @pytest.mark.parametrize("instances,tp,gpu", [(1, 1, "A100"), (4, 1, "H100"), (4, 1, "A100"), (2, 2, "H100")])
 def test_real_programs_lower_for_cuda_with_the_triton_kernels(instances, tp, gpu):
-    engine = tiny_esp_engine(num_instances=instances, tp=tp, kv_tokens=1024)
+    engine = tiny_esp_engine(num_instances=instances, tp=tp, kv_tokens=1024, limits={"unroll_layers": True})
     ex = engine.executor
-    ex.attention = attention_backend("pallas", "gpu")  # the kernels as on a GPU: no interpret mode
+    ex.attention = attention_backend("pallas", "gpu")  # the kernels and layers as on a GPU: no interpret mode
     group = tuple(range(min(instances, 4)))
     for kind, size, rows in (("prefill", 32, 2), ("decode", 4, 4), ("migrate", 16, 0)):
         if kind == "migrate" and len(group) < 2:
