@@ -9,6 +9,7 @@ CPU twin:
 
     python benchmarks/step_profile.py                       # SmolLM2's shape, random weights, batch 1 and 16
     python benchmarks/step_profile.py --model tiny --batches 1 64 --decode-steps 1 8
+    python benchmarks/step_profile.py --decode-steps 1 --layers scan unrolled   # weights sliced / read in place
 """
 
 from __future__ import annotations
@@ -158,21 +159,32 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--decode-steps", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per request in the traced decode")
+    ap.add_argument(
+        "--layers", nargs="+", default=["default"], choices=["default", "scan", "unrolled"], help="layer loops to try"
+    )
     ap.add_argument("--trace-dir", default=os.path.join(os.path.dirname(__file__), "results", "traces"))
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "step_profile_cpu.json"))
     args = ap.parse_args()
     cfg = TINY if args.model == "tiny" else SHAPES[args.model]
     graphdef, state = nnx.split(Llama(cfg, jnp.float32, nnx.Rngs(0)))
     rows = []
-    for steps in args.decode_steps:
-        ecfg = EngineConfig(
-            max_model_len=256, max_num_seqs=max(args.batches), kv_tokens_per_instance=8192, decode_steps=steps
-        )
-        engine = build_engine(cfg, graphdef, state, None, ecfg, jnp.float32, seed=0)
-        for b in args.batches:
-            row = profile_decode(engine, cfg.vocab_size, b, args.tokens, os.path.join(args.trace_dir, f"k{steps}_b{b}"))
-            show(f"{args.model}, decode_steps {steps}, batch {b}", row)
-            rows.append(row)
+    for layers in args.layers:
+        unroll = {"default": None, "scan": False, "unrolled": True}[layers]
+        for steps in args.decode_steps:
+            ecfg = EngineConfig(
+                max_model_len=256,
+                max_num_seqs=max(args.batches),
+                kv_tokens_per_instance=8192,
+                decode_steps=steps,
+                unroll_layers=unroll,
+            )
+            engine = build_engine(cfg, graphdef, state, None, ecfg, jnp.float32, seed=0)
+            for b in args.batches:
+                trace_dir = os.path.join(args.trace_dir, f"{layers}_k{steps}_b{b}")
+                row = profile_decode(engine, cfg.vocab_size, b, args.tokens, trace_dir)
+                row["layers"] = layers
+                show(f"{args.model}, layers {layers}, decode_steps {steps}, batch {b}", row)
+                rows.append(row)
     report = {
         "benchmark": "step_profile",
         "date": time.strftime("%Y-%m-%d"),
