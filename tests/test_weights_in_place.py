@@ -31,9 +31,9 @@ OP = re.compile(r"^\s*(?:ROOT )?%\S+ = \w+\[([\d,]*)\]\S* ([\w-]+)\(")
 NOT_COPIES = {"parameter", "get-tuple-element", "bitcast", "tuple"}
 
 
-def _engine(unroll: bool):
+def _engine(unroll: bool, tp: int = 1):
     limits = {"max_model_len": 256, "max_num_seqs": 4, "unroll_layers": unroll}
-    return tiny_esp_engine(num_instances=2, kv_tokens=512, limits=limits, **DIMS)
+    return tiny_esp_engine(num_instances=2, tp=tp, kv_tokens=512, limits=limits, **DIMS)
 
 
 def _weight_shapes(cfg) -> set[tuple[int, ...]]:
@@ -133,13 +133,15 @@ def _serve(engine, prompts):
     return reqs
 
 
-def test_unrolled_layers_give_the_outputs_of_the_scan(unrolled):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_unrolled_layers_give_the_outputs_of_the_scan(unrolled, tp):
     """The same weights, scanned or unrolled, through the scheduler on 2 instances (ring prefills, multi-master
-    decode bursts): the same tokens and log-probabilities."""
+    decode bursts), also with each instance's MLP split over 2 devices (tensor parallel; these 3 heads stay
+    whole): the same tokens and log-probabilities."""
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 256, n).tolist() for n in (5, 40, 17, 90)]
-    want = _serve(_engine(unroll=False), prompts)
-    got = _serve(unrolled, prompts)
+    want = _serve(_engine(unroll=False, tp=tp), prompts)
+    got = _serve(unrolled if tp == 1 else _engine(unroll=True, tp=tp), prompts)
     for g, w in zip(got, want):
         assert g.output_ids == w.output_ids
         np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-5)
