@@ -1,8 +1,8 @@
 """Llama-family decoder in Flax NNX.
 
 The model never touches a KV cache itself: each layer computes Q/K/V (RoPE applied) and hands them to an
-`attend` function supplied by the caller, together with a carry that is threaded through the layer scan
-(a KV pool that the ring prefill writes in place, a buffer that collects the new tokens' K/V, or nothing).
+`attend` function supplied by the caller, together with a carry that is threaded through the layers (a KV
+pool that prefill and decode write in place, a buffer that collects every layer's K/V, or nothing).
 Prefill, decode and the elastic runtime's distributed programs differ only in the `attend` they pass.
 Layer parameters are stacked on a leading axis. Programs run the layers one after another over per-layer
 arrays (`unstack_layers`: each matmul reads its weights where they lie, at the cost of compiling every layer)
