@@ -12,6 +12,7 @@ recorded in the JSON and the rest runs.
     python benchmarks/gpu_serving.py --quick        # tiny shapes on CPU: checks the script itself
     python benchmarks/gpu_serving.py --profile DIR  # also a jax.profiler trace of decode at batch 1 and the
                                                     # largest batch, and its breakdown (step_profile.py)
+    python benchmarks/gpu_serving.py --backends pallas --layers unrolled,scan   # weights in place vs sliced
 """
 
 from __future__ import annotations
@@ -143,6 +144,11 @@ def main() -> None:
     ap.add_argument("--backends", default="pallas,xla")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "gpu_serving.json"))
     ap.add_argument("--profile", default=None, help="trace decode into this folder and report its breakdown")
+    ap.add_argument(
+        "--layers",
+        default="default",
+        help="comma-separated layer loops: default (unrolled on GPU), unrolled, scan (weights sliced per step)",
+    )
     args = ap.parse_args()
     dev = jax.devices()[0]
     report: dict = {"device": getattr(dev, "device_kind", str(dev)), "jax": jax.__version__, "runs": {}}
@@ -150,38 +156,45 @@ def main() -> None:
     lengths, batches, prompt_len, new = (
         ([64, 200], [1, 4], 16, 4) if args.quick else ([8192, 32768], [1, 32, 128], 128, 32)
     )
-    for name, cfg in models.items():
-        for backend in args.backends.split(","):
-            key = f"{name}/{backend}"
-            t0 = time.perf_counter()
-            try:
-                graphdef, state = nnx.split(Llama(cfg, jnp.bfloat16, nnx.Rngs(0)))
-                ecfg = EngineConfig(
-                    max_model_len=max(lengths) + 64,
-                    max_num_seqs=max(batches),
-                    max_prefill_tokens=max(max(lengths), max(batches) * prompt_len),
-                    attention_backend=backend,
-                )
-                engine = build_engine(cfg, graphdef, state, None, ecfg, jnp.bfloat16, seed=0)
-                del state
-                row = {"attention": engine.executor.attention.name, "kv_capacity": engine.kv_capacity.as_dict()}
-                row.update(measure(engine, cfg.vocab_size, lengths, batches, prompt_len, new))
-                if args.profile:
-                    row["decode_profile"] = {}
-                    for b in sorted({1, max(batches)}):
-                        where = os.path.join(args.profile, key.replace("/", "_"), f"b{b}")
-                        row["decode_profile"][b] = got = profile_decode(engine, cfg.vocab_size, b, new, where)
-                        show(f"{key} batch {b}", got)
-                del engine
-            except Exception:
-                row = {"error": traceback.format_exc()[-3000:]}
-            gc.collect()
-            row["seconds"] = round(time.perf_counter() - t0, 1)
-            report["runs"][key] = row
-            print(key, json.dumps(row)[:1500], flush=True)
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            with open(args.out, "w") as f:
-                json.dump(report, f, indent=1)
+    plan = [
+        (name, backend, layers)
+        for name in models
+        for backend in args.backends.split(",")
+        for layers in args.layers.split(",")
+    ]
+    for name, backend, layers in plan:
+        cfg = models[name]
+        key = f"{name}/{backend}" + ("" if layers == "default" else f"/{layers}")
+        t0 = time.perf_counter()
+        try:
+            graphdef, state = nnx.split(Llama(cfg, jnp.bfloat16, nnx.Rngs(0)))
+            ecfg = EngineConfig(
+                max_model_len=max(lengths) + 64,
+                max_num_seqs=max(batches),
+                max_prefill_tokens=max(max(lengths), max(batches) * prompt_len),
+                attention_backend=backend,
+                unroll_layers={"default": None, "unrolled": True, "scan": False}[layers],
+            )
+            engine = build_engine(cfg, graphdef, state, None, ecfg, jnp.bfloat16, seed=0)
+            del state
+            row = {"attention": engine.executor.attention.name, "kv_capacity": engine.kv_capacity.as_dict()}
+            row.update(measure(engine, cfg.vocab_size, lengths, batches, prompt_len, new))
+            if args.profile:
+                row["decode_profile"] = {}
+                for b in sorted({1, max(batches)}):
+                    where = os.path.join(args.profile, key.replace("/", "_"), f"b{b}")
+                    row["decode_profile"][b] = got = profile_decode(engine, cfg.vocab_size, b, new, where)
+                    show(f"{key} batch {b}", got)
+            del engine
+        except Exception:
+            row = {"error": traceback.format_exc()[-3000:]}
+        gc.collect()
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        report["runs"][key] = row
+        print(key, json.dumps(row)[:1500], flush=True)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
     for name in models:
         runs = report["runs"]
         p, x = runs.get(f"{name}/pallas", {}), runs.get(f"{name}/xla", {})
@@ -197,6 +210,17 @@ def main() -> None:
                 ratios[f"decode_b{b}_speedup"] = r / x["decode_tokens_per_s"][b]
         report[f"{name}/pallas_over_xla"] = ratios
         print(name, "pallas over xla:", ratios)
+        for backend in args.backends.split(","):
+            u, sc = runs.get(f"{name}/{backend}/unrolled", {}), runs.get(f"{name}/{backend}/scan", {})
+            decode_u, decode_s = u.get("decode_tokens_per_s", {}), sc.get("decode_tokens_per_s", {})
+            layer_ratios = {
+                f"decode_b{b}_speedup": r / decode_s[b]
+                for b, r in decode_u.items()
+                if isinstance(r, float) and isinstance(decode_s.get(b), float)
+            }
+            if layer_ratios:
+                report[f"{name}/{backend}/unrolled_over_scan"] = layer_ratios
+                print(name, backend, "unrolled over scan:", layer_ratios)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     print("wrote", args.out)
