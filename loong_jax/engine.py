@@ -789,8 +789,8 @@ def sizing_jobs(ecfg: EngineConfig) -> list[tuple[str, tuple[int, ...], int, int
 
 def unroll_layers_on(ecfg: EngineConfig, devices: list[jax.Device] | None) -> bool:
     """Whether programs run the layers unrolled over per-layer weights: as configured, else on accelerators
-    (each step reads the weights in place) but not on CPU, where unrolled programs compile 2-3x slower, take
-    twice the memory mappings and 3x the prefill temporaries for a 1.6x faster decode (docs/performance.md)."""
+    (each step reads the weights in place) but not on CPU, where unrolled programs compile 2-3x slower and
+    take twice the memory mappings for a 1.57x faster decode (docs/performance.md)."""
     if ecfg.unroll_layers is not None:
         return ecfg.unroll_layers
     return (devices or jax.devices())[0].platform != "cpu"
