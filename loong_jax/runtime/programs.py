@@ -182,11 +182,7 @@ def prefill_program(
                 bk, bv, bpos, bseg = block
                 o, part_lse = attn.block_attention(q, bk, bv, inp.positions, inp.seg, bpos, bseg)
                 out, lse = (o, part_lse) if out is None else merge_attention(out, lse, o, part_lse)
-                slots = inp.keep_slots[step]
-                pool = KVCache(  # the pool is head-major: [1, L, KV, S, D]
-                    pool.k.at[0, layer, :, slots].set(bk.astype(pool.k.dtype), mode="drop"),
-                    pool.v.at[0, layer, :, slots].set(bv.astype(pool.v.dtype), mode="drop"),
-                )
+                pool = store_layer_kv(pool, layer, inp.keep_slots[step], bk, bv)
                 if step + 1 < d:
                     block = jax.tree.map(lambda x: jax.lax.ppermute(x, SP, ring), block)
 
@@ -262,10 +258,9 @@ def decode_program(
             h, pools = model.hidden_states(tokens, positions, positions + 1, attend, pools, tp)
             out = sample(model.logits(h), samp, flags)
             emitted = jnp.where(live, out.tokens, -1)
-            kv_lens = lens
             ended = ends_row(samp, out.tokens)  # judged by the inputs the token was sampled with
             samp = advance(samp, out.tokens, live)
-            carry = (pools, out.tokens, positions + 1, kv_lens, live & ~ended, samp)
+            carry = (pools, out.tokens, positions + 1, lens, live & ~ended, samp)
             return carry, out._replace(tokens=emitted)
 
         carry = (pools, inp.tokens, inp.positions, inp.kv_lens, inp.live, samp)
