@@ -777,11 +777,11 @@ def build_engine(
 
 def sizing_jobs(ecfg: EngineConfig) -> list[tuple[str, tuple[int, ...], int, int]]:
     """The programs whose temporaries bound every program's: the largest prefill (one instance holds the
-    most tokens per rank), the largest decode batch alone and on the widest group (all-gathered queries),
-    and the largest migration transfer."""
+    most tokens per rank; appending to held K/V), the largest decode batch alone and on the widest group
+    (all-gathered queries), and the largest migration transfer."""
     lo, n = ecfg.min_prefill_bucket, ecfg.num_instances
     tokens, rows = bucket(ecfg.max_prefill_tokens, lo), bucket(ecfg.max_num_seqs)
-    jobs = [("prefill", (0,), tokens, prefill_rows(tokens, lo, ecfg.max_num_seqs)), ("decode", (0,), rows, rows)]
+    jobs = [("append", (0,), tokens, prefill_rows(tokens, lo, ecfg.max_num_seqs)), ("decode", (0,), rows, rows)]
     if n > 1:  # a decode group may span every instance
         jobs += [("decode", tuple(range(n)), rows, rows), ("migrate", (0, 1), MAX_MIGRATE_TOKENS, 0)]
     return jobs
@@ -798,7 +798,8 @@ def unroll_layers_on(ecfg: EngineConfig, devices: list[jax.Device] | None) -> bo
 
 def warmup_jobs(ecfg: EngineConfig) -> list[tuple[str, tuple[int, ...], int, int, SamplerFlags]]:
     """The default warm set: every aligned power-of-two group of instances (the device sets the policy
-    uses, 2N - 1 of them), with each prefill token bucket up to max_prefill_tokens / degree per rank and
+    uses, 2N - 1 of them), with each prefill token bucket up to max_prefill_tokens / degree per rank (whole
+    prompts, and passes appending to K/V held: later chunks and prefix hits) and
     each decode batch bucket up to max_num_seqs in single steps, in every sampler variant (greedy, sampling,
     with extras); then the same decodes in bursts of decode_steps. Where the program cache cannot keep them
     all (a process's memory-map limit), the first ones are warmed: bursts come last, as single steps are
@@ -809,7 +810,8 @@ def warmup_jobs(ecfg: EngineConfig) -> list[tuple[str, tuple[int, ...], int, int
         for start in range(0, n - size + 1, size):
             group = tuple(range(start, start + size))
             for t in _powers(bucket(-(-ecfg.max_prefill_tokens // size), lo), lo):  # SchedulerView.rank_token_cap
-                jobs.append(("prefill", group, t, prefill_rows(t, lo, ecfg.max_num_seqs)))
+                for kind in ("prefill", "append"):
+                    jobs.append((kind, group, t, prefill_rows(t, lo, ecfg.max_num_seqs)))
             for b in _powers(bucket(ecfg.max_num_seqs)):
                 jobs.append(("decode", group, b, 1))
                 if ecfg.decode_steps > 1:

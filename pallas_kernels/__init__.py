@@ -1,4 +1,5 @@
-"""Attention kernels behind one interface: blockwise prefill attention and paged decode attention.
+"""Attention kernels behind one interface: blockwise prefill attention, attention to held K/V (an appending
+prefill) and paged decode attention.
 
 Every function returns a normalised output with its log-sum-exp so partial results merge exactly. Two
 backends implement the interface: the XLA reference (`reference.py`, runs everywhere) and Pallas kernels
@@ -15,6 +16,7 @@ from typing import NamedTuple
 from pallas_kernels import paged_decode, ring_attention
 from pallas_kernels.reference import (
     block_attention,
+    held_attention,
     merge_attention,
     merge_attention_many,
     paged_decode_attention,
@@ -24,10 +26,11 @@ BACKENDS = ("auto", "xla", "pallas")
 
 
 class AttentionBackend(NamedTuple):
-    """The two attention primitives of one backend (same signatures as the reference's)."""
+    """The attention primitives of one backend (same signatures as the reference's)."""
 
     name: str  # "xla", "pallas" or "pallas (interpret)"
     block_attention: Callable
+    held_attention: Callable
     paged_decode_attention: Callable
 
 
@@ -37,11 +40,12 @@ def attention_backend(name: str = "auto", platform: str = "cpu") -> AttentionBac
     if name not in BACKENDS:
         raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}, got {name!r}")
     if name == "xla" or (name == "auto" and platform != "gpu"):
-        return AttentionBackend("xla", block_attention, paged_decode_attention)
+        return AttentionBackend("xla", block_attention, held_attention, paged_decode_attention)
     interpret = platform != "gpu"
     return AttentionBackend(
         "pallas (interpret)" if interpret else "pallas",
         functools.partial(ring_attention.block_attention, interpret=interpret),
+        functools.partial(ring_attention.held_attention, interpret=interpret),
         functools.partial(paged_decode.paged_decode_attention, interpret=interpret),
     )
 
@@ -51,6 +55,7 @@ __all__ = [
     "AttentionBackend",
     "attention_backend",
     "block_attention",
+    "held_attention",
     "merge_attention",
     "merge_attention_many",
     "paged_decode_attention",

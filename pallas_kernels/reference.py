@@ -1,10 +1,12 @@
 """Blockwise attention in plain XLA: the reference path every backend is tested against.
 
-Two primitives, both returning a normalised output and its log-sum-exp so that partial results over
-disjoint key sets merge exactly (ring prefill steps, distributed decode partials):
+Three primitives, each returning a normalised output and its log-sum-exp so that partial results over
+disjoint key sets merge exactly (ring prefill steps, held K/V, distributed decode partials):
 
 * `block_attention`: queries of a packed token batch against a block of keys, masked by request id and
   position ("same request and key position <= query position"). Used for prefill, one call per ring step.
+* `held_attention`: queries of a packed token batch against the K/V their requests already hold in a pool
+  (earlier chunks, a cached prefix), listed by slot. Used by an appending prefill.
 * `paged_decode_attention`: one query token per request against that request's keys in a paged pool.
 
 Neither materialises a full score matrix: keys are visited block by block with an online softmax, and
@@ -22,6 +24,7 @@ NEG_INF = -jnp.inf
 # Pages visited per loop step of the decode attention: small blocks waste little on the shorter requests
 # of a batch (every row runs as many steps as the longest one).
 DECODE_PAGES_PER_BLOCK = 4
+HELD_BLOCK = 512  # held keys gathered from the pool per loop step of `held_attention`
 
 
 def merge_attention_many(o: jnp.ndarray, lse: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -145,6 +148,51 @@ def block_attention(
     out = out.reshape(nq, kvh, g, bq, d).transpose(0, 3, 1, 2, 4).reshape(t, h, d).astype(q.dtype)
     lse = lse.reshape(nq, kvh, g, bq).transpose(0, 3, 1, 2).reshape(t, h)
     return out, lse
+
+
+def take_slots(pool: jnp.ndarray, layer: jnp.ndarray, slots: jnp.ndarray) -> jnp.ndarray:
+    """K or V [N, KV, D] at `slots` [N] of a layer of a pool [L, KV, num_slots, D] (slots past the pool read
+    zeros). One gather over the pool seen as rows: slicing the layer out first would copy a whole layer of
+    the pool into a temporary (the layer index is traced)."""
+    _, kvh, num_slots, d = pool.shape
+    rows = (layer * kvh + jnp.arange(kvh))[:, None] * num_slots + slots[None, :]  # [KV, N]
+    rows = jnp.where(slots[None, :] < num_slots, rows, pool.size // d)  # out of range: filled with zeros
+    return jnp.take(pool.reshape(-1, d), rows, axis=0, mode="fill", fill_value=0).swapaxes(0, 1)
+
+
+@functools.partial(jax.jit, static_argnames=("block",))
+def held_attention(
+    q: jnp.ndarray,
+    q_seg: jnp.ndarray,
+    k_pool: jnp.ndarray,
+    v_pool: jnp.ndarray,
+    layer: jnp.ndarray,
+    slots: jnp.ndarray,
+    k_seg: jnp.ndarray,
+    count: jnp.ndarray,
+    *,
+    block: int = HELD_BLOCK,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Packed queries q [T, H, D] (request ids q_seg [T]) against K/V their requests already hold: the keys at
+    `slots` [S] of the pool [L, KV, num_slots, D] at `layer`, of requests k_seg [S] (-1: padding), the first
+    `count` of them listed. Every held key precedes every query, so a query sees all the keys of its request.
+
+    Keys are gathered `block` at a time, as many blocks as `count` needs (a loop whose length is data: on a
+    GPU the Pallas kernel runs instead). Returns (out [T, H, D] in q's dtype, lse [T, H] float32)."""
+    t, n = q.shape[0], slots.shape[0]
+    extra = -n % block
+    slots = jnp.pad(slots, (0, extra), constant_values=k_pool.shape[2])
+    k_seg = jnp.pad(jnp.where(jnp.arange(n) < count, k_seg, -1), (0, extra), constant_values=-1)
+    zeros_q, zeros_k = jnp.zeros((t,), jnp.int32), jnp.zeros((block,), jnp.int32)
+
+    def visit(i, acc):
+        s = jax.lax.dynamic_slice_in_dim(slots, i * block, block)
+        seg = jax.lax.dynamic_slice_in_dim(k_seg, i * block, block)
+        k, v = (take_slots(x, layer, s).astype(q.dtype) for x in (k_pool, v_pool))
+        return merge_attention(*acc, *block_attention(q, k, v, zeros_q, q_seg, zeros_k, seg))
+
+    init = (jnp.zeros(q.shape, q.dtype), jnp.full(q.shape[:2], NEG_INF, jnp.float32))
+    return jax.lax.fori_loop(0, (count + block - 1) // block, visit, init)
 
 
 @functools.partial(jax.jit, static_argnames=("page_size", "pages_per_block"))

@@ -77,3 +77,31 @@ def tiny_dir(tmp_path: Any, name: str) -> str:
     d = os.path.join(str(tmp_path), name)
     os.makedirs(d, exist_ok=True)
     return d
+
+
+def held_case(rng, held, queries, layers=2, kv_heads=2, heads=4, dim=16, num_slots=1024, dtype=np.float32):
+    """An appending prefill's attention to held K/V: a pool, packed queries of len(held) requests (queries[i]
+    each, then padding), and the slots each request holds listed in request order (held[i] each, then
+    padding and, past `count`, entries that must be ignored). Returns the kernel arguments and the naive
+    expectation of every layer: {layer: (out, lse)}."""
+    k_pool = rng.standard_normal((layers, kv_heads, num_slots, dim)).astype(dtype)
+    v_pool = rng.standard_normal((layers, kv_heads, num_slots, dim)).astype(dtype)
+    q_seg = np.concatenate([np.full(n, i) for i, n in enumerate(queries)] + [np.full(5, -1)]).astype(np.int32)
+    q = rng.standard_normal((len(q_seg), heads, dim)).astype(dtype)
+    count = sum(held)
+    width = -(-(count + 40) // 512) * 512
+    slots = np.full(width, num_slots, np.int32)
+    k_seg = np.full(width, -1, np.int32)
+    slots[:count] = rng.permutation(num_slots)[:count]
+    k_seg[:count] = np.concatenate([np.full(n, i) for i, n in enumerate(held)])
+    slots[count : count + 30] = rng.integers(0, num_slots, 30)  # listed past count: not held
+    k_seg[count : count + 30] = 0
+    want = {}
+    for layer in range(layers):
+        k, v = (x[layer][:, slots[:count]].swapaxes(0, 1) for x in (k_pool, v_pool))
+        zq, zk = np.zeros(len(q_seg), np.int32), np.zeros(count, np.int32)
+        if count:
+            want[layer] = naive_attention(q.astype(np.float32), k, v, zq, q_seg, zk, k_seg[:count])
+        else:  # nothing held: every row saw no key
+            want[layer] = np.zeros(q.shape), np.full(q.shape[:2], -np.inf)
+    return (q, q_seg, k_pool, v_pool, slots, k_seg, np.int32(count)), want

@@ -5,11 +5,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import naive_attention
+from helpers import held_case, naive_attention
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels import block_attention, merge_attention, paged_decode_attention
+from pallas_kernels import block_attention, held_attention, merge_attention, paged_decode_attention
 
 
 def _packed(rng, lengths, pad_to, heads, kv_heads, dim):
@@ -102,3 +102,17 @@ def test_paged_decode_attention_matches_gathered_reference(lengths, page_size, g
         )
         np.testing.assert_allclose(np.asarray(out)[b], ref[0], atol=3e-5)
         np.testing.assert_allclose(np.asarray(lse)[b], ref_lse[0], atol=3e-5)
+
+
+@pytest.mark.parametrize("held", [[40, 0, 700], [0, 0, 0], [513]])
+def test_held_attention_matches_full_matrix(held):
+    """Queries against the K/V their requests hold in a pool (an appending prefill): each sees every held key
+    of its own request (none of another's, none listed past the count), over several gather blocks."""
+    args, want = held_case(np.random.default_rng(len(held)), held, [9, 20, 3])
+    q, q_seg, k_pool, v_pool, slots, k_seg, count = args
+    for layer, (ref, ref_lse) in want.items():
+        out, lse = held_attention(q, q_seg, k_pool, v_pool, jnp.int32(layer), slots, k_seg, count)
+        np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), np.isneginf(ref_lse))
+        fin = np.isfinite(ref_lse)
+        np.testing.assert_allclose(np.asarray(lse)[fin], ref_lse[fin], atol=3e-5)
+        np.testing.assert_allclose(np.asarray(out), np.where(fin[..., None], ref, 0), atol=3e-5)

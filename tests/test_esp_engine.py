@@ -70,10 +70,10 @@ def _check_timeline(spans, stats):
 
 
 def test_no_compile_after_warmup():
-    # The warm set (69 programs: 3 device sets, 3 sampler variants, decodes of one step and bursts of 4) must
-    # fit the program cache, which this process's memory-map limit bounds: drop what earlier tests compiled,
-    # and keep the set small enough to fit beside what they still hold. Prompts of up to 480 tokens go
-    # through passes of at most 64 tokens.
+    # The warm set (84 programs: 3 device sets, 3 sampler variants, prefills whole and appending, decodes of
+    # one step and bursts of 4) must fit the program cache, which this process's memory-map limit bounds: drop
+    # what earlier tests compiled, and keep the set small enough to fit beside what they still hold. Prompts
+    # of up to 480 tokens go through passes of at most 64 tokens.
     gc.collect()
     jax.clear_caches()
     limits = dict(max_model_len=512, max_num_seqs=4, max_prefill_tokens=64, min_prefill_bucket=32, decode_steps=4)

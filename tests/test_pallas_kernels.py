@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from esp_helpers import greedy_params, tiny_esp_engine
+from helpers import held_case
 from jax.extend import core as jax_core
 from jax.sharding import AbstractDevice, AbstractMesh, Mesh, use_abstract_mesh
 
@@ -141,6 +142,21 @@ def test_decode_kernel_matches_the_reference(group, dim, dtype, shared):
     assert np.isneginf(np.asarray(got[1])[0]).all() and (np.asarray(got[0], np.float32)[0] == 0).all()
 
 
+@pytest.mark.parametrize("held,dim,dtype", [([40, 0, 300], 16, jnp.float32), ([0, 77, 5], 32, jnp.bfloat16)])
+def test_held_kernel_matches_the_reference(held, dim, dtype):
+    """The ring kernel reading K/V through pool rows (an appending prefill's held K/V): tiles past the count,
+    of padding or of other requests are skipped, the rest match the XLA reference."""
+    args, _ = held_case(np.random.default_rng(dim), held, [9, 20, 30], layers=3, dim=dim)
+    q, q_seg, k_pool, v_pool, slots, k_seg, count = args
+    q, k_pool, v_pool = (jnp.asarray(x, dtype) for x in (q, k_pool, v_pool))
+    layer = jnp.int32(1)
+    want = reference.held_attention(q, q_seg, k_pool, v_pool, layer, slots, k_seg, count)
+    got = ring_attention.held_attention(
+        q, q_seg, k_pool, v_pool, layer, slots, k_seg, count, block_q=16, block_k=32, interpret=True
+    )
+    assert_close(*got, *want, dtype)
+
+
 def test_backend_choice():
     assert attention_backend("auto", "cpu").name == "xla"
     assert attention_backend("auto", "gpu").name == "pallas"
@@ -204,19 +220,25 @@ def _primitives(jaxpr, found: Counter) -> Counter:
     return found
 
 
-def test_decode_programs_never_wait_for_the_host_on_gpu():
+def test_programs_never_wait_for_the_host_on_gpu():
     """A GPU runs a `cond` by copying its predicate to the host and waiting, and a `while` loop by reading
-    its condition every trip; the decode programs (a burst of steps, every sampler variant) as a GPU runs
-    them have neither: only loops of static length (scans) outside the kernels."""
+    its condition every trip; the decode programs (a burst of steps) and the prefill programs (whole, and
+    appending to held K/V), in every sampler variant, as a GPU runs them have neither: only loops of static
+    length (scans) outside the kernels."""
     engine = tiny_esp_engine(num_instances=2, kv_tokens=256, limits={"max_model_len": 256, "unroll_layers": True})
     ex = engine.executor
     ex.attention = attention_backend("pallas", "gpu")
-    for flags in VARIANTS:
-        _, fn, args, _ = ex._program_args("decode", (0, 1), 4, 4, flags, ex.page_size)
-        fn, args, gpu_mesh = _on_abstract_gpu(fn, args, GPUS["H100"])
-        with use_abstract_mesh(gpu_mesh):
-            found = _primitives(jax.jit(fn).trace(*args).jaxpr.jaxpr, Counter())
-        assert found["cond"] == found["while"] == 0 and found["scan"] >= 1 and found["pallas_call"], (flags, found)
+    for kind, size, rows in (("decode", 4, 4), ("prefill", 32, 2), ("append", 32, 2)):
+        for flags in VARIANTS:
+            _, fn, args, _ = ex._program_args(kind, (0, 1), size, rows, flags, ex.page_size)
+            fn, args, gpu_mesh = _on_abstract_gpu(fn, args, GPUS["H100"])
+            with use_abstract_mesh(gpu_mesh):
+                found = _primitives(jax.jit(fn).trace(*args).jaxpr.jaxpr, Counter())
+            assert found["cond"] == found["while"] == 0 and found["pallas_call"], (kind, flags, found)
+            assert kind != "decode" or found["scan"] >= 1  # the burst's steps
+            # the appending prefill runs one held-attention kernel per layer besides the ring's
+            kernels = found["pallas_call"]
+            assert kind == "decode" or kernels == engine.cfg.num_layers * (2 + (kind == "append")), (kind, kernels)
 
 
 @pytest.mark.parametrize("instances,tp,gpu", [(1, 1, "A100"), (4, 1, "H100"), (4, 1, "A100"), (2, 2, "H100")])
@@ -225,11 +247,11 @@ def test_real_programs_lower_for_cuda_with_the_triton_kernels(instances, tp, gpu
     ex = engine.executor
     ex.attention = attention_backend("pallas", "gpu")  # the kernels and layers as on a GPU: no interpret mode
     group = tuple(range(min(instances, 4)))
-    for kind, size, rows in (("prefill", 32, 2), ("decode", 4, 4), ("migrate", 16, 0)):
+    for kind, size, rows in (("append", 32, 2), ("decode", 4, 4), ("migrate", 16, 0)):
         if kind == "migrate" and len(group) < 2:
             continue
         g = group[:2] if kind == "migrate" else group
-        # (a prefill program includes the appending path: K/V held before, attended where it lies)
+        # ("append": the prefill program with its appending path, K/V held before attended where it lies)
         _, fn, args, donate = ex._program_args(kind, g, size, rows, VARIANTS[-1], ex.page_size)
         text = lower_for_gpu(fn, args, donate, GPUS[gpu])
         if kind != "migrate":

@@ -25,7 +25,8 @@ from loong_jax.model.sampling import VARIANTS
 from pallas_kernels import attention_backend
 
 DIMS = dict(hidden_size=40, intermediate_size=88, num_heads=3, num_kv_heads=1, head_dim=16, num_layers=3)
-PROGRAMS = (("decode", 1, 4), ("decode", 4, 4), ("prefill", 32, 2))  # (kind, rows or tokens per rank, steps or rows)
+# (kind, rows or tokens per rank, steps or rows); "append": the prefill with its part attending to held K/V
+PROGRAMS = (("decode", 1, 4), ("decode", 4, 4), ("append", 32, 2))
 GROUP = (0, 1)  # multi-master decode and a two-rank ring
 OP = re.compile(r"^\s*(?:ROOT )?%\S+ = \w+\[([\d,]*)\]\S* ([\w-]+)\(")
 NOT_COPIES = {"parameter", "get-tuple-element", "bitcast", "tuple"}

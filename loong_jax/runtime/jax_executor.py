@@ -469,9 +469,9 @@ class JaxExecutor:
         abstract_slots: int | None = None,
     ) -> tuple[Any, Any, tuple, tuple[int, ...]]:
         """Cache key, function, arguments and donated arguments of a program with placeholder inputs: size is
-        tokens per rank (prefill), rows per rank (decode) or tokens (migrate); rows are the sampled rows
-        (prefill) or the steps of a burst (decode). With abstract_slots: shapes only (no device memory) and
-        pools of that many slots."""
+        tokens per rank (prefill, or "append": a prefill attending to K/V its requests hold), rows per rank
+        (decode) or tokens (migrate); rows are the sampled rows (prefill) or the steps of a burst (decode).
+        With abstract_slots: shapes only (no device memory) and pools of that many slots."""
         d, inst = len(group), self.instances
         abstract = abstract_slots is not None
         num_slots = abstract_slots if abstract else self.num_slots
@@ -481,15 +481,15 @@ class JaxExecutor:
             inp = MigrateInputs(*(np.full((2, size), num_slots, np.int32) for _ in range(2)))
             fn = functools.partial(migrate_program, inst.mesh(group), inst.pool_spec)
             return ("migrate", group, shape_key(inp)), fn, (pools, _place(inp, rows_sharding, abstract)), (0,)
-        samp = sampler_inputs([[]] * d, rows if kind == "prefill" else size, flags, self.penalty_len)
+        prefill = kind in ("prefill", "append")
+        samp = sampler_inputs([[]] * d, rows if prefill else size, flags, self.penalty_len)
         z = np.zeros((d, size), np.int32)
-        if kind == "prefill":
+        if prefill:
             keep = np.full((d, d, size), num_slots, np.int32)
-            held = np.full((d, self.prefix_width(num_slots)), num_slots, np.int32)  # none, but room for any
-            nothing = np.zeros(d, np.int32)
-            inp = PrefillInputs(
-                z, z, z - 1, z + 1, keep, np.zeros((d, rows), np.int32), held, held * 0 - 1, nothing, nothing
-            )
+            width = self.prefix_width(num_slots) if kind == "append" else 0  # room for any hit, or none held
+            held = np.full((d, width), num_slots, np.int32)
+            inp = PrefillInputs(z, z, z - 1, z + 1, keep, np.zeros((d, rows), np.int32), held, held * 0 - 1, z[:, 0])
+            kind = "prefill"  # an appending prefill is the prefill program on inputs with held slots
         else:
             table = np.zeros((d, d * size, self.page_table_width), np.int32)
             slots = np.full((d, rows, size), num_slots, np.int32)

@@ -118,7 +118,7 @@ def build_prefill(
     are attended where they lie), `totals` its whole length, and `sampled` whether this pass ends it (its
     first new token is sampled). `prefix_width`: room per rank for the slots of held K/V (a multiple of
     PREFIX_BLOCK; the executor gives what a whole pool needs, so that shapes never depend on it; default:
-    what this batch needs)."""
+    what this batch needs; none where nothing is held)."""
     d = len(pools)
     num_slots = pools[0].num_slots
     lengths = [len(p) for p in prompts]
@@ -182,6 +182,8 @@ def build_prefill(
         last_idx[r, : len(locs)] = locs
     counts = np.array([sum(len(per_req[r]) for per_req in held) for r in range(d)], np.int32)
     width = prefix_width or max(PREFIX_BLOCK, -(-int(counts.max()) // PREFIX_BLOCK) * PREFIX_BLOCK)
+    if not counts.any():  # nothing held: the program has no appending part at all
+        width = 0
     if counts.max() > width:
         raise ValueError(f"a rank holds {counts.max()} tokens of the batch's K/V, more than prefix_width={width}")
     prefix_slots = np.full((d, width), num_slots, np.int32)
@@ -192,10 +194,7 @@ def build_prefill(
             h = held[i][r]
             prefix_slots[r, at : at + len(h)], prefix_seg[r, at : at + len(h)] = h, i
             at += len(h)
-    appending = np.full(d, int(counts.sum() > 0), np.int32)
-    inputs = PrefillInputs(
-        tokens, positions, seg, seq_lens, keep_slots, last_idx, prefix_slots, prefix_seg, counts, appending
-    )
+    inputs = PrefillInputs(tokens, positions, seg, seq_lens, keep_slots, last_idx, prefix_slots, prefix_seg, counts)
     return PrefillPlan(inputs, sample_rank, sample_row, rows)
 
 

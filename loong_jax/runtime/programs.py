@@ -6,9 +6,10 @@
   in place (proactive scale-down, DESIGN 2.2: no byte moves that the ring does not already move).
   Appending: where the batch's requests already hold K/V in the group's pools (earlier chunks of their
   prompts, or a cached prefix), queries are also all-gathered and every rank attends them to the K/V it
-  holds, as decoding does, in blocks of PREFIX_BLOCK tokens up to what it holds (so the program's shapes do
-  not depend on how much is held: the warmed programs serve every hit); the partials go back with an
-  all-to-all and are merged with the ring's by log-sum-exp. A batch holding nothing skips all of this.
+  holds, as decoding does (`held_attention`: the Pallas kernel skips, on the device, what is not held, so
+  the program's shapes do not depend on how much is held and the warmed programs serve every hit); the
+  partials go back with an all-to-all and are merged with the ring's by log-sum-exp. Whether a batch
+  appends is static (a batch holding nothing has an empty list of held slots and none of this code).
 * `decode_program`: multi-master decoding (DESIGN 2.3). Masters run the dense layers for their requests;
   per layer queries are all-gathered, every rank attends them to the K/V it holds, the (output,
   log-sum-exp) partials go back to the masters with an all-to-all and are merged exactly. Each layer's new
@@ -39,7 +40,7 @@ from loong_jax.runtime.kv_pool import KVCache
 from pallas_kernels import AttentionBackend, block_attention, merge_attention, merge_attention_many
 
 SP = "sp"
-PREFIX_BLOCK = 512  # tokens of held K/V an appending prefill attends to at a time
+PREFIX_BLOCK = 512  # an appending prefill's list of held slots is a multiple of this long
 
 
 class PrefillInputs(NamedTuple):
@@ -54,10 +55,9 @@ class PrefillInputs(NamedTuple):
     last_idx: jnp.ndarray  # [d, R] local row of each last prompt token this rank samples
     prefix_slots: jnp.ndarray  # [d, S] slots in this rank's pool of K/V the batch's requests already hold
     #                            (earlier chunks, a cached prefix; >= pool size: padding); S: a multiple
-    #                            of PREFIX_BLOCK that holds a whole pool
+    #                            of PREFIX_BLOCK that holds a whole pool, or 0 where no rank holds any
     prefix_seg: jnp.ndarray  # [d, S] request row of each of those tokens, -1 for padding
     prefix_len: jnp.ndarray  # [d] how many of this rank's prefix_slots are listed (the rest is padding)
-    appending: jnp.ndarray  # [d] the same on every rank: 1 if any rank holds K/V of the batch, else 0
 
 
 class DecodeInputs(NamedTuple):
@@ -106,16 +106,6 @@ def store_layer_kv(pool: KVCache, layer: jnp.ndarray, slots: jnp.ndarray, k: jnp
     )
 
 
-def take_held(pool: jnp.ndarray, layer: jnp.ndarray, slots: jnp.ndarray) -> jnp.ndarray:
-    """One rank's K or V [N, KV, D] at `slots` [N] of a layer of its pool [1, L, KV, S, D] (slots past the
-    pool read zeros). One gather over the pool seen as rows: slicing the layer out first would copy a whole
-    layer of the pool into a temporary (the layer index is traced)."""
-    _, _, kvh, num_slots, d = pool.shape
-    rows = (layer * kvh + jnp.arange(kvh))[:, None] * num_slots + slots[None, :]  # [KV, N]
-    rows = jnp.where(slots[None, :] < num_slots, rows, pool.size // d)  # out of range: filled with zeros
-    return jnp.take(pool.reshape(-1, d), rows, axis=0, mode="fill", fill_value=0).swapaxes(0, 1)
-
-
 def _row(tree: Any) -> Any:
     return jax.tree.map(lambda x: x[0], tree)
 
@@ -153,27 +143,12 @@ def prefill_program(
     """Ring prefill of a packed batch on the group, keeping K/V where the plan says, sampling first tokens."""
     d = mesh.shape[SP]
     ring = [(i, (i + 1) % d) for i in range(d)]
+    appending = inp.prefix_slots.shape[-1] > 0
 
     def body(params, pools, inp, samp):
         inp, samp = _row(inp), _row(samp)
         model = nnx.merge(graphdef, params)
         gather = functools.partial(jax.lax.all_gather, axis_name=SP, tiled=True)
-
-        def held_attention(q, pool, layer):
-            """Every query of the batch (all ranks') against the K/V this rank already holds, a block at a time."""
-            q_all = gather(q) if d > 1 else q
-            q_pos, q_seg = (gather(inp.positions), gather(inp.seg)) if d > 1 else (inp.positions, inp.seg)
-            zeros = jnp.zeros((PREFIX_BLOCK,), jnp.int32)  # every held token precedes every new one
-
-            def block(i, acc):
-                slots = jax.lax.dynamic_slice_in_dim(inp.prefix_slots, i * PREFIX_BLOCK, PREFIX_BLOCK)
-                seg = jax.lax.dynamic_slice_in_dim(inp.prefix_seg, i * PREFIX_BLOCK, PREFIX_BLOCK)
-                k, v = (take_held(x, layer, slots).astype(q.dtype) for x in pool)
-                return merge_attention(*acc, *attn.block_attention(q_all, k, v, q_pos, q_seg, zeros, seg))
-
-            out = jnp.zeros(q_all.shape, q.dtype)
-            lse = jnp.full(q_all.shape[:2], -jnp.inf, jnp.float32)
-            return jax.lax.fori_loop(0, -(-inp.prefix_len // PREFIX_BLOCK), block, (out, lse))
 
         def attend(layer, q, k, v, pool):
             block = (k, v, inp.positions, inp.seg)
@@ -186,21 +161,23 @@ def prefill_program(
                 if step + 1 < d:
                     block = jax.tree.map(lambda x: jax.lax.ppermute(x, SP, ring), block)
 
-            def with_held(out, lse):
-                o, part_lse = held_attention(q, pool, layer)
-                t = q.shape[0]
-                if d > 1:  # the partials of my queries, from every rank: [d, T, ...]
-                    o = jax.lax.all_to_all(o, SP, 0, 0, tiled=True).reshape(d, t, *o.shape[1:])
-                    part_lse = jax.lax.all_to_all(part_lse, SP, 0, 0, tiled=True).reshape(d, t, *part_lse.shape[1:])
-                else:
-                    o, part_lse = o[None], part_lse[None]
-                merged, _ = merge_attention_many(
-                    jnp.concatenate([o, out[None].astype(o.dtype)]), jnp.concatenate([part_lse, lse[None]])
-                )
-                return merged.astype(out.dtype)
-
-            out = jax.lax.cond(inp.appending > 0, with_held, lambda out, lse: out, out, lse)
-            return out, pool
+            if not appending:
+                return out, pool
+            q_all = gather(q) if d > 1 else q  # every query of the batch against the K/V this rank holds
+            q_seg = gather(inp.seg) if d > 1 else inp.seg
+            o, part_lse = attn.held_attention(
+                q_all, q_seg, pool.k[0], pool.v[0], layer, inp.prefix_slots, inp.prefix_seg, inp.prefix_len
+            )
+            t = q.shape[0]
+            if d > 1:  # the partials of my queries, from every rank: [d, T, ...]
+                o = jax.lax.all_to_all(o, SP, 0, 0, tiled=True).reshape(d, t, *o.shape[1:])
+                part_lse = jax.lax.all_to_all(part_lse, SP, 0, 0, tiled=True).reshape(d, t, *part_lse.shape[1:])
+            else:
+                o, part_lse = o[None], part_lse[None]
+            merged, _ = merge_attention_many(
+                jnp.concatenate([o, out[None].astype(o.dtype)]), jnp.concatenate([part_lse, lse[None]])
+            )
+            return merged.astype(out.dtype), pool
 
         h, pools = model.hidden_states(inp.tokens, inp.positions, inp.seq_lens, attend, pools, tp)
         out = sample(model.logits(h[inp.last_idx]), samp, flags)
