@@ -49,6 +49,7 @@ from loong_jax.runtime.work import DecodeWork, Executor, FatalError, Iteration, 
 from loong_jax.scheduling.cost_model import CostModel, rough_cost_model
 from loong_jax.scheduling.elastic import ElasticScheduler, SchedulerConfig
 from loong_jax.scheduling.policy import Policy, SchedulerView, SharedComputePolicy, pages_to_reserve
+from loong_jax.structured import GrammarCompiler
 from pallas_kernels import BACKENDS
 
 log = logging.getLogger("loong_jax")
@@ -210,6 +211,7 @@ class Engine:
         self._rng = np.random.default_rng(seed if seed is not None else secrets.randbits(63))
         eos = tokenizer.eos_token_ids if tokenizer is not None else cfg.eos_token_ids
         self.eos_ids = tuple(eos or cfg.eos_token_ids)
+        self.grammars = GrammarCompiler(tokenizer, cfg.vocab_size, self.eos_ids)  # structured outputs
 
     # ----- requests -------------------------------------------------------------------------------
 
@@ -245,6 +247,11 @@ class Engine:
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
         req = Request(next(self._ids), prompt_ids, params, max_new, seed, self.eos_ids, detok)
+        if params.structured_output is not None:  # compiled already if the caller called grammars.check first
+            try:
+                req.matcher = self.grammars.matcher(params.structured_output)
+            except ValueError as e:
+                raise RequestRejected(str(e)) from None
         req.arrival, req.priority = self.executor.now(), int(priority)
         # Without max_tokens, plan for a typical output (preemption by recomputation covers longer ones)
         # rather than reserve the whole rest of the context for every request.

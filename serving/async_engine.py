@@ -108,6 +108,8 @@ class AsyncEngine:
         """Queue a request (validated by the engine: errors raise here) and return its id and delta queue."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
+        if params.structured_output is not None:  # compiled here, off the event loop and the engine loop
+            await asyncio.to_thread(self.engine.grammars.check, params.structured_output)
 
         def add(engine: Engine) -> int:
             req = engine.add_request(prompt_ids, params, priority)

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from loong_jax.model.sampling import MAX_CACHE_SALT_CHARS, MAX_INT32, MAX_LOGPROBS, SamplingParams, brief
+from loong_jax.model.sampling import (
+    MAX_CACHE_SALT_CHARS,
+    MAX_INT32,
+    MAX_LOGPROBS,
+    SamplingParams,
+    StructuredOutput,
+    brief,
+)
 
 MAX_SEED = 2**63 - 1
+_EXTENSION_KINDS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar"}
 
 
 class StreamOptions(BaseModel):
@@ -35,8 +44,14 @@ class _Common(BaseModel):
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
     user: str | None = None
     cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)  # see docs/prefix-caching.md
+    response_format: dict[str, Any] | None = None  # text, json_object or json_schema (see structured_output)
+    # extensions: a regex, a list of choices, a Lark/GBNF grammar or a JSON schema the output keeps to
+    structured_outputs: dict[str, Any] | None = None  # {"regex": ...} or {"choice": [...]}, "grammar", "json"
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # accepted only as their no-op values until they are implemented
-    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -57,8 +72,6 @@ class _Common(BaseModel):
 
     def unsupported(self) -> str | None:
         """The first field asking for a feature this server does not implement yet, or None."""
-        if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            return "response_format"
         if self.tools or self.functions:
             return "tools" if self.tools else "functions"
         if self.tool_choice not in (None, "none", "auto") or self.function_call not in (None, "none", "auto"):
@@ -93,7 +106,47 @@ class _Common(BaseModel):
             skip_special_tokens=self.skip_special_tokens,
             logit_bias=None if self.logit_bias is None else _token_bias(self.logit_bias),
             cache_salt=cache_salt,
+            structured_output=self.structured_output(),
         )
+
+    def structured_output(self) -> StructuredOutput | None:
+        """The constraint asked for by response_format or by one of the extension fields (at most one)."""
+        given = {}
+        fmt = self.response_format
+        if fmt is not None:
+            kind = fmt.get("type", "text")
+            if kind == "json_object":
+                given["response_format"] = StructuredOutput(json_object=True)
+            elif kind == "json_schema":
+                spec = fmt.get("json_schema")
+                if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict | bool):
+                    raise ValueError(
+                        'response_format of type json_schema needs {"json_schema": {"name": ..., "schema": {...}}}'
+                    )
+                given["response_format"] = StructuredOutput(json_schema=spec["schema"])  # strict or not: enforced
+            elif kind != "text":
+                raise ValueError(f"response_format type must be text, json_object or json_schema, got {brief(kind)}")
+        extra = dict(self.structured_outputs or {})
+        unknown = set(extra) - set(_EXTENSION_KINDS)
+        if unknown:
+            raise ValueError(f"structured_outputs takes one of {', '.join(_EXTENSION_KINDS)}, got {sorted(unknown)}")
+        for name in _EXTENSION_KINDS:
+            legacy = getattr(self, f"guided_{name}")
+            if legacy is not None:
+                extra[f"guided_{name}"] = legacy
+        for name, value in extra.items():
+            kind = _EXTENSION_KINDS[name.removeprefix("guided_")]
+            if kind == "json_schema" and isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except ValueError as e:
+                    raise ValueError(f"{name} must be a JSON schema (an object, or its JSON text): {e}") from None
+            given[name if name.startswith("guided_") else f"structured_outputs.{name}"] = StructuredOutput(
+                **{kind: value}
+            )
+        if len(given) > 1:
+            raise ValueError(f"ask for one structured output at a time, got {', '.join(given)}")
+        return next(iter(given.values()), None)
 
 
 def _token_bias(bias: dict[str, float]) -> dict[int, float]:

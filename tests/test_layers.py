@@ -14,7 +14,7 @@ PACKAGES = ("loong_jax", "pallas_kernels", "checkpoints", "serving")
 LAYERS: list[tuple[str, ...]] = [
     ("loong_jax.model", "pallas_kernels"),  # the network and the attention kernels
     ("loong_jax.runtime",),  # instances, pools, programs, executors
-    ("loong_jax.scheduling", "loong_jax.prefix", "loong_jax.multihost", "checkpoints"),
+    ("loong_jax.scheduling", "loong_jax.prefix", "loong_jax.multihost", "loong_jax.structured", "checkpoints"),
     ("loong_jax.engine",),  # the engine loop
     ("loong_jax.outputs", "loong_jax.profiling", "loong_jax.simulation"),  # what drives or reads the engine
     ("loong_jax.api",),  # the Python API (LLM)

@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import json
 import logging
+import re
 import time
 
 import httpx
@@ -207,7 +208,22 @@ def _finished(base: str) -> float:
         ({"model": MODEL, "prompt": "hi", "stop_token_ids": [10**12]}, "stop_token_ids must be a list of token ids"),
         ({"model": MODEL, "prompt": "hi", "stop_token_ids": [49152]}, "stop_token_ids must be in [0, 49152)"),
         ({"model": MODEL, "prompt": "hi", "max_tokens": 4, "min_tokens": 5}, "min_tokens must be at most max_tokens"),
-        ({"model": MODEL, "prompt": "hi", "response_format": {"type": "json_object"}}, "response_format is not"),
+        ({"model": MODEL, "prompt": "hi", "response_format": {"type": "xml"}}, "response_format type must be"),
+        (
+            {"model": MODEL, "prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            'json_schema needs {"json_schema"',
+        ),
+        (
+            {
+                "model": MODEL,
+                "prompt": "hi",
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}},
+            },
+            "invalid or unsupported json_schema for a structured output: Invalid type: strin",
+        ),
+        ({"model": MODEL, "prompt": "hi", "guided_regex": "a(b"}, "unclosed group"),
+        ({"model": MODEL, "prompt": "hi", "guided_regex": "a", "guided_choice": ["b"]}, "one structured output at"),
+        ({"model": MODEL, "prompt": "hi", "structured_outputs": {"xml": "a"}}, "structured_outputs takes one of"),
         ({"model": MODEL, "prompt": "hi", "tools": [{"type": "function"}]}, "tools is not supported"),
         ('{"model": "smollm2", "prompt": "a \\ud800 b"}', "not valid Unicode"),
         ('{"prompt": "hi", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
@@ -618,3 +634,34 @@ def test_unknown_fields_are_accepted(client):
         model=MODEL, prompt="Hi", max_tokens=2, extra_body={"some_future_field": {"x": 1}, "store": True}
     )
     assert c.usage.completion_tokens <= 2
+
+
+def test_structured_outputs_over_http(client, server):
+    """The official client's parse() with a pydantic model (response_format json_schema, strict), JSON mode,
+    and the extension fields; streamed and whole answers keep to the constraint."""
+    from pydantic import BaseModel, Field
+
+    class City(BaseModel):
+        name: str = Field(max_length=30)
+        population: int = Field(ge=0)
+
+    messages = [{"role": "user", "content": "Give me a city as JSON with its population."}]
+    done = client.chat.completions.parse(
+        model=MODEL, messages=messages, response_format=City, max_tokens=80, temperature=0.7, seed=5
+    )
+    assert isinstance(done.choices[0].message.parsed, City) and done.choices[0].finish_reason == "stop"
+    paris = [{"role": "user", "content": "Return a JSON object with the keys name and country for Paris."}]
+    c = client.chat.completions.create(
+        model=MODEL, messages=paris, response_format={"type": "json_object"}, max_tokens=100, temperature=0
+    )
+    assert isinstance(json.loads(c.choices[0].message.content), dict), c.choices[0]
+    regex = r"[A-Z][a-z]{2,12}, population [0-9]{3,8}"
+    stream = client.completions.create(
+        model=MODEL, prompt="A city:", max_tokens=30, stream=True, extra_body={"guided_regex": regex}, seed=1
+    )
+    text = "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
+    assert re.fullmatch(regex, text), text
+    pick = client.completions.create(
+        model=MODEL, prompt="Pick:", max_tokens=5, extra_body={"structured_outputs": {"choice": ["tea", "coffee"]}}
+    )
+    assert pick.choices[0].text in ("tea", "coffee")

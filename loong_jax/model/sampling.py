@@ -10,10 +10,11 @@ found by bisection over the probabilities' bit patterns.
 from __future__ import annotations
 
 import dataclasses
+import json
 import numbers
 import reprlib
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,72 @@ def brief(value: object, limit: int = QUOTE_CHARS) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+MAX_GRAMMAR_CHARS = 1_000_000  # a schema, regex or grammar of more text than this is refused
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on what a completion may be: exactly one of a JSON schema (a dict, or a pydantic model
+    class), any JSON object, a regular expression, a list of choices, or a Lark (or GBNF/EBNF) grammar. The
+    sampler only lets through tokens that keep the output inside it, and the end of the sequence only where
+    the output is complete. Compiled by `loong_jax.structured` (whitespace inside JSON is bounded)."""
+
+    json_schema: Any = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: Sequence[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        schema = self.json_schema
+        if isinstance(schema, type) and hasattr(schema, "model_json_schema"):  # a pydantic model class
+            object.__setattr__(self, "json_schema", _closed(schema.model_json_schema()))
+        if self.choice is not None:
+            choices = self.choice
+            if isinstance(choices, str) or not choices or not all(isinstance(c, str) and c for c in choices):
+                raise ValueError(f"choice must be a non-empty list of non-empty strings, got {brief(self.choice)}")
+            object.__setattr__(self, "choice", tuple(self.choice))
+        given = [k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(
+                f"a structured output takes exactly one of {', '.join(STRUCTURED_KINDS)}; got "
+                + (", ".join(given) if given else "none")
+            )
+        if self.json_schema is not None and not isinstance(self.json_schema, dict | bool):
+            raise ValueError(
+                f"json_schema must be a JSON schema (a dict) or a pydantic model class, got {brief(self.json_schema)}"
+            )
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a non-empty string, got {brief(value)}")
+        if len(self.text) > MAX_GRAMMAR_CHARS:
+            raise ValueError(f"a structured output's {self.kind} may have at most {MAX_GRAMMAR_CHARS} characters")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+    @property
+    def text(self) -> str:
+        """The constraint as one string (its cache key with the kind)."""
+        value = getattr(self, self.kind)
+        return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def _closed(schema: Any) -> Any:
+    """A pydantic model's schema with no properties beyond those declared, as OpenAI's client sends it (a JSON
+    schema allows any others by default, which a small model fills without end)."""
+    if isinstance(schema, dict):
+        schema = {k: _closed(v) for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema:
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [_closed(v) for v in schema]
+    return schema
+
+
 @dataclasses.dataclass
 class SamplingParams:
     """How to sample one completion. Defaults follow the OpenAI API (temperature 1, max_tokens 16)."""
@@ -64,6 +131,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
     cache_salt: str | None = None  # prefix-cache namespace: only requests with the same salt share K/V pages
+    structured_output: StructuredOutput | None = None  # JSON schema, regex, choices or grammar the output keeps to
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "top_k", "seed", "min_tokens", "logprobs"):  # numpy integers are fine
@@ -80,6 +148,8 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = [_int(t) for t in (self.stop_token_ids or [])]
+        if isinstance(self.structured_output, dict):
+            self.structured_output = StructuredOutput(**self.structured_output)
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise ValueError(f"logit_bias must be a mapping of token ids to numbers, got {self.logit_bias!r}")
@@ -140,6 +210,11 @@ class SamplingParams:
             not isinstance(self.cache_salt, str) or not 0 < len(self.cache_salt) <= MAX_CACHE_SALT_CHARS
         ):
             raise bad("cache_salt", f"a non-empty string of at most {MAX_CACHE_SALT_CHARS} characters, or None")
+        if self.structured_output is not None:
+            if not isinstance(self.structured_output, StructuredOutput):
+                raise bad("structured_output", "a StructuredOutput (or a dict of its fields), or None")
+            if self.min_tokens or self.ignore_eos:  # the grammar alone says where the output may end
+                raise bad("min_tokens" if self.min_tokens else "ignore_eos", "unset with a structured output")
 
     @property
     def uses_penalties(self) -> bool:
@@ -148,7 +223,12 @@ class SamplingParams:
     @property
     def uses_extras(self) -> bool:
         """Whether sampling needs the extras variant of the sampler (penalties, logit bias, logprobs)."""
-        return self.uses_penalties or bool(self.logit_bias) or self.logprobs is not None
+        return (
+            self.uses_penalties
+            or bool(self.logit_bias)
+            or self.logprobs is not None
+            or self.structured_output is not None
+        )
 
 
 def _is_token_id(t: object) -> bool:
@@ -191,6 +271,8 @@ class SamplerInputs(NamedTuple):
     output_ids: jnp.ndarray  # [R, L] (extras only; else [R, 0]), -1 = padding
     bias_ids: jnp.ndarray  # [R, MAX_LOGIT_BIAS] (extras only; else [R, 0]) token ids, -1 = none
     bias: jnp.ndarray  # [R, MAX_LOGIT_BIAS] float32 added to those tokens' logits
+    allowed: jnp.ndarray  # [R, mask_words(V)] int32 (extras only; else [R, 0]): bit t % 32 of word t // 32 set
+    #                       where token t may come next (a structured output's grammar); all ones: any token
 
 
 class SamplerOutputs(NamedTuple):
@@ -198,6 +280,11 @@ class SamplerOutputs(NamedTuple):
     logprob: jnp.ndarray  # [R] logprob of the chosen token under the model's distribution
     top_ids: jnp.ndarray  # [R, MAX_LOGPROBS] with extras, else [R, 0]
     top_logprobs: jnp.ndarray  # [R, K]
+
+
+def mask_words(vocab_size: int) -> int:
+    """32-bit words of one row's token bitmask."""
+    return (vocab_size + 31) // 32
 
 
 def _presence(ids: jnp.ndarray, vocab: int) -> jnp.ndarray:
@@ -212,6 +299,9 @@ def sample(logits: jnp.ndarray, inp: SamplerInputs, flags: SamplerFlags) -> Samp
     r, vocab = logits.shape
     logprobs_all = jax.nn.log_softmax(logits, axis=-1)
     x = logits
+    if flags.extras and inp.allowed.shape[-1]:  # a grammar's tokens first: before penalties and truncation
+        ids = jnp.arange(vocab)
+        x = jnp.where(((inp.allowed[:, ids >> 5] >> (ids & 31)) & 1) > 0, x, -jnp.inf)
     if flags.extras:
         out_counts = _presence(inp.output_ids, vocab)
         seen = (_presence(inp.prompt_ids, vocab) + out_counts) > 0

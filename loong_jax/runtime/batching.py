@@ -6,7 +6,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from loong_jax.model.sampling import MAX_BANNED, MAX_EOS_IDS, MAX_LOGIT_BIAS, SamplerFlags, SamplerInputs, seed_words
+from loong_jax.model.sampling import (
+    MAX_BANNED,
+    MAX_EOS_IDS,
+    MAX_LOGIT_BIAS,
+    SamplerFlags,
+    SamplerInputs,
+    mask_words,
+    seed_words,
+)
 from loong_jax.runtime.request import Request
 
 
@@ -33,11 +41,16 @@ def sampler_flags(reqs: Sequence[Request]) -> SamplerFlags:
 
 
 def sampler_inputs(
-    ranks: Sequence[Sequence[Request]], rows: int, flags: SamplerFlags, penalty_len: int | None = None
+    ranks: Sequence[Sequence[Request]],
+    rows: int,
+    flags: SamplerFlags,
+    penalty_len: int | None = None,
+    vocab_size: int = 0,
 ) -> SamplerInputs:
     """Sampler arrays [d, rows, ...] for the requests each rank samples (padding rows are greedy). With
     extras, the prompt and output ids for penalties span penalty_len tokens (fixed by the executor, so that
-    one program serves every length; default: the batch's longest, bucketed)."""
+    one program serves every length; default: the batch's longest, bucketed), and with a vocab_size each row
+    has a token bitmask: its grammar's next tokens for a structured output (its matcher fills it now)."""
     reqs = [r for rank in ranks for r in rank]
     d = len(ranks)
     if not flags.extras:
@@ -58,6 +71,7 @@ def sampler_inputs(
     output_ids = np.full((d, rows, lo), -1, np.int32)
     nb = MAX_LOGIT_BIAS if flags.extras else 0
     bias_ids, bias = np.full((d, rows, nb), -1, np.int32), np.zeros((d, rows, nb), np.float32)
+    allowed = np.full((d, rows, mask_words(vocab_size) if flags.extras else 0), -1, np.int32)
     for k, rank in enumerate(ranks):
         for i, r in enumerate(rank):
             p = r.params
@@ -75,6 +89,10 @@ def sampler_inputs(
             if flags.extras:
                 prompt_ids[k, i, : len(r.prompt_ids)] = r.prompt_ids
                 output_ids[k, i, : len(r.output_ids)] = r.output_ids
+            if r.matcher is not None:
+                if not allowed.shape[-1]:
+                    raise ValueError("a structured output needs the sampler's token bitmask (pass vocab_size)")
+                r.matcher.fill(allowed[k, i])
     return SamplerInputs(
         temperature,
         top_k,
@@ -91,4 +109,5 @@ def sampler_inputs(
         output_ids,
         bias_ids,
         bias,
+        allowed,
     )

@@ -260,7 +260,7 @@ class JaxExecutor:
             if rank is not None:
                 ranks[rank].append(req)
         flags = sampler_flags(requests)
-        samp = sampler_inputs(ranks, plan.rows, flags, self.penalty_len)
+        samp = sampler_inputs(ranks, plan.rows, flags, self.penalty_len, self.cfg.vocab_size)
         pending = self._run("prefill", group, flags, plan.inputs, samp)
         return Launch("prefill", group, ranks, pending, list(requests))
 
@@ -291,7 +291,7 @@ class JaxExecutor:
         )
         ranks = [[requests[i] for i in members] for members in plan.rank_requests]
         flags = sampler_flags(requests)
-        samp = sampler_inputs(ranks, plan.rows, flags, self.penalty_len)
+        samp = sampler_inputs(ranks, plan.rows, flags, self.penalty_len, self.cfg.vocab_size)
         carry = None if after is None else after.pending.carry
         pending = self._run("decode", group, flags, plan.inputs, samp, carry)
         reserved = {r.rid: n for r, n in zip(requests, plan.reserved)}
@@ -482,7 +482,7 @@ class JaxExecutor:
             fn = functools.partial(migrate_program, inst.mesh(group), inst.pool_spec)
             return ("migrate", group, shape_key(inp)), fn, (pools, _place(inp, rows_sharding, abstract)), (0,)
         prefill = kind in ("prefill", "append")
-        samp = sampler_inputs([[]] * d, rows if prefill else size, flags, self.penalty_len)
+        samp = sampler_inputs([[]] * d, rows if prefill else size, flags, self.penalty_len, self.cfg.vocab_size)
         z = np.zeros((d, size), np.int32)
         if prefill:
             keep = np.full((d, d, size), num_slots, np.int32)

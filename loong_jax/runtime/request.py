@@ -6,7 +6,7 @@ import bisect
 import dataclasses
 import enum
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 from loong_jax.model.sampling import SamplingParams
 
@@ -23,6 +23,14 @@ class Detokenizer(Protocol):
     def push(self, token_id: int) -> str: ...
 
 
+class TokenMatcher(Protocol):
+    """A structured output's grammar state (the engine supplies one per constrained request)."""
+
+    def fill(self, row: Any) -> None: ...  # write the allowed next tokens into a bitmask row
+
+    def consume(self, token: int) -> None: ...  # follow a sampled token (ValueError if the grammar refuses it)
+
+
 @dataclasses.dataclass
 class Request:
     rid: int
@@ -32,6 +40,7 @@ class Request:
     seed: int
     eos_ids: tuple[int, ...]
     detok: Detokenizer | None = None
+    matcher: TokenMatcher | None = None  # a structured output's grammar: the sampler's mask, fed what is sampled
     arrival: float = dataclasses.field(default_factory=time.monotonic)
     status: Status = Status.WAITING
     output_ids: list[int] = dataclasses.field(default_factory=list)
@@ -90,6 +99,13 @@ class Request:
     def append_token(self, token: int, logprob: float, top: list[tuple[int, float]], now: float | None = None) -> None:
         """Record one sampled token and apply the stop rules (EOS, stop ids, stop strings, length)."""
         now = time.monotonic() if now is None else now
+        if self.matcher is not None:
+            try:
+                self.matcher.consume(token)
+            except ValueError as e:  # the mask rules this out: a fault, not the client's
+                self.error = str(e)
+                self._finish("error", now)
+                return
         if self.first_token_time is None:
             self.first_token_time = now
         self.output_ids.append(token)

@@ -248,7 +248,9 @@ def assign_masters(
         free[best] -= view.pools[best].pages_needed(req.rid, 1)
         masters.append(best)
         kept.append(req)
-    return DecodeWork(tuple(members), kept, [members.index(m) for m in masters], burst_steps(view)), stuck
+    # a structured output's next mask comes from the host after each token: such a batch takes single steps
+    steps = 1 if any(r.params.structured_output is not None for r in kept) else burst_steps(view)
+    return DecodeWork(tuple(members), kept, [members.index(m) for m in masters], steps), stuck
 
 
 def burst_steps(view: SchedulerView) -> int:
