@@ -90,8 +90,14 @@ class Tokenizer:
             return bytes([int(piece[3:5], 16)])
         return piece.replace("\u2581", " ").encode("utf-8")
 
-    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Render messages with the model's Jinja chat template (sandboxed, as transformers does)."""
+    def apply_chat_template(
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> str:
+        """Render messages with the model's Jinja chat template (sandboxed, as transformers does); `tools`
+        ([{"type": "function", "function": {...}}]) are given to templates that describe them."""
         if not self.chat_template:
             raise ValueError("this model has no chat template; use generate() with a plain prompt instead")
         if self._template is None:
@@ -102,8 +108,9 @@ class Tokenizer:
 
             env.globals["raise_exception"] = raise_exception
             self._template = env.from_string(self.chat_template)
+        extra = {} if tools is None else {"tools": list(tools)}
         return self._template.render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt, **self.special_tokens
+            messages=list(messages), add_generation_prompt=add_generation_prompt, **self.special_tokens, **extra
         )
 
     def to_files(self) -> dict[str, str]:

@@ -21,7 +21,14 @@ from starlette.routing import Route
 
 from checkpoints.tokenizer import Tokenizer
 from loong_jax.engine import RequestRejected
-from loong_jax.model.sampling import brief
+from loong_jax.model.sampling import StructuredOutput, brief
+from loong_jax.structured.tools import (
+    ToolCall,
+    ToolFormat,
+    default_tool_prompt,
+    format_for_template,
+    template_knows_tools,
+)
 from serving.access import Access
 from serving.async_engine import AsyncEngine, Delta, EngineDead
 from serving.errors import APIError, error_response
@@ -82,8 +89,10 @@ class Server:
         metrics: Metrics,
         access: Access,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        tool_format: ToolFormat | None = None,
     ):
         self.engine = engine
+        self.tool_format = tool_format or format_for_template(tokenizer.chat_template)
         self.max_body_bytes = max_body_bytes
         tokenizer.max_token_bytes  # noqa: B018 (looked up now, not during the first request)
         self.tokenizer = tokenizer
@@ -136,10 +145,23 @@ class Server:
         """Tokenise off the event loop: a multi-megabyte prompt must not stall other streams."""
         return await asyncio.to_thread(self._tokens, text, add_special_tokens, prompt)
 
-    async def _chat_prompt(self, messages: Any, prompt: bool = True) -> list[int]:
+    async def _chat_prompt(self, messages: Any, prompt: bool = True, tools: list[dict] | None = None) -> list[int]:
+        """The conversation's token ids; tools are given to a template that describes them, or described by a
+        system prompt of ours (`default_tool_prompt`) where the template knows nothing of tools."""
+        fmt, native = self.tool_format, template_knows_tools(self.tokenizer.chat_template)
+
         def render() -> list[int]:
             try:
-                text = self.tokenizer.apply_chat_template([m.as_template_input() for m in messages])
+                inputs = [m.as_template_input(fmt, native) for m in messages]
+                listed = None if tools is None else [{"type": "function", "function": t} for t in tools]
+                if tools is not None and not native:
+                    described = default_tool_prompt(tools, fmt)
+                    if inputs[0]["role"] == "system":
+                        inputs[0] = {**inputs[0], "content": inputs[0]["content"] + "\n\n" + described}
+                    else:
+                        inputs.insert(0, {"role": "system", "content": described})
+                    listed = None
+                text = self.tokenizer.apply_chat_template(inputs, tools=listed)
             except ValueError as e:
                 raise APIError(str(e), param="messages") from None
             return self._tokens(text, add_special_tokens=False, prompt=prompt)
@@ -163,14 +185,23 @@ class Server:
         return prompts
 
     async def _start(
-        self, request: Request, key: str | None, prompts: list[list[int]], body: Any, max_tokens: int | None, logprobs
+        self,
+        request: Request,
+        key: str | None,
+        prompts: list[list[int]],
+        body: Any,
+        max_tokens: int | None,
+        logprobs,
+        structured: StructuredOutput | None = None,
     ):
         """Submit n choices per prompt, all or none: every choice's parameters are checked first, and if the
         engine refuses one, the others already queued are aborted. The cache salt is the tenant's (see
         serving/access.py) and the client's."""
         salt = self.access.cache_salt(request.headers, key, body.cache_salt)
         try:
-            params = [body.sampling_params(i, max_tokens, logprobs, salt) for _ in prompts for i in range(body.n)]
+            params = [
+                body.sampling_params(i, max_tokens, logprobs, salt, structured) for _ in prompts for i in range(body.n)
+            ]
         except ValueError as e:
             raise APIError(str(e)) from None
         started: list[tuple[int, asyncio.Queue]] = []
@@ -210,12 +241,24 @@ class Server:
         self._check_supported(body)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
-        prompt = await self._chat_prompt(body.messages)
+        try:
+            tools, choice = body.tool_request()
+            forced = None
+            if choice not in (None, "auto"):  # required or named: a grammar makes the model call
+                if body.structured_output() is not None:
+                    raise ValueError("a structured output cannot be combined with tool_choice required or named")
+                callable_ = tools if choice == "required" else [t for t in tools if t["name"] == choice]
+                parallel = body.parallel_tool_calls and choice == "required"
+                forced = StructuredOutput(grammar=self.tool_format.grammar(callable_, parallel))
+        except ValueError as e:
+            raise APIError(str(e), param="tools") from None
+        prompt = await self._chat_prompt(body.messages, tools=tools if choice is not None else None)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        started = await self._start(request, key, [prompt], body, max_tokens, logprobs)
+        started = await self._start(request, key, [prompt], body, max_tokens, logprobs, forced)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        return await self._respond(request, body, started, rid, "chat.completion", [prompt], self._chat_choice)
+        choice_fn = self._chat_choice if choice is None else ToolCallChoices(self, self.tool_format)
+        return await self._respond(request, body, started, rid, "chat.completion", [prompt], choice_fn)
 
     async def _respond(self, request, body, started, rid, kind, prompts, choice_fn) -> Response:
         usage_prompt = sum(len(p) for p in prompts)
@@ -312,14 +355,16 @@ class Server:
                     pending.discard(index)
                 if not (delta.text or delta.token_ids or delta.finished):
                     continue
-                chunk = {
-                    "id": rid,
-                    "object": chunk_kind,
-                    "created": created,
-                    "model": self.model_name,
-                    "choices": [choice_fn(index, [delta], final=False)],
-                }
-                yield _sse(chunk)
+                parts = choice_fn(index, [delta], final=False)
+                for part in parts if isinstance(parts, list) else [parts]:  # tool calls may take several chunks
+                    chunk = {
+                        "id": rid,
+                        "object": chunk_kind,
+                        "created": created,
+                        "model": self.model_name,
+                        "choices": [part],
+                    }
+                    yield _sse(chunk)
             if body.stream_options and body.stream_options.include_usage:
                 usage = _usage(usage_prompt, sum(completion), cached, body.n)
                 yield _sse(
@@ -459,6 +504,62 @@ class Server:
     async def metrics_route(self, request: Request) -> Response:
         self.access.operator(request.headers)
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+class ToolCallChoices:
+    """Chat choices whose text may hold tool calls, found by the model family's parser: whole for an answer,
+    or as each streamed choice's text grows (a parser per choice, so both find the same calls). A streamed
+    call is sent as OpenAI does: a delta with its index, id, type and name, then its arguments."""
+
+    def __init__(self, server: Server, fmt: ToolFormat):
+        self.server, self.fmt = server, fmt
+        self.parsers: dict[int, Any] = {}
+        self.sent: dict[int, int] = {}  # calls streamed so far per choice
+
+    def __call__(self, index: int, deltas: list[Delta], final: bool) -> dict[str, Any] | list[dict[str, Any]]:
+        last = deltas[-1]
+        logprobs = self.server._logprobs_chat(deltas) if last.wants_logprobs else None
+        if final:
+            parser = self.fmt.parser()
+            content, calls = parser.feed("".join(d.text for d in deltas))
+            rest, more = parser.finish()
+            content, calls = content + rest, calls + more
+            message: dict[str, Any] = {"role": "assistant", "content": (content.strip() or None) if calls else content}
+            if calls:
+                message["tool_calls"] = [_call_json(c) for c in calls]
+            return {
+                "index": index,
+                "message": message,
+                "logprobs": logprobs,
+                "finish_reason": _tool_finish(last, calls),
+            }
+        parser = self.parsers.setdefault(index, self.fmt.parser())
+        content, calls = parser.feed(last.text)
+        if last.finished:
+            rest, more = parser.finish()
+            content, calls = content + rest, calls + more
+        parts = [{"content": content}] if content else []
+        for call in calls:
+            k = self.sent.get(index, 0)
+            self.sent[index] = k + 1
+            head = {"index": k, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+            parts += [{"tool_calls": [head]}, {"tool_calls": [{"index": k, "function": {"arguments": call.arguments}}]}]
+        parts = parts or [{}]
+        chunks = [{"index": index, "delta": p, "logprobs": None, "finish_reason": None} for p in parts]
+        chunks[0]["logprobs"] = logprobs
+        if last.finished:
+            chunks[-1]["finish_reason"] = _tool_finish(last, parser.calls)
+        return chunks
+
+
+def _call_json(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def _tool_finish(delta: Delta, calls: list[ToolCall]) -> str | None:
+    """finish_reason: "tool_calls" where the model called and stopped by itself."""
+    reason = _finish(delta)
+    return "tool_calls" if calls and reason == "stop" else reason
 
 
 def _finish(delta: Delta) -> str | None:

@@ -15,6 +15,7 @@ from loong_jax.model.sampling import (
     StructuredOutput,
     brief,
 )
+from loong_jax.structured.tools import ToolFormat, check_tools
 
 MAX_SEED = 2**63 - 1
 _EXTENSION_KINDS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar"}
@@ -51,7 +52,7 @@ class _Common(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
-    # accepted only as their no-op values until they are implemented
+    # accepted only as their no-op values until they are implemented (tools: chat completions only)
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -71,11 +72,9 @@ class _Common(BaseModel):
     priority: int = Field(0, ge=-MAX_INT32, le=MAX_INT32)  # higher is scheduled first
 
     def unsupported(self) -> str | None:
-        """The first field asking for a feature this server does not implement yet, or None."""
-        if self.tools or self.functions:
-            return "tools" if self.tools else "functions"
-        if self.tool_choice not in (None, "none", "auto") or self.function_call not in (None, "none", "auto"):
-            return "tool_choice" if self.tool_choice not in (None, "none", "auto") else "function_call"
+        """The first field asking for a feature this server does not implement, or None."""
+        if self.functions or self.function_call not in (None, "none", "auto"):
+            return "functions (deprecated by OpenAI: use tools)" if self.functions else "function_call"
         if self.modalities not in (None, ["text"]):
             return "modalities"
         for name in ("audio", "web_search_options"):
@@ -84,9 +83,15 @@ class _Common(BaseModel):
         return None
 
     def sampling_params(
-        self, index: int, max_tokens: int | None, logprobs: int | None, cache_salt: str | None
+        self,
+        index: int,
+        max_tokens: int | None,
+        logprobs: int | None,
+        cache_salt: str | None,
+        structured: StructuredOutput | None = None,
     ) -> SamplingParams:
-        """Parameters of the index-th of n choices (seeded choices get distinct, reproducible seeds)."""
+        """Parameters of the index-th of n choices (seeded choices get distinct, reproducible seeds); a
+        `structured` output given (a forced tool call) replaces the one asked for by the request's fields."""
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=self.temperature,
@@ -106,7 +111,7 @@ class _Common(BaseModel):
             skip_special_tokens=self.skip_special_tokens,
             logit_bias=None if self.logit_bias is None else _token_bias(self.logit_bias),
             cache_salt=cache_salt,
-            structured_output=self.structured_output(),
+            structured_output=structured or self.structured_output(),
         )
 
     def structured_output(self) -> StructuredOutput | None:
@@ -166,6 +171,11 @@ class CompletionRequest(_Common):
     suffix: str | None = None
     best_of: int | None = None
 
+    def unsupported(self) -> str | None:
+        if self.tools or self.tool_choice not in (None, "none"):
+            return "tools (on chat completions only)" if self.tools else "tool_choice"
+        return super().unsupported()
+
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -173,10 +183,25 @@ class ContentPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCallMessage] | None = None  # an assistant's calls earlier in the conversation
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     @field_validator("content", mode="before")
     @classmethod
@@ -203,12 +228,40 @@ class ChatMessage(BaseModel):
             raise ValueError(f"a {self.role} message needs content (a string or a list of text parts), not null")
         return self
 
-    def as_template_input(self) -> dict[str, Any]:
+    def as_template_input(self, fmt: ToolFormat | None = None, native_tools: bool = False) -> dict[str, Any]:
+        """The message as chat templates take it. An assistant's tool calls: with their arguments as objects
+        for templates that know tools (as Hugging Face's do), else written in the model family's format
+        into its content."""
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content or ""}
+        out: dict[str, Any] = {"role": role, "content": content or ""}
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            calls = []
+            for call in self.tool_calls:
+                try:
+                    args = json.loads(call.function.arguments)
+                except ValueError:
+                    raise ValueError(
+                        f"tool call arguments must be JSON text, got {brief(call.function.arguments)}"
+                    ) from None
+                calls.append(
+                    {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": args}}
+                )
+            if native_tools or fmt is None:
+                out["tool_calls"] = calls
+            else:
+                written = [
+                    fmt.open
+                    + json.dumps({"name": c["function"]["name"], fmt.args_key: c["function"]["arguments"]})
+                    + fmt.close
+                    for c in calls
+                ]
+                out["content"] = (out["content"] + "\n" if out["content"] else "") + fmt.separator.join(written)
+        return out
 
 
 class ChatCompletionRequest(_Common):
@@ -216,6 +269,29 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    parallel_tool_calls: bool = True
+
+    def tool_request(self) -> tuple[list[dict[str, Any]] | None, str | None]:
+        """The tools (checked) and the tool choice: None, "auto", "required" or a function's name."""
+        if not self.tools:
+            if self.tool_choice not in (None, "none"):
+                raise ValueError("tool_choice needs tools")
+            return None, None
+        tools = check_tools(self.tools)
+        choice = self.tool_choice if self.tool_choice is not None else "auto"
+        if choice == "none":
+            return tools, None
+        if choice in ("auto", "required"):
+            return tools, choice
+        name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+        if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(name, str):
+            raise ValueError(
+                "tool_choice must be none, auto, required or {'type': 'function', 'function': {'name': ...}}, got "
+                + brief(choice)
+            )
+        if name not in [t["name"] for t in tools]:
+            raise ValueError(f"tool_choice names the function {brief(name)}, which is not among the tools")
+        return tools, name
 
 
 class TokenizeRequest(BaseModel):

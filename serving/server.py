@@ -12,6 +12,7 @@ from typing import Any
 
 import uvicorn
 
+from loong_jax.structured.tools import FORMATS, format_for_template
 from serving.access import DEFAULT_TENANT_HEADER, ISOLATION, Access
 from serving.app import DEFAULT_MAX_BODY_BYTES, Server, build_app
 from serving.async_engine import AsyncEngine
@@ -68,6 +69,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_BODY_BYTES,
         help="largest request body accepted; larger ones get 413 (default 64 MiB)",
     )
+    p.add_argument(
+        "--tool-call-parser",
+        choices=sorted(FORMATS),
+        default=None,
+        help="how the model writes tool calls (default: from its chat template; Hermes where it does not say)",
+    )
     p.add_argument("--no-warmup", action="store_true", help="compile programs on first use instead of at start")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to finish running requests on SIGTERM")
 
@@ -94,14 +101,20 @@ def start_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0) -> tuple[s
 
 
 def build_server(
-    llm, model_name: str, access: Access | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    llm,
+    model_name: str,
+    access: Access | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    tool_call_parser: str | None = None,
 ) -> tuple[Server, AsyncEngine]:
-    """The routes' state around a loaded LLM (access: keys, cache isolation, CORS; default: open); the engine
-    thread is started here."""
+    """The routes' state around a loaded LLM (access: keys, cache isolation, CORS; default: open; the tool
+    call format: from the chat template); the engine thread is started here."""
     metrics = Metrics(llm.engine.ecfg.num_instances, llm.engine.kv_capacity)
     engine = AsyncEngine(llm.engine, metrics.on_iteration)
     engine.start()
-    return Server(engine, llm.tokenizer, model_name, metrics, access or Access(), max_body_bytes), engine
+    tools = format_for_template(llm.tokenizer.chat_template, tool_call_parser)
+    server = Server(engine, llm.tokenizer, model_name, metrics, access or Access(), max_body_bytes, tools)
+    return server, engine
 
 
 def access_from_args(args: argparse.Namespace) -> Access:
@@ -133,7 +146,7 @@ def serve(args: argparse.Namespace, llm: Any) -> int:
     )
     if not args.no_warmup:
         llm.warmup(show_progress=True)  # logs how many programs it compiled and how long it took
-    server, engine = build_server(llm, name, access, args.max_body_bytes)
+    server, engine = build_server(llm, name, access, args.max_body_bytes, args.tool_call_parser)
     app = build_app(server, on_shutdown=lambda: engine.shutdown(args.shutdown_timeout))
     log.info("listening on http://%s:%d (OpenAI-compatible API under /v1)", args.host, args.port)
     config = uvicorn.Config(

@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import json
 import logging
+import os
 import re
 import time
 
@@ -224,7 +225,7 @@ def _finished(base: str) -> float:
         ({"model": MODEL, "prompt": "hi", "guided_regex": "a(b"}, "unclosed group"),
         ({"model": MODEL, "prompt": "hi", "guided_regex": "a", "guided_choice": ["b"]}, "one structured output at"),
         ({"model": MODEL, "prompt": "hi", "structured_outputs": {"xml": "a"}}, "structured_outputs takes one of"),
-        ({"model": MODEL, "prompt": "hi", "tools": [{"type": "function"}]}, "tools is not supported"),
+        ({"model": MODEL, "prompt": "hi", "tools": [{"type": "function"}]}, "tools (on chat completions only)"),
         ('{"model": "smollm2", "prompt": "a \\ud800 b"}', "not valid Unicode"),
         ('{"prompt": "hi", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
         ({"model": MODEL, "prompt": ""}, "empty"),
@@ -665,3 +666,116 @@ def test_structured_outputs_over_http(client, server):
         model=MODEL, prompt="Pick:", max_tokens=5, extra_body={"structured_outputs": {"choice": ["tea", "coffee"]}}
     )
     assert pick.choices[0].text in ("tea", "coffee")
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The current weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "maxLength": 30},
+                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                },
+                "required": ["city", "unit"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "description": "The current time in a time zone.",
+            "parameters": {
+                "type": "object",
+                "properties": {"zone": {"type": "string", "maxLength": 30}},
+                "required": ["zone"],
+                "additionalProperties": False,
+            },
+        },
+    },
+]
+
+
+def _valid_call(call) -> tuple[str, dict]:
+    """A call's name and arguments, checked against the tool's parameters (required keys, enum, lengths)."""
+    args = json.loads(call.function.arguments)
+    params = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == call.function.name)
+    assert set(args) == set(params["required"]) and call.id and call.type == "function"
+    for key, value in args.items():
+        spec = params["properties"][key]
+        assert isinstance(value, str) and len(value) <= spec["maxLength"] if "maxLength" in spec else True
+        assert value in spec.get("enum", [value])
+    return call.function.name, args
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
+def test_forced_tool_calls_parse_validate_and_stream_the_same(client, choice):
+    """tool_choice required or named: the call always parses and its arguments validate; the official
+    client reassembles from the stream exactly the call it gets whole (same seed)."""
+    messages = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+    kw = dict(model=MODEL, messages=messages, tools=TOOLS, tool_choice=choice, max_tokens=120, temperature=0.7)
+    whole = client.chat.completions.create(seed=11, **kw).choices[0]
+    assert whole.finish_reason == "tool_calls" and whole.message.tool_calls
+    calls = [_valid_call(c) for c in whole.message.tool_calls]
+    if isinstance(choice, dict):
+        assert [name for name, _ in calls] == ["get_time"]
+    with client.chat.completions.stream(seed=11, **kw) as stream:
+        streamed = stream.get_final_completion().choices[0]
+    assert streamed.finish_reason == "tool_calls"
+    assert [_valid_call(c) for c in streamed.message.tool_calls] == calls
+
+
+def test_auto_tool_calls_and_a_conversation_with_tool_results(client, server):
+    """tool_choice auto (the default with tools): what the model writes in the Hermes format comes back as
+    calls, anything else as content; a history with an assistant's calls and the tool's answer is rendered."""
+    base, llm = server
+    messages = [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21, "sky": "clear"}'},
+    ]
+    answer = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, max_tokens=40, temperature=0)
+    choice = answer.choices[0]
+    if choice.message.tool_calls:
+        assert choice.finish_reason == "tool_calls" and all(_valid_call(c) for c in choice.message.tool_calls)
+    else:
+        assert choice.message.content and choice.finish_reason in ("stop", "length")
+    r = httpx.post(f"{base}/tokenize", json={"messages": messages})
+    text = llm.tokenizer.decode(r.json()["tokens"], skip_special_tokens=False)
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}' in text
+    bad = [
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "not among the tools"),
+        ({"tool_choice": "required"}, "tool_choice needs tools"),
+        ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "letters, digits"),
+        ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "cannot be combined"),
+    ]
+    for extra, message in bad:
+        r = httpx.post(f"{base}/v1/chat/completions", json={"model": MODEL, "messages": messages[:1], **extra})
+        assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+
+
+def test_the_readme_structured_output_and_tool_call_example_runs(client):
+    """The README's example with the official client, as written there (its model name aside)."""
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
+        text = f.read()
+    start = text.index("from pydantic import BaseModel\n\nclass City")
+    example = text[start : text.index("```", start)].replace('"SmolLM2-135M-Instruct"', repr(MODEL))
+    scope = {"client": client}
+    exec(example, scope)
+    assert scope["city"].population >= 0 and scope["call"].function.name == "get_weather"
+    assert "city" in json.loads(scope["call"].function.arguments)

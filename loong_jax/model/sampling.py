@@ -63,7 +63,7 @@ class StructuredOutput:
     def __post_init__(self) -> None:
         schema = self.json_schema
         if isinstance(schema, type) and hasattr(schema, "model_json_schema"):  # a pydantic model class
-            object.__setattr__(self, "json_schema", _closed(schema.model_json_schema()))
+            object.__setattr__(self, "json_schema", closed_schema(schema.model_json_schema()))
         if self.choice is not None:
             choices = self.choice
             if isinstance(choices, str) or not choices or not all(isinstance(c, str) and c for c in choices):
@@ -97,15 +97,16 @@ class StructuredOutput:
         return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
-def _closed(schema: Any) -> Any:
-    """A pydantic model's schema with no properties beyond those declared, as OpenAI's client sends it (a JSON
-    schema allows any others by default, which a small model fills without end)."""
+def closed_schema(schema: Any) -> Any:
+    """A JSON schema whose objects take no properties beyond those declared unless it says otherwise, as
+    OpenAI's client sends a pydantic model's (any others are allowed by default, and a small model fills
+    them without end)."""
     if isinstance(schema, dict):
-        schema = {k: _closed(v) for k, v in schema.items()}
+        schema = {k: closed_schema(v) for k, v in schema.items()}
         if "properties" in schema and "additionalProperties" not in schema:
             schema["additionalProperties"] = False
     elif isinstance(schema, list):
-        schema = [_closed(v) for v in schema]
+        schema = [closed_schema(v) for v in schema]
     return schema
 
 
