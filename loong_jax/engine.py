@@ -475,6 +475,8 @@ class Engine:
             raise ValueError(f"instances {sorted(busy.intersection(it.instances()))} are running a program")
         for req in it.preempt:
             self._preempt(req)
+        # the next-token masks of every structured output this iteration samples, computed together
+        self.grammars.prepare([r.matcher for w in (*it.prefills, *it.decodes) for r in w.requests if r.matcher])
         pairs: dict[tuple[int, int], list[Migration]] = {}
         for move in it.migrations:
             pairs.setdefault((move.src, move.dst), []).append(move)

@@ -653,9 +653,19 @@ def test_structured_outputs_over_http(client, server):
     assert isinstance(done.choices[0].message.parsed, City) and done.choices[0].finish_reason == "stop"
     paris = [{"role": "user", "content": "Return a JSON object with the keys name and country for Paris."}]
     c = client.chat.completions.create(
-        model=MODEL, messages=paris, response_format={"type": "json_object"}, max_tokens=100, temperature=0
+        model=MODEL,
+        messages=paris,
+        response_format={"type": "json_object"},
+        max_tokens=100,
+        temperature=0.5,
+        seed=2,
+        n=2,
+        logprobs=True,
+        top_logprobs=2,
     )
-    assert isinstance(json.loads(c.choices[0].message.content), dict), c.choices[0]
+    for choice in c.choices:  # each choice its own matcher; log-probabilities of the model's distribution
+        assert isinstance(json.loads(choice.message.content), dict), choice
+        assert all(x.logprob <= 0 and len(x.top_logprobs) == 2 for x in choice.logprobs.content)
     regex = r"[A-Z][a-z]{2,12}, population [0-9]{3,8}"
     stream = client.completions.create(
         model=MODEL, prompt="A city:", max_tokens=30, stream=True, extra_body={"guided_regex": regex}, seed=1
@@ -773,7 +783,7 @@ def test_the_readme_structured_output_and_tool_call_example_runs(client):
     """The README's example with the official client, as written there (its model name aside)."""
     with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
         text = f.read()
-    start = text.index("from pydantic import BaseModel\n\nclass City")
+    start = text.index("```python\n", text.index("Structured outputs and tool calls work")) + len("```python\n")
     example = text[start : text.index("```", start)].replace('"SmolLM2-135M-Instruct"', repr(MODEL))
     scope = {"client": client}
     exec(example, scope)

@@ -27,13 +27,18 @@ class Matcher:
 
     def __init__(self, matcher: llguidance.LLMatcher):
         self._m = matcher
+        self.ready: np.ndarray | None = None  # the next mask, computed ahead by GrammarCompiler.prepare
 
     def fill(self, row: np.ndarray) -> None:
         """Write the allowed next tokens into row [words] (int32, C-contiguous): bit t % 32 of word t // 32."""
-        llnp.fill_next_token_bitmask(self._m, row[None], 0)
+        if self.ready is not None:
+            row[:] = self.ready
+        else:
+            llnp.fill_next_token_bitmask(self._m, row[None], 0)
 
     def consume(self, token: int) -> None:
         """Follow a sampled token; a token the grammar did not allow is an error (the mask rules it out)."""
+        self.ready = None
         if not self._m.consume_token(int(token)):
             raise ValueError(f"the structured output's grammar refused token {token}: {self._m.get_error()}")
 
@@ -57,6 +62,7 @@ class GrammarCompiler:
         self._lock = threading.Lock()
         self._cache_size = cache_size
         self.compiled = 0  # grammars compiled (cache misses)
+        self._executor: llguidance.LLExecutor | None = None  # threads filling many masks at once
 
     def _llguidance_tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:
@@ -98,6 +104,19 @@ class GrammarCompiler:
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
         return Matcher(template.deep_copy())
+
+    def prepare(self, matchers: Sequence[Matcher]) -> None:
+        """Compute the next masks of many matchers at once, on llguidance's threads (the GIL released): a
+        batch's masks cost about one row's time on a host with the cores, not one row's time per row."""
+        todo = [m for m in matchers if m.ready is None]
+        if len(todo) < 2:
+            return
+        if self._executor is None:
+            self._executor = llguidance.LLExecutor()
+        masks = np.empty((len(todo), self.words), np.int32)
+        llnp.fill_next_token_bitmask_par(self._executor, [(m._m, i) for i, m in enumerate(todo)], masks)
+        for m, row in zip(todo, masks):
+            m.ready = row
 
     def check(self, spec: StructuredOutput) -> None:
         """Raise ValueError if the constraint cannot be compiled (compiling it now, so its request is fast)."""
