@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from esp_helpers import greedy_params, smollm2_on_8_instances
 
+from loong_jax import SamplingParams, StructuredOutput
 from loong_jax.runtime.work import DecodeWork, Iteration, PrefillWork
 
 STEPS = 64
@@ -92,3 +95,29 @@ def test_kv_spread_unevenly_over_three_instances(esp_llm, expected):
     plan = [1] * a + [0] * b + [2] * (n - a - b)  # 60% on instance 5, 30% on 2, 10% on 7
     out = run_scenario(esp_llm, [p], (2, 5, 7), [plan], lambda s: ((2, 5, 7), [1]))
     assert out == [want[0]]
+
+
+def test_a_structured_output_across_masters_and_after_preemption(esp_llm, smol_llm):
+    """A constrained greedy request with its K/V spread over two instances and its master alternating, then
+    preempted (its K/V dropped) and recomputed by the scheduler: the matcher follows, and the output is the
+    single instance's, token for token."""
+    schema = {
+        "type": "object",
+        "properties": {"river": {"type": "string", "maxLength": 20}, "km": {"type": "integer", "minimum": 0}},
+        "required": ["river", "km"],
+        "additionalProperties": False,
+    }
+    params = SamplingParams(max_tokens=40, temperature=0, structured_output=StructuredOutput(json_schema=schema))
+    prompt = smol_llm.chat_prompt_ids([{"role": "user", "content": "Name a long river and its length as JSON."}])
+    want = smol_llm.generate([prompt], params)[0].token_ids
+    engine = esp_llm.engine
+    req = engine.add_request(prompt, params)
+    engine.execute(Iteration(prefills=[PrefillWork((0, 1, 2, 3), [req], [np.asarray(halves(len(prompt), 0, 1))])]))
+    for step in range(6):  # masters 0 and 1 in turn: multi-master decode over the K/V on both
+        engine.execute(Iteration(decodes=[DecodeWork((0, 1), [req], [step % 2])]))
+    assert not req.finished and len(req.output_ids) == 7
+    engine._preempt(req)  # recomputed later: its prompt and the tokens so far, prefilled again
+    while engine.has_unfinished():
+        engine.step()
+    assert req.output_ids == want and req.preemptions == 1
+    assert set(json.loads(req.text)) == {"river", "km"}

@@ -10,7 +10,7 @@ import re
 import pytest
 from pydantic import BaseModel, Field
 
-from loong_jax import LLM, SamplingParams, StructuredOutput
+from loong_jax import SamplingParams, StructuredOutput
 from loong_jax.engine import RequestRejected
 
 
@@ -24,8 +24,8 @@ ASK = [{"role": "user", "content": "Describe a person as JSON: name, age and pet
 
 
 @pytest.fixture(scope="module")
-def llm():
-    return LLM(num_instances=1, kv_tokens_per_instance=4096, max_model_len=1024, seed=0)
+def llm(smol_llm):
+    return smol_llm
 
 
 def _chat(llm, messages, **kw):
