@@ -61,8 +61,10 @@ class ToolFormat:
                 calls["maxItems"] = 1
             return f"start: {json.dumps(self.open)} calls\ncalls: %json {json.dumps(calls)}"
         more = f" ({json.dumps(self.separator)} call)*" if parallel else ""
+        # a newline may end the calls (models write one after a closing tag; without it the separator would
+        # force another call)
         return (
-            f"start: call{more}\ncall: {json.dumps(self.open)} body {json.dumps(self.close)}\n"
+            f'start: call{more} "\\n"?\ncall: {json.dumps(self.open)} body {json.dumps(self.close)}\n'
             f"body: %json {json.dumps(call)}"
         )
 
