@@ -153,14 +153,15 @@ class Server:
         def render() -> list[int]:
             try:
                 inputs = [m.as_template_input(fmt, native) for m in messages]
-                listed = None if tools is None else [{"type": "function", "function": t} for t in tools]
-                if tools is not None and not native:
+                listed = None
+                if tools is not None and native:
+                    listed = [{"type": "function", "function": t} for t in tools]
+                elif tools is not None:
                     described = default_tool_prompt(tools, fmt)
                     if inputs[0]["role"] == "system":
                         inputs[0] = {**inputs[0], "content": inputs[0]["content"] + "\n\n" + described}
                     else:
                         inputs.insert(0, {"role": "system", "content": described})
-                    listed = None
                 text = self.tokenizer.apply_chat_template(inputs, tools=listed)
             except ValueError as e:
                 raise APIError(str(e), param="messages") from None
@@ -199,6 +200,7 @@ class Server:
         serving/access.py) and the client's."""
         salt = self.access.cache_salt(request.headers, key, body.cache_salt)
         try:
+            structured = structured or body.structured_output()
             params = [
                 body.sampling_params(i, max_tokens, logprobs, salt, structured) for _ in prompts for i in range(body.n)
             ]
@@ -514,7 +516,6 @@ class ToolCallChoices:
     def __init__(self, server: Server, fmt: ToolFormat):
         self.server, self.fmt = server, fmt
         self.parsers: dict[int, Any] = {}
-        self.sent: dict[int, int] = {}  # calls streamed so far per choice
 
     def __call__(self, index: int, deltas: list[Delta], final: bool) -> dict[str, Any] | list[dict[str, Any]]:
         last = deltas[-1]
@@ -539,9 +540,7 @@ class ToolCallChoices:
             rest, more = parser.finish()
             content, calls = content + rest, calls + more
         parts = [{"content": content}] if content else []
-        for call in calls:
-            k = self.sent.get(index, 0)
-            self.sent[index] = k + 1
+        for k, call in enumerate(calls, start=len(parser.calls) - len(calls)):  # the call's index in the choice
             head = {"index": k, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
             parts += [{"tool_calls": [head]}, {"tool_calls": [{"index": k, "function": {"arguments": call.arguments}}]}]
         parts = parts or [{}]

@@ -90,8 +90,8 @@ class _Common(BaseModel):
         cache_salt: str | None,
         structured: StructuredOutput | None = None,
     ) -> SamplingParams:
-        """Parameters of the index-th of n choices (seeded choices get distinct, reproducible seeds); a
-        `structured` output given (a forced tool call) replaces the one asked for by the request's fields."""
+        """Parameters of the index-th of n choices (seeded choices get distinct, reproducible seeds), keeping
+        to `structured`: the request's `structured_output()`, or a forced tool call's grammar."""
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=self.temperature,
@@ -111,7 +111,7 @@ class _Common(BaseModel):
             skip_special_tokens=self.skip_special_tokens,
             logit_bias=None if self.logit_bias is None else _token_bias(self.logit_bias),
             cache_salt=cache_salt,
-            structured_output=structured or self.structured_output(),
+            structured_output=structured,
         )
 
     def structured_output(self) -> StructuredOutput | None:

@@ -10,6 +10,7 @@ found by bisection over the probabilities' bit patterns.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import numbers
 import reprlib
@@ -90,9 +91,9 @@ class StructuredOutput:
     def kind(self) -> str:
         return next(k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False))
 
-    @property
+    @functools.cached_property
     def text(self) -> str:
-        """The constraint as one string (its cache key with the kind)."""
+        """The constraint as one string (its cache key with the kind; a schema's JSON text, written once)."""
         value = getattr(self, self.kind)
         return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 

@@ -276,7 +276,7 @@ class JaxExecutor:
         from the state it leaves on the device (last tokens, stopped rows, sampler state) and from the slots
         it reserved as if every row ran all its steps (a row that stopped stays stopped)."""
         group, requests, masters = work.group, work.requests, work.masters
-        if after is not None and (after.pending.carry is None or not self.can_chain(group)):
+        if after is not None and after.pending.carry is None:
             raise ValueError("this burst cannot continue that one: its state is not on this process's devices")
         ahead = [0] * len(requests) if after is None else [after.reserved[r.rid] for r in requests]
         plan = build_decode(

@@ -38,9 +38,10 @@ from loong_jax.model.llama import TensorParallel
 from loong_jax.model.sampling import SamplerFlags, SamplerInputs, SamplerOutputs, advance, ends_row, sample
 from loong_jax.runtime.kv_pool import KVCache
 from pallas_kernels import AttentionBackend, block_attention, merge_attention, merge_attention_many
+from pallas_kernels.reference import HELD_BLOCK
 
 SP = "sp"
-PREFIX_BLOCK = 512  # an appending prefill's list of held slots is a multiple of this long
+PREFIX_BLOCK = HELD_BLOCK  # an appending prefill's list of held slots is a multiple of this long
 
 
 class PrefillInputs(NamedTuple):

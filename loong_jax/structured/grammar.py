@@ -42,11 +42,6 @@ class Matcher:
         if not self._m.consume_token(int(token)):
             raise ValueError(f"the structured output's grammar refused token {token}: {self._m.get_error()}")
 
-    @property
-    def done(self) -> bool:
-        """The grammar is complete and allows nothing more (the sequence ends)."""
-        return self._m.is_stopped()
-
 
 class GrammarCompiler:
     """Compiles constraints for one model's tokenizer; thread-safe, so that the server compiles off its event
@@ -61,7 +56,6 @@ class GrammarCompiler:
         self._cache: collections.OrderedDict[tuple[str, str], llguidance.LLMatcher] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._cache_size = cache_size
-        self.compiled = 0  # grammars compiled (cache misses)
         self._executor: llguidance.LLExecutor | None = None  # threads filling many masks at once
 
     def _llguidance_tokenizer(self) -> llguidance.LLTokenizer:
@@ -91,6 +85,14 @@ class GrammarCompiler:
     def matcher(self, spec: StructuredOutput) -> Matcher:
         """A fresh matcher for one request; ValueError naming the problem if the constraint is invalid or uses
         what the grammar engine does not support."""
+        return Matcher(self._template(spec).deep_copy())
+
+    def check(self, spec: StructuredOutput) -> None:
+        """Raise ValueError if the constraint cannot be compiled (compiling it now, so its request is fast)."""
+        self._template(spec)
+
+    def _template(self, spec: StructuredOutput) -> llguidance.LLMatcher:
+        """The compiled matcher of a constraint, from the cache or compiled now (requests copy it)."""
         key = (spec.kind, spec.text)
         with self._lock:
             template = self._cache.get(key)
@@ -100,10 +102,9 @@ class GrammarCompiler:
             template = self._compile(spec)
             with self._lock:
                 self._cache[key] = template
-                self.compiled += 1
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
-        return Matcher(template.deep_copy())
+        return template
 
     def prepare(self, matchers: Sequence[Matcher]) -> None:
         """Compute the next masks of many matchers at once, on llguidance's threads (the GIL released): a
@@ -117,10 +118,6 @@ class GrammarCompiler:
         llnp.fill_next_token_bitmask_par(self._executor, [(m._m, i) for i, m in enumerate(todo)], masks)
         for m, row in zip(todo, masks):
             m.ready = row
-
-    def check(self, spec: StructuredOutput) -> None:
-        """Raise ValueError if the constraint cannot be compiled (compiling it now, so its request is fast)."""
-        self.matcher(spec)
 
     def _compile(self, spec: StructuredOutput) -> llguidance.LLMatcher:
         name = spec.kind

@@ -146,7 +146,6 @@ class ToolCallParser:
     def __init__(self, fmt: ToolFormat):
         self.fmt = fmt
         self._pending = ""  # text held back
-        self._started = False  # the output so far is calls (llama3_json, mistral: they come alone)
         self.calls: list[ToolCall] = []
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
