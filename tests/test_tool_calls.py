@@ -91,6 +91,20 @@ def test_streamed_pieces_give_the_calls_and_text_of_the_whole(cuts, family):
     assert len(calls) == 2
 
 
+@pytest.mark.parametrize("family", sorted(FORMATS))
+def test_separators_and_markers_inside_arguments_do_not_split_calls(family):
+    fmt = FORMATS[family]
+    calls = [("get_weather", {"city": 'Paris; "France" {x}] </tool_call>', "days": 2}), ("now", {})]
+    for pieces in ([written(fmt, calls)], written(fmt, calls)):  # whole, then a character at a time
+        parser, content, found = fmt.parser(), "", []
+        for piece in pieces:
+            c, k = parser.feed(piece)
+            content, found = content + c, found + k
+        rest, more = parser.finish()
+        assert content + rest == ""
+        assert [(c.name, json.loads(c.arguments)) for c in found + more] == calls
+
+
 @pytest.mark.parametrize(
     "family,text",
     [

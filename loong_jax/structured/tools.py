@@ -146,6 +146,7 @@ class ToolCallParser:
     def __init__(self, fmt: ToolFormat):
         self.fmt = fmt
         self._pending = ""  # text held back
+        self._after_call = False  # newlines right after a call separate calls: dropped, however they arrive
         self.calls: list[ToolCall] = []
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
@@ -160,9 +161,14 @@ class ToolCallParser:
         return self._whole(final=True)
 
     def _hermes(self, final: bool) -> tuple[str, list[ToolCall]]:
+        """Calls between tags. The JSON is decoded from the open tag on, so a close tag inside an argument's
+        string does not end the call; text up to the first close tag is content when it is not a call."""
         content, calls = "", []
         open_, close = self.fmt.open.strip(), self.fmt.close.strip()
         while True:
+            if self._after_call:
+                self._pending = self._pending.lstrip("\n")
+                self._after_call = not self._pending
             at = self._pending.find(open_)
             if at < 0:
                 keep = 0 if final else _partial_suffix(self._pending, open_)
@@ -170,18 +176,23 @@ class ToolCallParser:
                 self._pending = self._pending[len(self._pending) - keep :]
                 return content, calls
             content, self._pending = content + self._pending[:at], self._pending[at:]
-            end = self._pending.find(close)
-            if end < 0:
-                if final:  # cut before its end: the text stays text
-                    content, self._pending = content + self._pending, ""
-                return content, calls
-            call = _parse_call(self._pending[len(open_) : end], self.fmt.args_key)
-            if call is None:
-                content += self._pending[: end + len(close)]
-            else:
+            body = self._pending[len(open_) :]
+            call, after = _decode_call(body, self.fmt.args_key)
+            tail = body[after:].lstrip() if after is not None else ""
+            if call is not None and tail.startswith(close):
                 calls.append(call)
                 self.calls.append(call)
-            self._pending = self._pending[end + len(close) :].lstrip("\n")  # the separator between calls
+                self._pending, self._after_call = tail[len(close) :], True
+                continue
+            end = self._pending.find(close)
+            unfinished = _unfinished(body) if after is None else close.startswith(tail)
+            if not final and (end < 0 or unfinished):
+                return content, calls  # may still become a call
+            if end < 0:  # cut before its end: the text stays text
+                content, self._pending = content + self._pending, ""
+                return content, calls
+            content += self._pending[: end + len(close)]
+            self._pending = self._pending[end + len(close) :].lstrip("\n")
 
     def _whole(self, final: bool) -> tuple[str, list[ToolCall]]:
         """llama3_json and mistral: an output that starts like a call is held whole and parsed at its end."""
@@ -198,8 +209,7 @@ class ToolCallParser:
         if self.fmt.name == "mistral":
             found = _parse_list(body, self.fmt.args_key)
         else:
-            parts = body.split(self.fmt.separator.strip())
-            found = [_parse_call(p, self.fmt.args_key) for p in parts] if body.strip() else [None]
+            found = _parse_sequence(body, self.fmt.separator.strip(), self.fmt.args_key)
         if not found or any(c is None for c in found):
             return text, []
         self.calls.extend(found)
@@ -223,11 +233,50 @@ def _call_from(obj: Any, args_key: str) -> ToolCall | None:
     return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
 
 
+def _decode_call(text: str, args_key: str) -> tuple[ToolCall | None, int | None]:
+    """The JSON value at the start of text (after whitespace) as a call, and where it ends (None: no whole
+    value there)."""
+    try:
+        obj, end = json.JSONDecoder().raw_decode(text, len(text) - len(text.lstrip()))
+    except ValueError:
+        return None, None
+    return _call_from(obj, args_key), end
+
+
+def _unfinished(text: str) -> bool:
+    """Whether the JSON at the start of text fails only for want of more text (a close tag seen so far may be
+    inside an argument's string): it stops inside a string or at the end."""
+    try:
+        json.JSONDecoder().raw_decode(text, len(text) - len(text.lstrip()))
+    except json.JSONDecodeError as e:
+        return e.msg.startswith("Unterminated string") or e.pos >= len(text.rstrip())
+    return False
+
+
 def _parse_call(text: str, args_key: str) -> ToolCall | None:
     try:
         return _call_from(json.loads(text), args_key)
     except ValueError:
         return None
+
+
+def _parse_sequence(text: str, separator: str, args_key: str) -> list[ToolCall | None]:
+    """JSON objects one after another with separator between them (llama3_json); [None] where the text is
+    anything else. Decoded object by object, so a separator inside an argument's string is not a split."""
+    decoder, found, at = json.JSONDecoder(), [], 0
+    while True:
+        at = len(text) - len(text[at:].lstrip())
+        try:
+            obj, at = decoder.raw_decode(text, at)
+        except ValueError:
+            return [None]
+        found.append(_call_from(obj, args_key))
+        rest = text[at:].lstrip()
+        if not rest:
+            return found
+        if not rest.startswith(separator):
+            return [None]
+        at = len(text) - len(rest) + len(separator)
 
 
 def _parse_list(text: str, args_key: str) -> list[ToolCall | None]:
