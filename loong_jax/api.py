@@ -45,6 +45,10 @@ class LLM:
     over the stacked weights, which copies every layer's weights at every step but compiles 2-3x faster, with
     half the memory mappings, on CPU. None (default): unrolled on accelerators, a loop on CPU (where unrolling
     makes SmolLM2 decode 1.57x faster).
+    host_kv_cache_gib: GiB of host memory for the prefix cache's second tier: pages evicted from the KV pools
+    are kept there and loaded back into the pools of whichever instances a later prompt starting the same
+    way runs on. None (default): a quarter of the host memory left after the process and the pools (nothing
+    is held until pages are evicted); 0: none.
     compiler_options: XLA options for every program, e.g. {"xla_backend_optimization_level": 0} for faster
     compiles of slower code (small models, experiments).
     """
@@ -69,6 +73,7 @@ class LLM:
         policy: str = "elastic",
         attention_backend: str = "auto",
         enable_prefix_caching: bool = True,
+        host_kv_cache_gib: float | None = None,
         unroll_layers: bool | None = None,
         heartbeat_timeout_s: float = 30.0,
         step_timeout_s: float = 300.0,
@@ -105,6 +110,7 @@ class LLM:
             policy=policy,
             attention_backend=attention_backend,
             enable_prefix_caching=enable_prefix_caching,
+            host_kv_cache_gib=host_kv_cache_gib,
             unroll_layers=unroll_layers,
             heartbeat_timeout_s=heartbeat_timeout_s,
             step_timeout_s=step_timeout_s,

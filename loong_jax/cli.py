@@ -84,6 +84,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         help="do not reuse the KV of earlier requests' prompt prefixes (on by default: exact, evicted when room "
         "is needed)",
     )
+    p.add_argument(
+        "--host-kv-cache-gib",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="host memory for prefix pages evicted from the KV pools, loaded back on a hit (default: a quarter of "
+        "the host memory left after the process and the pools; 0: none)",
+    )
 
 
 def _multihost_args(p: argparse.ArgumentParser) -> None:
@@ -162,6 +170,7 @@ def load_llm(args: argparse.Namespace, **limits: int):
         policy=args.policy,
         attention_backend=args.attention_backend,
         enable_prefix_caching=args.prefix_caching,
+        host_kv_cache_gib=args.host_kv_cache_gib,
         unroll_layers=args.unroll_layers,
         **({} if args.decode_steps is None else {"decode_steps": args.decode_steps}),
         max_batch_requests=args.max_batch_requests,

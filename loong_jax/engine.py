@@ -16,6 +16,7 @@ import itertools
 import logging
 import secrets
 import statistics
+import time
 from collections import Counter, deque
 from collections.abc import Sequence
 from typing import Any
@@ -30,7 +31,7 @@ from loong_jax.model.config import ModelConfig
 from loong_jax.model.sampling import VARIANTS, SamplerFlags, SamplerOutputs, SamplingParams
 from loong_jax.multihost.channel import PlanChannel
 from loong_jax.multihost.leader import Leader
-from loong_jax.prefix import PrefixCache
+from loong_jax.prefix import HostTier, PrefixCache
 from loong_jax.runtime.batching import bucket, prefill_rows
 from loong_jax.runtime.instances import Group
 from loong_jax.runtime.jax_executor import MAX_MIGRATE_TOKENS, JaxExecutor
@@ -38,14 +39,16 @@ from loong_jax.runtime.kv_pool import PagePool
 from loong_jax.runtime.memory import (
     PROGRAM_HOST_BYTES,
     KVCapacity,
+    host_available_bytes,
     memory_map_room,
     probe_domains,
     program_limit,
+    size_host_tier,
     size_kv_pools,
 )
 from loong_jax.runtime.request import Request, Status, queue_order
 from loong_jax.runtime.timeline import Span, Timeline
-from loong_jax.runtime.work import DecodeWork, Executor, FatalError, Iteration, Launch, Migration
+from loong_jax.runtime.work import DecodeWork, Executor, FatalError, Iteration, Launch, Migration, PrefillWork
 from loong_jax.scheduling.cost_model import CostModel, rough_cost_model
 from loong_jax.scheduling.elastic import ElasticScheduler, SchedulerConfig
 from loong_jax.scheduling.policy import Policy, SchedulerView, SharedComputePolicy, pages_to_reserve
@@ -84,6 +87,7 @@ class EngineConfig:
     policy: str = "elastic"  # "elastic": the cost-model scheduler; "shared": instances share one processor
     attention_backend: str = "auto"  # "auto" (Pallas on GPU, XLA elsewhere), "xla" or "pallas"
     enable_prefix_caching: bool = True  # reuse the K/V of full pages of earlier requests' prefixes
+    host_kv_cache_gib: float | None = None  # prefix pages evicted from the pools kept in host memory (0: off)
     unroll_layers: bool | None = None  # layers unrolled, weights read in place (None: on accelerators, not on CPU)
     heartbeat_timeout_s: float = 30.0  # multi-host: a follower silent this long is lost
     step_timeout_s: float = 300.0  # multi-host: a follower that has not answered a launch by then is lost
@@ -96,6 +100,10 @@ class EngineConfig:
         if self.kv_tokens_per_instance is not None and self.kv_tokens_per_instance < self.page_size:
             raise ValueError(
                 f"kv_tokens_per_instance must be >= page_size ({self.page_size}), got {self.kv_tokens_per_instance}"
+            )
+        if self.host_kv_cache_gib is not None and not self.host_kv_cache_gib >= 0:
+            raise ValueError(
+                f"host_kv_cache_gib must be >= 0 (0 turns the host tier off), got {self.host_kv_cache_gib}"
             )
         if self.memory_utilization is not None and not 0 < self.memory_utilization <= 1:
             raise ValueError(f"memory_utilization must be in (0, 1], got {self.memory_utilization}")
@@ -212,6 +220,45 @@ class Engine:
         eos = tokenizer.eos_token_ids if tokenizer is not None else cfg.eos_token_ids
         self.eos_ids = tuple(eos or cfg.eos_token_ids)
         self.grammars = GrammarCompiler(tokenizer, cfg.vocab_size, self.eos_ids)  # structured outputs
+
+    def use_host_tier(self, pages: int) -> HostTier:
+        """Keep up to `pages` pages evicted from the pools in host memory, loaded back on a prefix hit (the
+        executor must save and load pages: `save_pages`, `load_pages`)."""
+        cfg, ex = self.cfg, self.executor
+        tier = HostTier(pages, (cfg.num_layers, cfg.num_kv_heads, self.ecfg.page_size, cfg.head_dim), ex.dtype)
+        self.prefix_cache.use_host_tier(tier)
+        ex.before_write = lambda group: self.prefix_cache.spill(group, ex.save_pages)
+        return tier
+
+    def _load(self, instance: int, pages: Sequence[int], k: np.ndarray, v: np.ndarray) -> None:
+        """Dispatch a load of pages from the host tier into an instance's pool; its time is counted once done."""
+        tier, started = self.prefix_cache.tier, time.perf_counter()
+        pool = self.executor.load_pages(instance, pages, k, v)
+
+        def done() -> None:
+            tier.stats.load_seconds += time.perf_counter() - started
+
+        self.executor.when_ready(pool, done)
+
+    def _pays(self, degree: int, new: int, held: int, reload: int) -> bool:
+        """Whether the policy's cost model predicts loading K/V from the host tier beats computing it (yes
+        without a cost model)."""
+        cost = getattr(self.policy, "cost", None)
+        return cost is None or cost.reload_pays(degree, new, held, reload)
+
+    def _after_failed_loads(self, work: PrefillWork) -> None:
+        """Instances where a host-tier load failed: those whose pool it left unusable get empty ones, and the
+        requests holding K/V there (this prefill's too) are recomputed later."""
+        failed, self.prefix_cache.failed_loads = self.prefix_cache.failed_loads, []
+        for i in self.executor.repair(tuple(sorted(set(failed)))):
+            for req in [r for r in self.running if self.pools[i].tokens.get(r.rid, 0)]:
+                self._preempt(req)
+            self.prefix_cache.flush([i])
+        keep = [k for k, r in enumerate(work.requests) if r.status is Status.RUNNING]
+        work.requests = [work.requests[k] for k in keep]
+        work.plans = [work.plans[k] for k in keep]
+        if work.chunk is not None:
+            work.chunk = [work.chunk[k] for k in keep]
 
     # ----- requests -------------------------------------------------------------------------------
 
@@ -358,6 +405,7 @@ class Engine:
             stepping=[(x.group, x.requests) for x in self.launches if x.kind == "decode"],
             decode_steps=self._burst_limit(),
             cached=self.prefix_cache.locator() if self.prefix_cache.enabled else None,
+            reloadable=self.prefix_cache.host_run if self.prefix_cache.tier is not None else None,
         )
 
     def _burst_limit(self) -> int:
@@ -376,6 +424,8 @@ class Engine:
         is in flight. Returns the requests that received tokens or finished.
         """
         touched = self._collect()
+        if self.prefix_cache.tier is not None:
+            self.prefix_cache.tier.poll()  # file the evicted pages whose copy to the host has arrived
         launched = 0
         if self._changed:  # otherwise the policy would see what it saw last time
             self._changed = False
@@ -505,7 +555,10 @@ class Engine:
                     self._reserved_pages += req.reserved_pages
                 self.running.append(req)
                 req.prefill_len, req.prefilled, req.prefill_group = req.num_prefill_tokens, 0, work.group
-            self.prefix_cache.attach(work, fresh)  # a cached prefix on the group: only the rest is computed
+            # a cached prefix on the group, or in host memory (loaded now): only the rest is computed
+            self.prefix_cache.attach(work, fresh, self._load, self._pays)
+            if self.prefix_cache.failed_loads:
+                self._after_failed_loads(work)
             if not work.requests:  # no room for any new token yet: they continue in a later pass
                 continue
             for i, req in enumerate(work.requests):
@@ -776,9 +829,26 @@ def build_engine(
             )
     ecfg = dataclasses.replace(ecfg, kv_tokens_per_instance=capacity.tokens_per_instance)
     ecfg.check_fits_one_request()
+    tier_pages = 0
+    if ecfg.enable_prefix_caching and ecfg.host_kv_cache_gib != 0:
+        page_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize * ecfg.page_size
+        on_host = capacity.bytes_per_instance * ecfg.num_instances if capacity.domain == "host" else 0
+        tier_pages = size_host_tier(ecfg.host_kv_cache_gib, page_bytes, host_available_bytes(), on_host)
+        if jax.process_count() > 1:  # each process would need the evictions of its own instances
+            if ecfg.host_kv_cache_gib:
+                raise ValueError("the host KV cache tier runs on one process only; set host_kv_cache_gib=0")
+            tier_pages = 0
     executor.allocate(ecfg.num_pages)
     engine = Engine(cfg, ecfg, executor, tokenizer, seed, policy)
     engine.kv_capacity = capacity
+    if tier_pages:
+        tier = engine.use_host_tier(tier_pages)
+        log.info(
+            "host KV cache tier: %s pages = %s tokens (%.2f GiB), pages evicted from the pools are kept there",
+            f"{tier.capacity:,}",
+            f"{tier.capacity * ecfg.page_size:,}",
+            tier.capacity_bytes / (1 << 30),
+        )
     if policy is None and cost_model is not None:
         engine.policy = engine.default_policy(cost_model)
     return engine

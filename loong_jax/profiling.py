@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from loong_jax.engine import Engine
@@ -186,7 +187,19 @@ def profile(engine: Engine, repeats: int = 2, seed: int = 0, show: bool = True) 
         latency = max(0.0, float(latency))
         points["migrate"] = [{"tokens": n, "seconds": t} for n, t in zip(sizes, mtimes)]
         say("migration: " + ", ".join(f"{n} tok {t * 1000:.1f} ms" for n, t in zip(sizes, mtimes)))
-    cost = CostModel(profile_key(engine), prefill, decode, latency, rate, bucket, PREFIX_BLOCK)
+    reload_latency, reload_rate = 0.0, float("inf")
+    if engine.prefix_cache.tier is not None:
+        pages = [n for n in (4, 16, 64) if n < engine.pools[0].free_pages]
+        rtimes = [_timed(lambda n=n: _reload_pages(engine, n), repeats) for n in pages]
+        tokens = [n * ecfg.page_size for n in pages]
+        if len(tokens) >= 2:
+            slope, reload_latency = np.polyfit(np.array(tokens, float), np.array(rtimes), 1)
+            reload_rate, reload_latency = 1.0 / max(slope, 1e-12), max(0.0, float(reload_latency))
+        points["reload"] = [{"tokens": n, "seconds": t} for n, t in zip(tokens, rtimes)]
+        say("reload from host memory: " + ", ".join(f"{n} tok {t * 1000:.1f} ms" for n, t in zip(tokens, rtimes)))
+    cost = CostModel(
+        profile_key(engine), prefill, decode, latency, rate, bucket, PREFIX_BLOCK, reload_latency, reload_rate
+    )
     report = ProfileReport(
         cost,
         float(np.median(p_err)),
@@ -201,6 +214,18 @@ def profile(engine: Engine, repeats: int = 2, seed: int = 0, show: bool = True) 
         f"{len(d_err)} points); {report.seconds:.0f} s"
     )
     return report
+
+
+def _reload_pages(engine: Engine, n: int) -> None:
+    """Load n pages of K/V from host memory into instance 0's pool (into pages held for the time of it)."""
+    pool, tier, rid = engine.pools[0], engine.prefix_cache.tier, -1
+    slots = pool.append(rid, n * pool.page_size)
+    try:
+        shape = (n, *tier.k.shape[1:])
+        k, v = np.zeros(shape, tier.k.dtype), np.zeros(shape, tier.v.dtype)
+        jax.block_until_ready(engine.executor.load_pages(0, slots[:: pool.page_size] // pool.page_size, k, v))
+    finally:
+        pool.release(rid)
 
 
 def _there_and_back(engine: Engine, rid: int, n: int) -> None:

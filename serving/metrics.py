@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 from loong_jax.engine import Engine
+from loong_jax.prefix import HostTierStats
 from loong_jax.runtime.memory import KVCapacity
 from loong_jax.runtime.request import Request
 
@@ -87,12 +88,26 @@ class Metrics:
                 lambda e: e.prefix_cache.evictions
             ),
         }
+        for name, field, doc in (  # the host tier's (zero without one)
+            ("hits", "hits", "Prefills that loaded prefix pages from the host tier."),
+            ("hit_tokens", "hit_tokens", "Prompt tokens loaded from the host tier instead of computed."),
+            ("loaded_bytes", "loaded_bytes", "K/V bytes loaded from the host tier into KV pools."),
+            ("stored_bytes", "stored_bytes", "K/V bytes of evicted pages stored in the host tier."),
+            ("evictions", "evictions", "Pages dropped from the host tier to make room."),
+            ("load_seconds", "load_seconds", "Seconds from each load's dispatch until its pages were in the pool."),
+        ):
+            counter = Counter(f"loong:prefix_cache_host_{name}", doc, registry=r)
+            self.cache_counters[counter] = lambda e, f=field: getattr(_tier_stats(e), f)
         self._cache_seen = dict.fromkeys(self.cache_counters, 0)
         self.cache_pages = Gauge(
             "loong:prefix_cache_pages_instance",
             "Cached prefix pages in one instance's KV pool.",
             ["instance"],
             registry=r,
+        )
+        self.host_pages = Gauge("loong:prefix_cache_host_pages", "Pages in the host tier.", registry=r)
+        self.host_capacity = Gauge(
+            "loong:prefix_cache_host_capacity_bytes", "Size of the host tier (0: none).", registry=r
         )
         self.iteration = Histogram("loong:iteration_seconds", "Engine iteration time.", buckets=_LATENCY, registry=r)
         for i in range(num_instances):
@@ -174,6 +189,9 @@ class Metrics:
         for i, pool in enumerate(engine.pools):
             self.kv_instance.labels(instance=str(i)).set(pool.used_tokens / pool.num_slots)
             self.cache_pages.labels(instance=str(i)).set(len(pool.cached))
+        tier = engine.prefix_cache.tier
+        self.host_pages.set(tier.pages if tier is not None else 0)
+        self.host_capacity.set(tier.capacity_bytes if tier is not None else 0)
         for counter, count in self.cache_counters.items():
             value = count(engine)
             counter.inc(value - self._cache_seen[counter])
@@ -181,3 +199,8 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _tier_stats(engine: Engine) -> HostTierStats:
+    tier = engine.prefix_cache.tier
+    return tier.stats if tier is not None else HostTierStats()

@@ -26,6 +26,7 @@ from loong_jax.runtime.memory import (
     memory_map_room,
     peak_rss_bytes,
     program_limit,
+    size_host_tier,
     size_kv_pools,
 )
 from loong_jax.runtime.program_cache import ProgramCache
@@ -91,6 +92,19 @@ def test_an_explicit_pool_is_honoured_when_it_fits_and_refused_with_the_numbers_
     assert "allows 12.00 GiB" in msg and "memory_utilization 0.5" in msg
     fits = int(re.search(r"kv_tokens_per_instance <= ([\d,]+)", msg).group(1).replace(",", ""))
     assert fits == size_kv_pools([host(24, 1.5, 8)], SMOL, num_instances=8, tp=1, page_size=16).tokens_per_instance
+
+
+def test_the_host_tier_takes_a_share_of_what_the_pools_leave_or_what_is_asked_if_it_fits():
+    page = 1 << 20
+    assert size_host_tier(None, page, 8 * GiB) == 2048  # a quarter of 8 GiB
+    assert size_host_tier(None, page, 8 * GiB, host_pools=4 * GiB) == 1024  # pools in host memory (CPU)
+    assert size_host_tier(0, page, 8 * GiB) == 0 and size_host_tier(1.5, page, 8 * GiB) == 1536
+    with pytest.raises(ValueError, match=r"host_kv_cache_gib=9 does not fit.*8.00 GiB available.*<= 8.00"):
+        size_host_tier(9, page, 8 * GiB)
+    with pytest.raises(ValueError, match=r"KV pools take 6.00 GiB.*<= 2.00"):
+        size_host_tier(3, page, 8 * GiB, host_pools=6 * GiB)
+    with pytest.raises(ValueError, match=">= 0"):
+        size_host_tier(-1, page, 8 * GiB)
 
 
 def test_no_room_at_all_and_bad_fractions_are_errors():

@@ -1,5 +1,6 @@
 """`loong profile` on a tiny model: every kind of pass is measured, the cost model is fitted with its held-K/V
-term from passes appending to a cached prefix, and its held-out errors are reported."""
+term from passes appending to a cached prefix and its reload term from loads out of the host tier, and its
+held-out errors are reported."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ def test_profile_fits_whole_and_appending_prefills_decodes_and_migrations(tmp_pa
         assert all(p["held"] > 0 and p["seconds"] > 0 for p in report.points["appending"][d])
     assert all(math.isfinite(e) for e in (report.prefill_error, report.appending_error, report.decode_error))
     assert cost.migrate_tokens_per_s > 0 and len(report.points["migrate"]) >= 2
+    assert math.isfinite(cost.reload_tokens_per_s) and len(report.points["reload"]) == 3  # host tier loads
     assert engine.kv_used_tokens == 0
     cost.save(tmp_path / "p.json")
     assert CostModel.load(tmp_path / "p.json") == cost

@@ -284,8 +284,15 @@ def test_metrics_report_the_elastic_engine(server, client):
         "loong:kv_cache_tokens_per_instance 4096.0",
         "loong:kv_cache_capacity_tokens 16384.0",
         'loong:kv_cache_sizing_info{budget_bytes="',
+        "loong:prefix_cache_host_hit_tokens_total",
+        "loong:prefix_cache_host_loaded_bytes_total",
+        "loong:prefix_cache_host_stored_bytes_total",
+        "loong:prefix_cache_host_load_seconds_total",
+        "loong:prefix_cache_host_pages",
     ):
         assert name in text, name
+    capacity = re.search(r"^loong:prefix_cache_host_capacity_bytes (\S+)$", text, re.M)
+    assert capacity and float(capacity.group(1)) > 0  # on by default, sized from the host memory left
 
 
 class _Records(logging.Handler):

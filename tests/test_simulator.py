@@ -537,6 +537,18 @@ def test_cost_model_save_load_round_trip(tmp_path):
     inf.save(tmp_path / "inf.json")
     again = CostModel.load(tmp_path / "inf.json")
     assert again == inf and math.isinf(again.migrate_tokens_per_s) and again.prefill_bucket == 16
+    assert math.isinf(again.reload_tokens_per_s)
+    reload = dataclasses.replace(inf, reload_latency=1e-3, reload_tokens_per_s=1e5)
+    reload.save(tmp_path / "reload.json")
+    assert CostModel.load(tmp_path / "reload.json") == reload
+
+
+def test_a_reload_pays_when_loading_is_faster_than_computing():
+    cost = CostModel("k", {1: (0.0, 1e-3, 0.0, 0.0)}, {1: (0.0, 0.0, 0.0)}, reload_latency=0.01)
+    cost.reload_tokens_per_s = 1e4  # 0.1 ms a token against 1 ms to compute one
+    assert cost.reload_pays(1, 1000, 0, 900) and not cost.reload_pays(1, 1000, 0, 5)  # latency 10 ms > 5 ms
+    cost.reload_tokens_per_s = 500.0
+    assert not cost.reload_pays(1, 1000, 0, 900)
 
 
 def test_cluster_model_hits_the_paper_points():

@@ -9,20 +9,31 @@ ring prefill). A request's full aligned pages are published when its prefill end
 (its generated tokens too, for the next turn of a conversation). The last, partial page is never shared:
 a request always computes at least its last prompt token. A request's `cache_salt` is mixed into its keys:
 only requests with the same salt (and model) share pages, which is how tenants are kept apart.
+
+With a host tier (`host_tier.py`), pages the pools evict are kept in host memory too: a prefix continues
+there where the pools' copy ends, and those pages are loaded into the pools of the group the prefill runs
+on, each on the instance its plan puts that page's tokens on, before the prefill that appends to them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
+from loong_jax.prefix.host_tier import HostTier
 from loong_jax.runtime.kv_pool import PagePool, prefix_keys
 from loong_jax.runtime.placement import busiest_first_plan
 from loong_jax.runtime.request import Request
 from loong_jax.runtime.work import PrefillWork
+
+log = logging.getLogger("loong_jax")
+# Loads K and V [n, L, KV, page, D] from host memory into pages of an instance's pool (dispatched, not waited).
+Loader = Callable[[int, Sequence[int], np.ndarray, np.ndarray], Any]
 
 
 @dataclasses.dataclass
@@ -44,6 +55,28 @@ class PrefixCache:
         self.salt = salt
         self.enabled = enabled
         self.stats = PrefixStats()
+        self.tier: HostTier | None = None  # see `use_host_tier`
+        self.failed_loads: list[int] = []  # instances where a load failed since the engine last looked
+
+    def use_host_tier(self, tier: HostTier) -> None:
+        """Keep the pages the pools evict in this host tier, and load them back on a hit."""
+        if self.enabled:
+            self.tier = tier
+            for pool in self.pools:
+                pool.evicted = []
+
+    def spill(self, instances: Sequence[int], save: Callable[[int, Sequence[int]], Any]) -> None:
+        """Save the pages these instances' pools evicted since the last call into the host tier (call right
+        before a program that may overwrite them is dispatched): save(instance, pages) returns their K and V
+        as device arrays, copied to the host without waiting. Pages the tier holds already are not copied."""
+        if self.tier is None:
+            return
+        for i in instances:
+            evicted, self.pools[i].evicted = self.pools[i].evicted, []
+            todo = {key: page for page, key in evicted if key not in self.tier}
+            if todo:
+                k, v = save(i, list(todo.values()))
+                self.tier.stage(list(todo), k, v)
 
     def keys(self, req: Request, tokens: int) -> list[bytes]:
         """The keys of the full pages among the first `tokens` tokens of the request's sequence (its prompt
@@ -98,12 +131,20 @@ class PrefixCache:
 
         return where
 
-    def attach(self, work: PrefillWork, fresh: Sequence[Request]) -> None:
+    def attach(
+        self,
+        work: PrefillWork,
+        fresh: Sequence[Request],
+        load: Loader | None = None,
+        pays: Callable[[int, int, int, int], bool] | None = None,
+    ) -> None:
         """Give the requests starting their prefill in this work their prefix cached on the group: shared
         pages, `prefilled` and `cached_tokens` set, and the pass set to compute only the tokens after
         them. If the placement plan no longer fits the group's pools (cached pages nobody held counted as
         free, and the hits now hold them), the new tokens are placed busiest-first, as many as fit: a
-        request for which none fit leaves this pass and continues in a later one (a chunked prefill)."""
+        request for which none fit leaves this pass and continues in a later one (a chunked prefill).
+        load: with a host tier, loads the pages of a prefix continued there (else they are computed), where
+        pays(degree, new tokens, held tokens, tokens to load) says loading beats computing (default: always)."""
         if not self.enabled:
             return
         group, page = work.group, self.page_size
@@ -113,17 +154,20 @@ class PrefixCache:
             self.stats.queries += 1
             self.stats.query_tokens += req.prefill_len
             where = self.lookup(req, group)
-            if not where:
-                continue
-            prefer[req.rid] = [group.index(i) for i, _ in Counter(where).most_common()]
-            keys = self.keys(req, len(where) * page)
-            for i in dict.fromkeys(where):
-                numbers = [j for j, w in enumerate(where) if w == i]
-                self.pools[i].share(req.rid, [keys[j] for j in numbers], numbers)
-            req.prefilled = req.cached_tokens = len(where) * page
-            self.stats.hits += 1
-            self.stats.hit_tokens += req.cached_tokens
-            hits.append(req)
+            req.cached_tokens = 0
+            if where:
+                prefer[req.rid] = [group.index(i) for i, _ in Counter(where).most_common()]
+                keys = self.keys(req, len(where) * page)
+                for i in dict.fromkeys(where):
+                    numbers = [j for j, w in enumerate(where) if w == i]
+                    self.pools[i].share(req.rid, [keys[j] for j in numbers], numbers)
+                req.prefilled = req.cached_tokens = len(where) * page
+            if load is not None and self.tier is not None:
+                self._reload(work, req, load, pays)
+            if req.cached_tokens:
+                self.stats.hits += 1
+                self.stats.hit_tokens += req.cached_tokens
+                hits.append(req)
         if not hits:
             return
         if work.chunk is None:
@@ -142,6 +186,51 @@ class PrefixCache:
         work.plans = [plans[k] for k in keep]
         work.chunk = [len(placed[k]) for k in keep]
 
+    def host_run(self, req: Request, start: int) -> int:
+        """How many pages of the request's prefix (all but its last prefill token) the host tier holds in a
+        row from page `start` on."""
+        if self.tier is None:
+            return 0
+        return self.tier.run(self.keys(req, req.num_prefill_tokens - 1), start)
+
+    def _reload(
+        self, work: PrefillWork, req: Request, load: Loader, pays: Callable[[int, int, int, int], bool] | None
+    ) -> None:
+        """Load the pages of the request's prefix that continue in the host tier where its pools' copy ends,
+        each onto the group instance its plan gives most of that page's tokens (while it has a free page),
+        and count them as held. A load that fails leaves the request computing them: nothing else is lost."""
+        page, tier = self.page_size, self.tier
+        keys = self.keys(req, req.num_prefill_tokens - 1)
+        first = req.prefilled // page
+        count = tier.run(keys, first)
+        new = req.num_prefill_tokens - req.prefilled
+        if not count or (pays is not None and not pays(len(work.group), new, req.prefilled, count * page)):
+            return
+        plan = np.asarray(work.plans[work.requests.index(req)])
+        placed: dict[int, list[tuple[int, int]]] = {}  # instance -> (page number, pool page) loaded there
+        for j in range(first, first + count):
+            i = work.group[int(np.bincount(plan[j * page : (j + 1) * page]).argmax())]
+            if self.pools[i].free_pages < 1:
+                break  # this page and the ones after it are computed
+            slot = self.pools[i].append(req.rid, page, j * page)[0]
+            placed.setdefault(i, []).append((j, int(slot) // page))
+        loaded = sum(len(p) for p in placed.values())
+        try:
+            for i, pages in placed.items():
+                k, v = tier.read([keys[j] for j, _ in pages])
+                load(i, [p for _, p in pages], k, v)
+                tier.stats.loaded_bytes += len(pages) * tier.page_bytes
+        except Exception as e:
+            log.warning("loading request %d's prefix from host memory failed (%s); computing it", req.rid, e)
+            for i, pages in placed.items():
+                self.pools[i].truncate(req.rid, len(pages) * page)
+                self.failed_loads.append(i)
+            return
+        req.prefilled += loaded * page
+        req.cached_tokens = req.prefilled
+        tier.stats.hits += 1
+        tier.stats.hit_tokens += loaded * page
+
     def publish(self, req: Request, instances: Sequence[int]) -> None:
         """Cache the request's full pages on these instances that hold whole aligned pages of its sequence
         (call only when no program is writing its K/V)."""
@@ -158,7 +247,8 @@ class PrefixCache:
                     self.pools[i].publish(req.rid, k, keys[j])
 
     def flush(self, instances: Sequence[int] | None = None) -> None:
-        """Drop the cached pages of these instances (all by default), e.g. after their K/V was lost."""
+        """Drop the cached pages of these instances (all by default), e.g. after their K/V was lost (the host
+        tier keeps its copies: they were saved before)."""
         for i in range(len(self.pools)) if instances is None else instances:
             self.pools[i].flush()
 

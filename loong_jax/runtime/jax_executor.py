@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -29,7 +29,7 @@ from loong_jax.model.llama import stack_layers
 from loong_jax.model.sampling import VARIANTS, SamplerFlags, SamplerOutputs
 from loong_jax.runtime.batching import bucket, sampler_flags, sampler_inputs
 from loong_jax.runtime.instances import SP, Group, Instances
-from loong_jax.runtime.kv_pool import PagePool
+from loong_jax.runtime.kv_pool import KVCache, PagePool
 from loong_jax.runtime.memory import Footprint, count_memory_maps
 from loong_jax.runtime.packing import layout, pack, packed_program
 from loong_jax.runtime.placement import build_decode, build_prefill
@@ -40,8 +40,10 @@ from loong_jax.runtime.programs import (
     MigrateInputs,
     PrefillInputs,
     decode_program,
+    gather_pages_program,
     migrate_program,
     prefill_program,
+    scatter_pages_program,
 )
 from loong_jax.runtime.request import Request
 from loong_jax.runtime.work import DecodeWork, Launch, Pending, PrefillWork
@@ -149,6 +151,10 @@ class JaxExecutor:
         self.migrations = 0  # KV transfers between instances (migrate calls), for tests and metrics
         self.migrated_tokens = 0
         self.peers: Any = None  # multi-host leader: sends operations on groups with other processes' instances
+        # Called with a group right before a program that writes its pools is dispatched (the host tier saves
+        # the pages their pools just evicted: read before they are overwritten).
+        self.before_write: Callable[[Group], None] | None = None
+        self._page_programs: dict[tuple[str, int], Any] = {}
 
     @property
     def devices(self) -> list[jax.Device]:
@@ -322,6 +328,8 @@ class JaxExecutor:
         """This process's part of a prefill or decode: dispatch a compiled program at once; one not compiled
         yet (a new sampler variant or shape) is compiled and dispatched on the compile thread, so the
         programs of other groups go on meanwhile. carry: a decode's start state left by the burst before."""
+        if self.before_write is not None:
+            self.before_write(group)
         inst = self.instances
         spec = layout((inp, samp))
         words = jax.device_put(pack((inp, samp)), inst.sharding(group, P(SP)))  # one transfer
@@ -371,6 +379,8 @@ class JaxExecutor:
     def migrate_local(self, src: int, dst: int, src_slots: np.ndarray, dst_slots: np.ndarray) -> None:
         """This process's part of a migration (every transfer runs to completion)."""
         group, inst = (src, dst), self.instances
+        if self.before_write is not None:
+            self.before_write(group)
         for at in range(0, len(src_slots), MAX_MIGRATE_TOKENS):
             part_src = src_slots[at : at + MAX_MIGRATE_TOKENS]
             part_dst = dst_slots[at : at + MAX_MIGRATE_TOKENS]
@@ -383,6 +393,48 @@ class JaxExecutor:
             program = self.programs.get(("migrate", group, shape_key(inp)), fn, args, donate_argnums=(0,))
             pools = jax.block_until_ready(program(*args))  # rare; the next program donates these buffers
             inst.put_group_pools(group, pools)
+
+    def when_ready(self, x: Any, done: Callable[[], None]) -> None:
+        """Call done() on a watcher thread once x is computed (or has failed)."""
+        self._watchers.submit(jax.block_until_ready, x).add_done_callback(lambda _: done())
+
+    def save_pages(self, instance: int, pages: Sequence[int]) -> KVCache:
+        """The K and V of these pages of an instance's pool, [n, L, KV, page, D] each (n: a bucket of
+        len(pages); the padding reads zeros): dispatched after every program before it, not waited for."""
+        slots = self._page_slots(pages)
+        return self._page_program("gather", instance)(self.instances.pools[instance], slots)
+
+    def load_pages(self, instance: int, pages: Sequence[int], k: np.ndarray, v: np.ndarray) -> Any:
+        """Write K and V [len(pages), L, KV, page, D] from host memory into these pages of an instance's pool:
+        the transfer and the write are dispatched, not waited for. Returns the new pool (ready once loaded)."""
+        if self.before_write is not None:
+            self.before_write((instance,))
+        slots, inst = self._page_slots(pages), self.instances
+        pad = ((0, len(slots) - len(pages)),) + ((0, 0),) * (k.ndim - 1)
+        sharding = inst.sharding((instance,), inst.pool_spec)
+        new = KVCache(*(jax.device_put(np.pad(x, pad), sharding) for x in (k, v)))
+        pool = self._page_program("scatter", instance)(inst.pools[instance], slots, new)
+        inst.pools[instance] = pool
+        return pool
+
+    def _page_slots(self, pages: Sequence[int]) -> np.ndarray:
+        """Slots [bucket(n), page] of whole pages; padding rows point past the pool."""
+        slots = np.full((bucket(len(pages)), self.page_size), self.num_slots, np.int32)
+        slots[: len(pages)] = np.asarray(pages, np.int32)[:, None] * self.page_size + np.arange(self.page_size)
+        return slots
+
+    def _page_program(self, kind: str, instance: int) -> Any:
+        """The program copying pages out of ("gather") or into ("scatter") an instance's pool (jit-cached per
+        shape: a power of two of pages)."""
+        program = self._page_programs.get((kind, instance))
+        if program is None:
+            s = self.instances.sharding((instance,), self.instances.pool_spec)
+            if kind == "gather":
+                program = jax.jit(gather_pages_program, out_shardings=KVCache(s, s))
+            else:
+                program = jax.jit(scatter_pages_program, donate_argnums=0, out_shardings=KVCache(s, s))
+            self._page_programs[(kind, instance)] = program
+        return program
 
     def repair(self, group: Group) -> list[int]:
         """Instances of the group whose pools a failed program left deleted (donated) or in error get new

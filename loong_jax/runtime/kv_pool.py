@@ -51,6 +51,8 @@ class PagePool:
         self._key_of: dict[int, bytes] = {}  # cached page -> its key
         self._idle: OrderedDict[int, None] = OrderedDict()  # cached pages no request holds, oldest first
         self.evictions = 0
+        # (page, key) of cached pages evicted since the host tier last saved them (None: nobody saves them)
+        self.evicted: list[tuple[int, bytes]] | None = None
 
     @property
     def num_slots(self) -> int:
@@ -138,6 +140,8 @@ class PagePool:
         if self._free:
             return self._free.pop()
         page, _ = self._idle.popitem(last=False)
+        if self.evicted is not None:  # its K/V is saved before the program that reuses the page runs
+            self.evicted.append((page, self._key_of[page]))
         self._uncache(page)
         self.evictions += 1
         return page
@@ -257,6 +261,8 @@ class PagePool:
         self._idle.clear()
         self.cached.clear()
         self._key_of.clear()
+        if self.evicted is not None:
+            self.evicted.clear()
 
 
 def prefix_keys(

@@ -172,6 +172,28 @@ def size_kv_pools(
     return cap
 
 
+HOST_TIER_SHARE = 0.25  # default host tier: this share of the host memory left once the pools have theirs
+
+
+def size_host_tier(requested_gib: float | None, page_bytes: int, available: int, host_pools: int = 0) -> int:
+    """Pages of the prefix cache's host tier: requested_gib GiB (0: none), or by default HOST_TIER_SHARE of
+    the host memory `available` after the pools that live in it (`host_pools` bytes; on CPU the pools are
+    host memory). ValueError naming the numbers if the size asked for does not fit there."""
+    room = max(0, available - host_pools)
+    if requested_gib is None:
+        return int(HOST_TIER_SHARE * room) // page_bytes
+    if requested_gib < 0:
+        raise ValueError(f"host_kv_cache_gib must be >= 0 (0 turns the host tier off), got {requested_gib:g}")
+    want = int(requested_gib * GiB)
+    if want > room:
+        raise ValueError(
+            f"host_kv_cache_gib={requested_gib:g} does not fit: the host has {_gib(available)} GiB available"
+            + (f", of which the KV pools take {_gib(host_pools)} GiB" if host_pools else "")
+            + f". Use host_kv_cache_gib <= {room / GiB:.2f} (or leave it unset for {HOST_TIER_SHARE:g} of that)."
+        )
+    return want // page_bytes
+
+
 # ----- probes -----------------------------------------------------------------------------------------
 
 

@@ -270,6 +270,26 @@ def migrate_program(mesh: Mesh, pool_spec: P, pools: KVCache, inp: MigrateInputs
     return jax.shard_map(body, mesh=mesh, in_specs=(spec, P(SP)), out_specs=spec, check_vma=False)(pools, inp)
 
 
+def gather_pages_program(pool: KVCache, slots: jnp.ndarray) -> KVCache:
+    """K and V of whole pages of one instance's pool [1, L, KV, S, D]: slots [n, page] -> [n, L, KV, page, D]
+    each, page-major as the host tier keeps them (slots past the pool read zeros)."""
+
+    def take(x):
+        return jnp.moveaxis(jnp.take(x[0], slots, axis=2, mode="fill", fill_value=0), 2, 0)
+
+    return KVCache(take(pool.k), take(pool.v))
+
+
+def scatter_pages_program(pool: KVCache, slots: jnp.ndarray, pages: KVCache) -> KVCache:
+    """Write pages [n, L, KV, page, D] (K and V) into one instance's pool at slots [n, page], in place (slots
+    past the pool are dropped)."""
+
+    def flat(x):
+        return jnp.moveaxis(x, 0, 2).reshape(*x.shape[1:3], -1, x.shape[-1])
+
+    return store_kv(pool, slots.reshape(-1), flat(pages.k), flat(pages.v))
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def score_program(graphdef: nnx.GraphDef, state: nnx.State, tokens: jnp.ndarray) -> jnp.ndarray:
     """Logits [T, V] at every position of one sequence (no KV pool): for scoring and parity checks."""

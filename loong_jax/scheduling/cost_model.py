@@ -8,7 +8,8 @@ Per degree of parallelism d (instances in the group):
   the one over h). A profiled executor runs padded shapes: there n * h is every computed (bucketed) query
   against every block of `held_block` keys a rank attends, i.e. ceil(h / (d * held_block)) blocks;
 * one decode step: `a + b * batch + c * context` (weights and per-step overhead, per-request work, KV read);
-* migration of n tokens: `latency + n / tokens_per_s`.
+* migration of n tokens: `latency + n / tokens_per_s`;
+* reload of n tokens' K/V from the host tier of the prefix cache into a pool: `latency + n / tokens_per_s`.
 Coefficients are fitted by least squares on relative error, saved as JSON keyed by model and hardware.
 """
 
@@ -34,6 +35,8 @@ class CostModel:
     migrate_tokens_per_s: float = math.inf
     prefill_bucket: int = 0  # > 0: each rank's tokens are padded to a power-of-two bucket of at least this
     held_block: int = 0  # > 0: each rank attends the K/V it holds in blocks of this many keys (padded)
+    reload_latency: float = 0.0
+    reload_tokens_per_s: float = math.inf
 
     def prefill_tokens(self, degree: int, total: float | np.ndarray) -> float | np.ndarray:
         """Tokens a prefill of `total` tokens really computes at this degree (after shape padding)."""
@@ -78,6 +81,15 @@ class CostModel:
     def migrate_time(self, tokens: int) -> float:
         return self.migrate_latency + tokens / self.migrate_tokens_per_s
 
+    def reload_time(self, tokens: int) -> float:
+        return self.reload_latency + tokens / self.reload_tokens_per_s
+
+    def reload_pays(self, degree: int, new: int, held: int, reload: int) -> bool:
+        """Whether loading `reload` tokens' K/V from host memory is predicted faster than computing them, for
+        a prompt of `new` tokens after `held` ones (the reloaded ones among the new) prefilled at `degree`."""
+        computed = self.prefill_time(degree, [new], [held]) - self.prefill_time(degree, [new - reload], [held + reload])
+        return self.reload_time(reload) < computed
+
     def to_json(self) -> dict:
         return {
             "key": self.key,
@@ -87,11 +99,13 @@ class CostModel:
             "migrate_tokens_per_s": self.migrate_tokens_per_s if math.isfinite(self.migrate_tokens_per_s) else None,
             "prefill_bucket": self.prefill_bucket,
             "held_block": self.held_block,
+            "reload_latency": self.reload_latency,
+            "reload_tokens_per_s": self.reload_tokens_per_s if math.isfinite(self.reload_tokens_per_s) else None,
         }
 
     @classmethod
     def from_json(cls, data: dict) -> CostModel:
-        rate = data.get("migrate_tokens_per_s")
+        rate, reload = data.get("migrate_tokens_per_s"), data.get("reload_tokens_per_s")
         return cls(
             data["key"],
             {int(d): _with_held_term(v) for d, v in data["prefill"].items()},
@@ -100,6 +114,8 @@ class CostModel:
             math.inf if rate is None else float(rate),
             int(data.get("prefill_bucket", 0)),
             int(data.get("held_block", 0)),
+            float(data.get("reload_latency", 0.0)),
+            math.inf if reload is None else float(reload),
         )
 
     def save(self, path: str | Path) -> None:
@@ -169,4 +185,4 @@ def rough_cost_model(key: str = "uncalibrated") -> CostModel:
     and per context token. Only the relative sizes matter to most decisions."""
     prefill = {1: (5e-3, 1e-3, 1e-8, 2e-8)}
     decode = {1: (2e-2, 3e-3, 1e-5)}
-    return CostModel(key, prefill, decode, 1e-3, 1e6)
+    return CostModel(key, prefill, decode, 1e-3, 1e6, reload_latency=1e-3, reload_tokens_per_s=1e6)

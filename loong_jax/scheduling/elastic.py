@@ -109,8 +109,8 @@ class ElasticScheduler:
         idle = [i for i in range(self.n) if i not in view.busy and i not in in_decode]
         it = Iteration(prefills=chunks)
         admitted, blocked = self._dispatch(view, idle + sorted(in_decode))
-        page = view.pools[0].page_size  # tokens of each admitted request's longest cached prefix
-        self._cached = {r.rid: view.cached_pages(r, range(self.n)) * page for r in admitted}
+        # tokens of each admitted request's longest cached prefix
+        self._cached = {r.rid: self._prefix_tokens(view, r, range(self.n)) for r in admitted}
         if admitted:
             paused, packed, hold, now = self._allocate(view, admitted, idle, groups)
             if hold:  # the prefill waits for decode steps in flight; the groups it pauses stay still
@@ -184,6 +184,17 @@ class ElasticScheduler:
         if inputs:
             return sum(1.0 / max(1, r.num_prefill_tokens) for r in reqs)
         return sum(1.0 / max(1, r.expected_new_tokens) for r in reqs)
+
+    def _prefix_tokens(self, view: SchedulerView, req: Request, instances: Sequence[int]) -> int:
+        """Tokens of the request's prefix a prefill on these instances will not compute: those cached there,
+        and those after them in the host tier when loading them is predicted faster than computing them."""
+        page = view.pools[0].page_size
+        pages = view.cached_pages(req, instances)
+        host = view.host_pages(req, pages) * page
+        n, h = req.num_prefill_tokens - pages * page, pages * page
+        if host and self.cost.reload_pays(max(1, len(instances)), n, h, host):
+            return h + host
+        return h
 
     def _prefill_time(self, degree: int, reqs: Sequence[Request]) -> float:
         """Predicted prefill of these requests at this degree; a cached prefix is not computed again."""
@@ -375,8 +386,8 @@ class ElasticScheduler:
                 left -= set(group)
         rest = [r for r in admitted if r.rid not in pinned]
         remaining = [i for i in free if i in left]
-        for r in rest:  # the rest can only find what is cached on the instances left
-            self._cached[r.rid] = view.cached_pages(r, remaining) * page
+        for r in rest:  # the rest can only find what is cached on the instances left (or in host memory)
+            self._cached[r.rid] = self._prefix_tokens(view, r, remaining)
         return batches, rest, remaining
 
     def max_prompt_tokens(self, num_pages: int, page_size: int) -> int:

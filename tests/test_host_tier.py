@@ -1,0 +1,211 @@
+"""The host-memory tier of the prefix cache: pages the pools evict are kept in host memory and loaded back on
+a hit, onto whichever instances the prefill runs on. Outputs equal those without any cache (tokens and
+log-probabilities); the bookkeeping of both tiers stays consistent under random workloads; a load that fails
+or a request aborted during one loses nothing else; the tier never holds more than its size."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from esp_helpers import greedy_params, pool_tokens, reference_kv, tiny_esp_engine
+
+from loong_jax.prefix import HostTier
+from loong_jax.runtime.kv_pool import PagePool
+from loong_jax.runtime.memory import process_rss_bytes
+from loong_jax.runtime.work import Iteration, PrefillWork
+
+PAGE = 4
+STEPS = 6
+
+
+def _engine(num_instances: int, kv_tokens: int = 64, tier_gib: float | None = None, **limits):
+    limits = {"max_model_len": 60, "max_prefill_tokens": 60, "host_kv_cache_gib": tier_gib, **limits}
+    return tiny_esp_engine(num_instances=num_instances, kv_tokens=kv_tokens, page_size=PAGE, limits=limits)
+
+
+def _run(engine, prompt, steps=STEPS, group=None, plan=None):
+    """One request to its end: through the scheduler, or prefilled on `group` with `plan` (then scheduled)."""
+    req = engine.add_request(prompt, greedy_params(steps, logprobs=0))
+    if group is not None:
+        engine.execute(Iteration(prefills=[PrefillWork(group, [req], [np.asarray(plan, np.int32)])]))
+    while not req.finished:
+        engine.step()
+    return req
+
+
+def _evict_all(engine, rng):
+    """Two requests of unrelated tokens, each filling nearly all of each instance's pool in turn: every page
+    cached before is evicted (the first leaves the one released last, the second takes it)."""
+    n = min(engine.pools[0].num_slots, engine.ecfg.max_model_len) - 1
+    for i in range(engine.ecfg.num_instances):
+        for _ in range(2):
+            _run(engine, rng.integers(3, 256, n).tolist(), 1, (i,), np.zeros(n))
+
+
+def _same(got, want):
+    assert got.output_ids == want.output_ids
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-4)
+
+
+def test_the_tier_is_a_bounded_lru_that_files_copies_as_they_arrive():
+    tier = HostTier(3, (2, 1, PAGE, 2), np.float32)
+    pages = np.arange(5 * 2 * PAGE * 2, dtype=np.float32).reshape(5, 2, 1, PAGE, 2)
+    keys = [bytes([k]) for k in range(5)]
+    tier.put(keys[:3], pages[:3], -pages[:3])
+    assert tier.run(keys, 0) == 3 and tier.run(keys, 1) == 2
+    k, v = tier.read(keys[:1])  # key 0 is now the most recently used
+    np.testing.assert_array_equal(k[0], pages[0])
+    np.testing.assert_array_equal(v[0], -pages[0])
+    tier.stage(keys[3:], jnp.asarray(pages[3:]), jnp.asarray(-pages[3:]))  # device arrays on their way
+    assert tier.run(keys, 3) == 2  # a key still on its way is waited for
+    assert tier.pages == 3 and tier.stats.evictions == 2
+    assert keys[0] in tier and keys[1] not in tier and keys[2] not in tier
+    np.testing.assert_array_equal(tier.read([keys[4]])[1][0], -pages[4])
+    tier.check()
+    with pytest.raises(ValueError, match=">= 1 page"):
+        HostTier(0, (1, 1, PAGE, 1), np.float32)
+
+
+def test_pools_report_the_cached_pages_they_evict_only_when_asked():
+    pool = PagePool(2, PAGE)
+    pool.append(0, 2 * PAGE, 0)
+    pool.publish(0, 0, b"a")
+    pool.publish(0, 1, b"b")
+    pool.release(0)
+    pool.append(1, PAGE, None)
+    assert pool.evicted is None and pool.evictions == 1
+    pool.evicted = []
+    pool.append(1, PAGE, None)
+    assert pool.evicted == [(0, b"a")]  # released last page first: the first page is evicted last
+    pool.check()
+
+
+def test_the_tier_memory_stays_within_its_size_under_ten_times_its_size():
+    """Pages of 1 MiB stored through a 64 MiB tier, 640 MiB in all: resident memory grows by the tier's
+    size at most (its arrays are filled in place, least recently used pages overwritten)."""
+    before = process_rss_bytes()
+    tier = HostTier(32, (1, 1, 1024, 128), np.float32)  # 2 x 512 KiB a page
+    page = np.ones((1, 1, 1, 1024, 128), np.float32)
+    for n in range(320):
+        tier.put([n.to_bytes(4, "little")], page * n, page)
+    grown = process_rss_bytes() - before
+    assert tier.pages == 32 and tier.stats.evictions == 320 - 32
+    assert grown < tier.capacity_bytes + (24 << 20), f"resident memory grew {grown >> 20} MiB"
+
+
+@pytest.mark.parametrize("num_instances", [1, 4, 8])
+def test_outputs_with_every_reuse_from_host_memory_equal_no_cache(num_instances):
+    """Conversations whose earlier turns are evicted from the pools before the next turn: each later turn
+    loads its history from host memory, and every output equals the output without any cache."""
+    rng = np.random.default_rng(num_instances)
+    history = [rng.integers(3, 256, 21).tolist() for _ in range(2)]
+    turns = [h + rng.integers(3, 256, 5).tolist() for h in history] + [h + [7, 8, 9] for h in history]
+
+    def run(engine):
+        out, fill = [], np.random.default_rng(0)
+        for prompt in turns:
+            out.append(_run(engine, prompt))
+            _evict_all(engine, fill)
+        return out
+
+    plain = _engine(num_instances, tier_gib=0)
+    plain.prefix_cache.enabled = False
+    want = run(plain)
+    engine = _engine(num_instances)
+    tier = engine.prefix_cache.tier
+    got = run(engine)
+    for g, w in zip(got, want):
+        _same(g, w)
+    assert [r.cached_tokens for r in got] == [0, 0, 20, 20]  # whole pages of the history, from host memory
+    assert tier.stats.hits == 2 and tier.stats.hit_tokens == 40 == engine.prefix_cache.stats.hit_tokens
+    assert tier.stats.loaded_bytes == 10 * tier.page_bytes
+
+
+def test_a_prefix_loads_onto_another_group_where_its_plan_puts_it():
+    """Computed on instance 0, evicted, then prefilled on instances 2 and 3 with a plan putting its first 12
+    tokens on 3 and the rest on 2: the loaded pages land there and hold the K/V of the tokens."""
+    engine = _engine(4)
+    rng = np.random.default_rng(1)
+    prompt = rng.integers(3, 256, 30).tolist()
+    first = _run(engine, prompt[:25], 1, (0,), np.zeros(25))
+    _evict_all(engine, rng)
+    req = engine.add_request(prompt, greedy_params(3, logprobs=0))
+    plan = np.where(np.arange(30) < 12, 1, 0)
+    engine.execute(Iteration(prefills=[PrefillWork((2, 3), [req], [plan.astype(np.int32)])]))
+    assert req.cached_tokens == 24 and first.cached_tokens == 0
+    assert engine.pools[3].tokens[req.rid] == 12 and engine.pools[2].tokens[req.rid] == 18
+    np.testing.assert_array_equal(engine.pools[3].positions(req.rid), np.arange(12))
+    want_k, want_v = reference_kv(engine, prompt)
+    for i, at in ((3, slice(0, 12)), (2, slice(12, 30))):
+        k, v = pool_tokens(engine, i, req.rid)
+        np.testing.assert_allclose(k, want_k[:, at], atol=1e-5)
+        np.testing.assert_allclose(v, want_v[:, at], atol=1e-5)
+    while not req.finished:
+        engine.step()
+
+
+def test_random_workloads_evict_from_both_tiers_and_stay_consistent():
+    """Prompts sharing a few prefixes on small pools and a host tier of 12 pages: pages are evicted from the
+    pools and from the tier; after every step both are consistent, and every output is the uncached one."""
+    rng = np.random.default_rng(3)
+    prefixes = [rng.integers(3, 256, n).tolist() for n in (17, 26, 35, 41)]
+    prompts = [prefixes[rng.integers(4)] + rng.integers(3, 256, rng.integers(1, 12)).tolist() for _ in range(36)]
+    tokens = rng.integers(1, 8, len(prompts))
+    waves = np.split(np.arange(len(prompts)), [5, 11, 17, 26])
+
+    def run(engine):
+        out = {}
+        for wave in waves:
+            reqs = {int(k): engine.add_request(prompts[k], greedy_params(int(tokens[k]), logprobs=0)) for k in wave}
+            while engine.has_unfinished():
+                engine.step()
+                for pool in engine.pools:
+                    pool.check()
+                if engine.prefix_cache.tier is not None:
+                    engine.prefix_cache.tier.check()
+            out.update(reqs)
+        assert engine.kv_used_tokens == 0
+        return [out[k] for k in range(len(prompts))]
+
+    plain = _engine(4, kv_tokens=48, tier_gib=0)
+    plain.prefix_cache.enabled = False
+    want = run(plain)
+    engine = _engine(4, kv_tokens=48, tier_gib=12 * 2 * 2 * 2 * PAGE * 16 * 4 / 2**30)
+    tier = engine.prefix_cache.tier
+    assert tier.capacity == 12
+    got = run(engine)
+    for g, w in zip(got, want):
+        _same(g, w)
+    assert tier.stats.hits > 0 and tier.stats.evictions > 0 and engine.prefix_cache.evictions > 0
+    assert tier.pages <= tier.capacity
+
+
+def test_a_failed_load_only_costs_the_reuse_and_an_abort_during_a_load_frees_everything(monkeypatch):
+    engine = _engine(2)
+    rng = np.random.default_rng(5)
+    prompt = rng.integers(3, 256, 29).tolist()
+    want = _run(engine, prompt)
+    _evict_all(engine, rng)
+    tier = engine.prefix_cache.tier
+
+    def broken(*args):
+        raise RuntimeError("transfer refused")
+
+    with monkeypatch.context() as m:
+        m.setattr(engine.executor, "load_pages", broken)
+        again = _run(engine, prompt)
+    _same(again, want)
+    assert again.cached_tokens == 0 and tier.stats.hits == 0 and not engine.prefix_cache.failed_loads
+    _evict_all(engine, rng)
+    req = engine.add_request(prompt, greedy_params(STEPS, logprobs=0))
+    engine.step()  # its load and prefill are dispatched
+    assert tier.stats.hits == 1 and req.cached_tokens == 28
+    engine.abort(req.rid)
+    while engine.has_unfinished() or engine.launches:
+        engine.step()
+    assert engine.kv_used_tokens == 0
+    for pool in engine.pools:
+        pool.check()
+    tier.check()
+    _same(_run(engine, prompt), want)
