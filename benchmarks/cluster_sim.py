@@ -8,6 +8,8 @@ a timeline of which instances ran which group.
 
     .venv/bin/python benchmarks/cluster_sim.py                    # all workloads, all systems
     .venv/bin/python benchmarks/cluster_sim.py --workloads zipf1.0 --requests 300
+    .venv/bin/python benchmarks/cluster_sim.py --workloads mooncake --requests 1000 \
+        --systems esp esp+cache esp+host esp+unbounded vllm_tp8+host replicas_4xtp2+host   # the host tier
 """
 
 from __future__ import annotations
@@ -71,19 +73,35 @@ SYSTEMS = ("esp", "static_sp_tp2x4", "chunked_tp8", "disagg_4p4d", "vllm_tp8", "
 # With prefix caching (workloads with hash ids only: the Mooncake trace): elastic SP's distributed cache,
 # vLLM-style automatic prefix caching on one TP8 instance, replicas each with its own cache behind a router
 # sending each request to the replica caching most of its prefix.
-CACHED = ("esp+cache", "vllm_tp8+cache", "replicas_4xtp2+cache")
+# "+host": the cache with a host-memory tier of --host-tier-gib per 8-GPU node (elastic SP and vLLM-style TP8:
+# one tier; replicas: a quarter each, as four processes would); "+unbounded": a host tier without a limit.
+CACHED = (
+    "esp+cache",
+    "vllm_tp8+cache",
+    "replicas_4xtp2+cache",
+    "esp+host",
+    "vllm_tp8+host",
+    "replicas_4xtp2+host",
+    "esp+unbounded",
+)
+HOST_TIER_GIB = 768.0  # of an A800 node's 1 TiB of DRAM (DGX A100 class): 1.5M tokens of the 7B model's K/V
 STATIC = ("static_sp_tp2x4", "vllm_tp8", "replicas_4xtp2")
 GOODPUT_SLO = SLO(ttft_scale=25, ttft_floor=15.0, tpot=0.050)  # the Zipf ablation's SLO (P90 goodput)
 
 
-def system(name: str, gpu: str, workload: str) -> tuple[SimCluster, object]:
-    """The simulated deployment and policy of a named system on 8 GPUs ("+cache": with prefix caching)."""
-    if name.endswith("+cache"):
-        base = name.removesuffix("+cache")
-        cluster, policy = system(base, gpu, workload)
-        if base == "replicas_4xtp2":
-            policy = ReplicaPolicy(4, "prefix")
-        return dataclasses.replace(cluster, prefix_caching=True), policy
+def system(name: str, gpu: str, workload: str, host_gib: float = HOST_TIER_GIB) -> tuple[SimCluster, object]:
+    """The simulated deployment and policy of a named system on 8 GPUs ("+cache": with prefix caching;
+    "+host": and a host tier of host_gib per node; "+unbounded": and a host tier without a limit)."""
+    for suffix in ("+cache", "+host", "+unbounded"):
+        if name.endswith(suffix):
+            base = name.removesuffix(suffix)
+            cluster, policy = system(base, gpu, workload)
+            if base == "replicas_4xtp2":
+                policy = ReplicaPolicy(4, "prefix")
+            tokens = {"+cache": 0, "+host": host_gib * 2**30 / LLAMA2_7B.kv_bytes_per_token, "+unbounded": math.inf}
+            tiers = cluster.num_instances if base == "replicas_4xtp2" else 1
+            host = {"host_tier_tokens": tokens[suffix] / tiers, "host_tiers": tiers}
+            return dataclasses.replace(cluster, prefix_caching=True, **host), policy
     g = GPUS[gpu]
     if name in ("esp", "static_sp_tp2x4", "replicas_4xtp2"):
         c = ClusterModel(g, LLAMA2_7B, 4, 2)
@@ -152,7 +170,9 @@ def crossing(rates: list[float], values: list[float], limit: float) -> float:
     return best
 
 
-def sweep(workload: str, name: str, n: int, gpu: str, seed: int) -> tuple[dict, list | None]:
+def sweep(
+    workload: str, name: str, n: int, gpu: str, seed: int, host_gib: float = HOST_TIER_GIB
+) -> tuple[dict, list | None]:
     """One system's latencies and SLO attainment over the rate grid (raised while it still meets the SLO;
     stopped past saturation); returns its summary and, for elastic SP, the timeline of one run."""
     points, timeline = [], None
@@ -162,7 +182,7 @@ def sweep(workload: str, name: str, n: int, gpu: str, seed: int) -> tuple[dict, 
         rate = CENTRE[workload] * f
         runs = n if workload == "mooncake" else max(n, min(MAX_REQUESTS, int(rate * MIN_ARRIVAL_SECONDS)))
         wl = requests_for(workload, rate, runs, seed)
-        cluster, policy = system(name, gpu, workload)
+        cluster, policy = system(name, gpu, workload, host_gib)
         t0 = time.perf_counter()
         res = simulate(cluster, policy, wl, record=(name == "esp" and f == 1.0))
         lat = res.latencies()
@@ -199,10 +219,12 @@ def sweep(workload: str, name: str, n: int, gpu: str, seed: int) -> tuple[dict, 
     return summary, timeline
 
 
-def run_workload(workload: str, systems: list[str], n: int, gpu: str, seed: int, timeline: dict, jobs: int) -> dict:
+def run_workload(
+    workload: str, systems: list[str], n: int, gpu: str, seed: int, timeline: dict, jobs: int, host_gib: float
+) -> dict:
     """Every system's sweep of one workload, `jobs` systems at a time (separate processes)."""
     names = [s for s in systems if s not in CACHED or workload == "mooncake"]  # only the trace has hash ids
-    args = [(workload, name, n, gpu, seed) for name in names]
+    args = [(workload, name, n, gpu, seed, host_gib) for name in names]
     if jobs > 1:
         with concurrent.futures.ProcessPoolExecutor(jobs) as pool:
             done = list(pool.map(sweep, *zip(*args)))
@@ -231,6 +253,10 @@ def ratios(results: dict) -> dict:
         static = [per_system[s][key] for s in STATIC if s in per_system]
         if static:
             row["best_static"] = {"ours": esp / max(static) if max(static) > 0 else math.inf}
+        if {"esp", "esp+cache", "esp+host", "esp+unbounded"} <= set(per_system):  # the host tier's share of the gain
+            gain = {k: per_system[k][key] / per_system["esp"][key] for k in ("esp+cache", "esp+host", "esp+unbounded")}
+            reach = (gain["esp+host"] - 1) / (gain["esp+unbounded"] - 1) if gain["esp+unbounded"] > 1 else math.nan
+            row["host tier"] = {**gain, "share of the unbounded gain": reach}
         if "esp+cache" in per_system:  # elastic SP with its cache over each system (with theirs where they have one)
             cached = per_system["esp+cache"][key]
             row["esp+cache over"] = {
@@ -302,6 +328,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--jobs", type=int, default=1, help="systems simulated at once, one process each")
+    ap.add_argument(
+        "--host-tier-gib", type=float, default=HOST_TIER_GIB, help="host memory for the '+host' systems' K/V per node"
+    )
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results, timeline = {}, {}
@@ -311,24 +340,32 @@ def main() -> None:
             print(f"  skipping mooncake: no trace at {TRACE}")
             continue
         results[workload] = run_workload(
-            workload, args.systems, args.requests, args.gpu, args.seed, timeline, args.jobs
+            workload, args.systems, args.requests, args.gpu, args.seed, timeline, args.jobs, args.host_tier_gib
         )
     bound = None
     if "mooncake" in results:  # what a prefix cache can save at all on this trace
         wl = requests_for("mooncake", 1.0, args.requests, args.seed)
         pool = 4 * ClusterModel(GPUS[args.gpu], LLAMA2_7B, 4, 2).kv_tokens_per_instance  # elastic SP's pools
-        bound = {"pool_tokens": pool, "lru_hit_rate": lru_hit_rate(wl, pool), "unbounded": lru_hit_rate(wl, math.inf)}
+        host = int(args.host_tier_gib * 2**30 / LLAMA2_7B.kv_bytes_per_token)
+        bound = {
+            "pool_tokens": pool,
+            "lru_hit_rate": lru_hit_rate(wl, pool),
+            "host_tier_tokens": host,
+            "lru_hit_rate_with_host_tier": lru_hit_rate(wl, pool + host),
+            "unbounded": lru_hit_rate(wl, math.inf),
+        }
         print(
             f"  mooncake: an ideal LRU cache of {pool:,} tokens would serve {bound['lru_hit_rate']:.1%} of the "
-            f"prompt tokens ({bound['unbounded']:.1%} with no size limit)"
+            f"prompt tokens, {bound['lru_hit_rate_with_host_tier']:.1%} with a host tier of {host:,} more "
+            f"({args.host_tier_gib:g} GiB), {bound['unbounded']:.1%} with no size limit"
         )
     table = ratios(results)
     print("\nelastic SP over each system (ours | paper):")
     for workload, row in table.items():
         cells = []
         for name, v in row.items():
-            if name == "esp+cache over":
-                cells.append("esp+cache over " + ", ".join(f"{k} {x:.2f}x" for k, x in v.items()))
+            if name in ("esp+cache over", "host tier"):
+                cells.append(name + " " + ", ".join(f"{k} {x:.2f}x" for k, x in v.items()))
                 continue
             paper = v.get("paper")
             cells.append(f"{name} {v['ours']:.2f}x" + (f" | {paper:.2f}x" if paper else ""))
@@ -337,6 +374,7 @@ def main() -> None:
         "gpu": args.gpu,
         "model": LLAMA2_7B.name,
         "requests_per_run": args.requests,
+        "host_tier_gib_per_node": args.host_tier_gib,
         "seed": args.seed,
         "results": results,
         "ratios": table,

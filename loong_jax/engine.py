@@ -221,18 +221,16 @@ class Engine:
         self.eos_ids = tuple(eos or cfg.eos_token_ids)
         self.grammars = GrammarCompiler(tokenizer, cfg.vocab_size, self.eos_ids)  # structured outputs
 
-    def use_host_tier(self, pages: int) -> HostTier:
-        """Keep up to `pages` pages evicted from the pools in host memory, loaded back on a prefix hit (the
-        executor must save and load pages: `save_pages`, `load_pages`)."""
-        cfg, ex = self.cfg, self.executor
-        tier = HostTier(pages, (cfg.num_layers, cfg.num_kv_heads, self.ecfg.page_size, cfg.head_dim), ex.dtype)
-        self.prefix_cache.use_host_tier(tier)
+    def use_host_tier(self, tier: HostTier, instances: Sequence[int] | None = None) -> None:
+        """Keep the pages these instances' pools (all by default) evict in a host tier, loaded back on a
+        prefix hit (the executor saves and loads pages: `save_pages`, `load_pages`, `before_write`)."""
+        ex = self.executor
+        self.prefix_cache.use_host_tier(tier, instances)
         ex.before_write = lambda group: self.prefix_cache.spill(group, ex.save_pages)
-        return tier
 
     def _load(self, instance: int, pages: Sequence[int], k: np.ndarray, v: np.ndarray) -> None:
         """Dispatch a load of pages from the host tier into an instance's pool; its time is counted once done."""
-        tier, started = self.prefix_cache.tier, time.perf_counter()
+        tier, started = self.prefix_cache.tiers[instance], time.perf_counter()
         pool = self.executor.load_pages(instance, pages, k, v)
 
         def done() -> None:
@@ -405,7 +403,7 @@ class Engine:
             stepping=[(x.group, x.requests) for x in self.launches if x.kind == "decode"],
             decode_steps=self._burst_limit(),
             cached=self.prefix_cache.locator() if self.prefix_cache.enabled else None,
-            reloadable=self.prefix_cache.host_run if self.prefix_cache.tier is not None else None,
+            reloadable=self.prefix_cache.host_run if self.prefix_cache.host_tiers() else None,
         )
 
     def _burst_limit(self) -> int:
@@ -424,8 +422,8 @@ class Engine:
         is in flight. Returns the requests that received tokens or finished.
         """
         touched = self._collect()
-        if self.prefix_cache.tier is not None:
-            self.prefix_cache.tier.poll()  # file the evicted pages whose copy to the host has arrived
+        for tier in self.prefix_cache.host_tiers():
+            tier.poll()  # file the evicted pages whose copy to the host has arrived
         launched = 0
         if self._changed:  # otherwise the policy would see what it saw last time
             self._changed = False
@@ -842,7 +840,8 @@ def build_engine(
     engine = Engine(cfg, ecfg, executor, tokenizer, seed, policy)
     engine.kv_capacity = capacity
     if tier_pages:
-        tier = engine.use_host_tier(tier_pages)
+        tier = HostTier(tier_pages, (cfg.num_layers, cfg.num_kv_heads, ecfg.page_size, cfg.head_dim), dtype)
+        engine.use_host_tier(tier)
         log.info(
             "host KV cache tier: %s pages = %s tokens (%.2f GiB), pages evicted from the pools are kept there",
             f"{tier.capacity:,}",

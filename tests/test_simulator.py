@@ -651,3 +651,22 @@ def test_prefix_caching_needs_hash_ids():
     cluster, policy = SYSTEMS["vllm"](None)
     with pytest.raises(ValueError, match="hash ids"):
         simulate(dataclasses.replace(cluster, prefix_caching=True), policy, short_workload(0, n=3))
+
+
+@pytest.mark.parametrize("system", ["elastic", "vllm", "replicas_prefix"])
+def test_a_host_tier_in_the_simulator_serves_what_the_pools_evicted(system):
+    """Small pools evict the shared documents between their uses: a host tier (one per replica for the
+    replicas) serves them again, so more prompt tokens are reused than with the pools alone; every request
+    finishes and no KV is left held."""
+    wl = shared_prefix_workload(1)
+    make = SYSTEMS[system] if system != "replicas_prefix" else lambda kv: _four(kv, ReplicaPolicy(4, "prefix"), True)
+    hits = {}
+    for tier in (0, math.inf):
+        cluster, policy = make(8192)
+        tiers = 4 if system == "replicas_prefix" else 1
+        cluster = dataclasses.replace(cluster, prefix_caching=True, host_tier_tokens=tier, host_tiers=tiers)
+        res = simulate(cluster, PoolsChecked(policy), wl)
+        assert all(r.rejected is None for r in res.records) and res.stats["kv_left"] == 0
+        hits[tier] = (res.stats["prefix_hit_tokens"], res.stats["host_hit_tokens"])
+    assert hits[0][1] == 0 and hits[math.inf][1] > 0
+    assert hits[math.inf][0] > hits[0][0]

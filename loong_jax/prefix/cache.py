@@ -55,28 +55,40 @@ class PrefixCache:
         self.salt = salt
         self.enabled = enabled
         self.stats = PrefixStats()
-        self.tier: HostTier | None = None  # see `use_host_tier`
+        self.tiers: list[HostTier | None] = [None] * len(pools)  # per instance: where its evicted pages go
         self.failed_loads: list[int] = []  # instances where a load failed since the engine last looked
 
-    def use_host_tier(self, tier: HostTier) -> None:
-        """Keep the pages the pools evict in this host tier, and load them back on a hit."""
+    def use_host_tier(self, tier: HostTier, instances: Sequence[int] | None = None) -> None:
+        """Keep the pages these instances' pools (all by default) evict in this host tier, and load them back
+        on a hit into any of them. Instances of one host share its tier; separate deployments (replicas) may
+        each have their own."""
         if self.enabled:
-            self.tier = tier
-            for pool in self.pools:
-                pool.evicted = []
+            for i in range(len(self.pools)) if instances is None else instances:
+                self.tiers[i] = tier
+                self.pools[i].evicted = []
+
+    @property
+    def tier(self) -> HostTier | None:
+        """Instance 0's host tier: the engine's one tier, shared by all its instances."""
+        return self.tiers[0]
+
+    def host_tiers(self) -> list[HostTier]:
+        """Every distinct host tier."""
+        return list({id(t): t for t in self.tiers if t is not None}.values())
 
     def spill(self, instances: Sequence[int], save: Callable[[int, Sequence[int]], Any]) -> None:
         """Save the pages these instances' pools evicted since the last call into the host tier (call right
         before a program that may overwrite them is dispatched): save(instance, pages) returns their K and V
         as device arrays, copied to the host without waiting. Pages the tier holds already are not copied."""
-        if self.tier is None:
-            return
         for i in instances:
+            tier = self.tiers[i]
+            if tier is None or not self.pools[i].evicted:
+                continue
             evicted, self.pools[i].evicted = self.pools[i].evicted, []
-            todo = {key: page for page, key in evicted if key not in self.tier}
+            todo = {key: page for page, key in evicted if key not in tier}
             if todo:
                 k, v = save(i, list(todo.values()))
-                self.tier.stage(list(todo), k, v)
+                tier.stage(list(todo), k, v)
 
     def keys(self, req: Request, tokens: int) -> list[bytes]:
         """The keys of the full pages among the first `tokens` tokens of the request's sequence (its prompt
@@ -162,7 +174,7 @@ class PrefixCache:
                     numbers = [j for j, w in enumerate(where) if w == i]
                     self.pools[i].share(req.rid, [keys[j] for j in numbers], numbers)
                 req.prefilled = req.cached_tokens = len(where) * page
-            if load is not None and self.tier is not None:
+            if load is not None and any(self.tiers[i] is not None for i in group):
                 self._reload(work, req, load, pays)
             if req.cached_tokens:
                 self.stats.hits += 1
@@ -186,12 +198,17 @@ class PrefixCache:
         work.plans = [plans[k] for k in keep]
         work.chunk = [len(placed[k]) for k in keep]
 
-    def host_run(self, req: Request, start: int) -> int:
-        """How many pages of the request's prefix (all but its last prefill token) the host tier holds in a
-        row from page `start` on."""
-        if self.tier is None:
-            return 0
-        return self.tier.run(self.keys(req, req.num_prefill_tokens - 1), start)
+    def host_run(self, req: Request, start: int, instances: Sequence[int]) -> int:
+        """How many pages of the request's prefix (all but its last prefill token) the host tier of one of
+        these instances holds in a row from page `start` on (the longest)."""
+        return max((n for _, n in self._host_runs(req, start, instances)), default=0)
+
+    def _host_runs(self, req: Request, start: int, instances: Sequence[int]) -> list[tuple[HostTier, int]]:
+        tiers = {id(self.tiers[i]): self.tiers[i] for i in instances if self.tiers[i] is not None}
+        if not tiers:
+            return []
+        keys = self.keys(req, req.num_prefill_tokens - 1)
+        return [(t, t.run(keys, start)) for t in tiers.values()]
 
     def _reload(
         self, work: PrefillWork, req: Request, load: Loader, pays: Callable[[int, int, int, int], bool] | None
@@ -199,17 +216,19 @@ class PrefixCache:
         """Load the pages of the request's prefix that continue in the host tier where its pools' copy ends,
         each onto the group instance its plan gives most of that page's tokens (while it has a free page),
         and count them as held. A load that fails leaves the request computing them: nothing else is lost."""
-        page, tier = self.page_size, self.tier
-        keys = self.keys(req, req.num_prefill_tokens - 1)
-        first = req.prefilled // page
-        count = tier.run(keys, first)
+        page = self.page_size
+        keys, first = self.keys(req, req.num_prefill_tokens - 1), req.prefilled // page
+        tier, count = max(self._host_runs(req, first, work.group), key=lambda x: x[1])
         new = req.num_prefill_tokens - req.prefilled
         if not count or (pays is not None and not pays(len(work.group), new, req.prefilled, count * page)):
             return
         plan = np.asarray(work.plans[work.requests.index(req)])
+        reach = [i for i in work.group if self.tiers[i] is tier]  # a page loads only where its tier is
         placed: dict[int, list[tuple[int, int]]] = {}  # instance -> (page number, pool page) loaded there
         for j in range(first, first + count):
             i = work.group[int(np.bincount(plan[j * page : (j + 1) * page]).argmax())]
+            if i not in reach:
+                i = max(reach, key=lambda x: self.pools[x].free_pages)
             if self.pools[i].free_pages < 1:
                 break  # this page and the ones after it are computed
             slot = self.pools[i].append(req.rid, page, j * page)[0]

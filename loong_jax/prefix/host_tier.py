@@ -8,6 +8,7 @@ the program that will overwrite them is dispatched (so it reads their old conten
 host without waiting, and hands it here; `poll` files copies that have arrived, so neither the device nor
 the engine loop waits for one. The store is two preallocated arrays of `capacity` pages (host memory is
 only touched as pages are stored, and never grows past them), filled and evicted least recently used first.
+Without a page shape the tier keeps keys only (the simulator: which pages it would hold, not their K/V).
 """
 
 from __future__ import annotations
@@ -36,22 +37,25 @@ class HostTierStats:
 class HostTier:
     """A bounded LRU store of K/V pages in host memory, keyed by prefix keys."""
 
-    def __init__(self, capacity_pages: int, page_shape: Sequence[int], dtype: Any):
-        """page_shape: one page's K (or V) of every layer, [layers, kv heads, page size, head dim]."""
+    def __init__(self, capacity_pages: int, page_shape: Sequence[int] | None, dtype: Any = None):
+        """page_shape: one page's K (or V) of every layer, [layers, kv heads, page size, head dim] (None: keys
+        only, no K/V)."""
         if capacity_pages < 1:
             raise ValueError(f"a host tier holds >= 1 page, got {capacity_pages}")
         self.capacity = capacity_pages
-        self.k = np.empty((capacity_pages, *page_shape), dtype)  # pages are backed by memory once written
-        self.v = np.empty((capacity_pages, *page_shape), dtype)
+        self.k = self.v = None
+        if page_shape is not None:  # pages are backed by memory once written
+            self.k = np.empty((capacity_pages, *page_shape), dtype)
+            self.v = np.empty((capacity_pages, *page_shape), dtype)
         self._slot: OrderedDict[bytes, int] = OrderedDict()  # key -> slot, least recently used first
-        self._free = list(range(capacity_pages - 1, -1, -1))
+        self._free = list(range(capacity_pages - 1, -1, -1)) if page_shape is not None else []
         self._pending: deque[tuple[list[bytes], Any, Any, int]] = deque()  # copies on their way to the host
         self.stats = HostTierStats()
 
     @property
     def page_bytes(self) -> int:
-        """Bytes of one page's K and V."""
-        return 2 * self.k[0].nbytes
+        """Bytes of one page's K and V (0 without them)."""
+        return 0 if self.k is None else 2 * self.k[0].nbytes
 
     @property
     def capacity_bytes(self) -> int:
@@ -78,34 +82,46 @@ class HostTier:
             n += 1
         return n - start
 
-    def read(self, keys: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, keys: Sequence[bytes]) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Copies of the K and V of these pages, [n, *page_shape] each (copies: the tier may reuse its slots
-        while they are being loaded); marks them recently used."""
+        while they are being loaded; None without K/V); marks them recently used."""
         slots = [self._slot[k] for k in keys]
         for k in keys:
             self._slot.move_to_end(k)
+        if self.k is None:
+            return None, None
         return self.k[slots], self.v[slots]
 
-    def put(self, keys: Sequence[bytes], k: np.ndarray, v: np.ndarray) -> None:
-        """Store pages (K and V [n, *page_shape]) under their keys, evicting the least recently used ones when
-        full; a key held already is only marked recently used."""
+    def put(self, keys: Sequence[bytes], k: np.ndarray | None, v: np.ndarray | None) -> None:
+        """Store pages (K and V [n, *page_shape]; None without K/V) under their keys, evicting the least
+        recently used ones when full; a key held already is only marked recently used."""
         for j, key in enumerate(keys):
             if key in self._slot:
                 self._slot.move_to_end(key)
                 continue
-            if self._free:
+            if self.k is None:
+                slot = -1  # no K/V to place
+                if len(self._slot) >= self.capacity:
+                    self._slot.popitem(last=False)
+                    self.stats.evictions += 1
+            elif self._free:
                 slot = self._free.pop()
             else:
                 _, slot = self._slot.popitem(last=False)
                 self.stats.evictions += 1
-            self.k[slot], self.v[slot] = k[j], v[j]
+            if self.k is not None:
+                self.k[slot], self.v[slot] = k[j], v[j]
             self._slot[key] = slot
             self.stats.stored_pages += 1
             self.stats.stored_bytes += self.page_bytes
 
     def stage(self, keys: Sequence[bytes], k: Any, v: Any) -> None:
         """Pages whose K and V are device arrays [n, *page_shape] (n >= len(keys); the rest is padding) still
-        being computed: their copy to the host starts now, and `poll` stores them once it has arrived."""
+        being computed: their copy to the host starts now, and `poll` stores them once it has arrived (at once
+        without K/V)."""
+        if self.k is None:
+            self.put(keys, None, None)
+            return
         for x in (k, v):
             x.copy_to_host_async()
         self._pending.append((list(keys), k, v, len(keys)))
@@ -122,11 +138,15 @@ class HostTier:
     def drop(self) -> None:
         """Forget every page (and the copies on their way)."""
         self._pending.clear()
-        self._free = list(range(self.capacity - 1, -1, -1))
+        self._free = list(range(self.capacity - 1, -1, -1)) if self.k is not None else []
         self._slot.clear()
 
     def check(self) -> None:
         """Raise RuntimeError if the bookkeeping is inconsistent: a slot in two places, or slots lost."""
+        if self.k is None:
+            if len(self._slot) > self.capacity:
+                raise RuntimeError("host tier: more pages than its capacity")
+            return
         held = list(self._slot.values())
         if len(set(held) | set(self._free)) != self.capacity or len(held) + len(self._free) != self.capacity:
             raise RuntimeError("host tier: slots are lost or used twice")

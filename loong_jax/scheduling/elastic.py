@@ -190,7 +190,7 @@ class ElasticScheduler:
         and those after them in the host tier when loading them is predicted faster than computing them."""
         page = view.pools[0].page_size
         pages = view.cached_pages(req, instances)
-        host = view.host_pages(req, pages) * page
+        host = view.host_pages(req, pages, instances) * page
         n, h = req.num_prefill_tokens - pages * page, pages * page
         if host and self.cost.reload_pays(max(1, len(instances)), n, h, host):
             return h + host

@@ -49,7 +49,7 @@ class SchedulerView:
     running: Sequence[Request] = ()  # every running request, in a program or not
     stepping: Sequence[tuple[Group, Sequence[Request]]] = ()  # decode steps in flight: group and requests
     cached: Callable[[Request, Sequence[int]], list[int]] | None = None  # see cached_on (None: no prefix cache)
-    reloadable: Callable[[Request, int], int] | None = None  # see host_pages (None: no host tier)
+    reloadable: Callable[[Request, int, Sequence[int]], int] | None = None  # see host_pages (None: no host tier)
     decode_steps: int = 1  # steps of each decode launch (a burst)
 
     def cached_on(self, req: Request, instances: Sequence[int]) -> list[int]:
@@ -61,10 +61,10 @@ class SchedulerView:
         """Pages of a waiting request's longest prefix cached on these instances."""
         return len(self.cached_on(req, instances))
 
-    def host_pages(self, req: Request, start: int) -> int:
-        """Pages of a waiting request's prefix the host tier holds in a row from page `start` on (after the
-        ones cached on instances): a prefill on any group may load them instead of computing them."""
-        return 0 if self.reloadable is None else self.reloadable(req, start)
+    def host_pages(self, req: Request, start: int, instances: Sequence[int]) -> int:
+        """Pages of a waiting request's prefix the host tier of these instances holds in a row from page
+        `start` on (after the ones cached on instances): a prefill there may load them instead of computing."""
+        return 0 if self.reloadable is None else self.reloadable(req, start, instances)
 
     def rank_token_cap(self, degree: int) -> int:
         """Tokens per rank a prefill of this degree may hold: the largest warmed-up token bucket."""

@@ -164,10 +164,11 @@ class ReplicaPolicy:
             load[i] += 1
 
     def _prefix_route(self, view: SchedulerView, req: Request, load: list[int]) -> int:
-        """A cache-aware router (as SGLang's): the replica caching most of the prompt if that is at least
-        half of it and the replicas' loads are balanced (within PREFIX_IMBALANCE requests), else the least
-        loaded replica."""
+        """A cache-aware router (as SGLang's): the replica caching most of the prompt (in its pool, then in its
+        own host tier if it has one) if that is at least half of it and the replicas' loads are balanced
+        (within PREFIX_IMBALANCE requests), else the least loaded replica."""
         cached = [view.cached_pages(req, [i]) for i in range(self.n)]
+        cached = [c + view.host_pages(req, c, [i]) for i, c in enumerate(cached)]  # and its own host tier's
         best = max(range(self.n), key=lambda i: (cached[i], -load[i], -i))
         lightest = min(range(self.n), key=lambda i: (load[i], i))
         match = cached[best] * view.pools[0].page_size / max(1, req.num_prefill_tokens)

@@ -8,7 +8,8 @@ prefill or one multi-master decode step. Times follow from the work and the hard
   a fixed launch overhead.
 * decode step: every GPU reads its weight shard and its share of the KV at `decode_efficiency` of HBM
   bandwidth (or computes, if that is slower); per-layer collective latencies for tp and for d.
-* migration: KV bytes over the interconnect.
+* migration: KV bytes over the interconnect;
+* reload from the prefix cache's host tier: KV bytes over each GPU's own PCIe link (its shard of the heads).
 
 `A800` is calibrated so that one GPU gives the paper's single-device points for the 7B model (1K-token
 prefill 68.9 ms, batch-1 decode step 13.0 ms); A100 and H100 keep its efficiencies with their own peaks.
@@ -31,6 +32,7 @@ class GPU:
     hbm_bytes_per_s: float
     memory_bytes: float
     link_bytes_per_s: float  # per GPU, one direction, NVLink
+    host_link_bytes_per_s: float  # per GPU, host to device, PCIe (pinned memory, as measured, not the spec)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,9 +51,10 @@ class ModelShape:
         return 2 * self.layers * self.kv_dim * self.bytes_per_value
 
 
-A800 = GPU("A800-80GB", 312e12, 2.039e12, 80e9, 200e9)
-A100 = GPU("A100-80GB", 312e12, 2.039e12, 80e9, 300e9)
-H100 = GPU("H100-80GB", 989e12, 3.35e12, 80e9, 450e9)
+# PCIe: Gen4 x16 moves about 25 GB/s host to device from pinned memory (32 GB/s raw), Gen5 x16 about 50.
+A800 = GPU("A800-80GB", 312e12, 2.039e12, 80e9, 200e9, 25e9)
+A100 = GPU("A100-80GB", 312e12, 2.039e12, 80e9, 300e9, 25e9)
+H100 = GPU("H100-80GB", 989e12, 3.35e12, 80e9, 450e9, 50e9)
 GPUS = {g.name: g for g in (A800, A100, H100)}
 
 LLAMA2_7B = ModelShape("Llama-2-7B", layers=32, hidden=4096, kv_dim=4096, params=6.74e9)  # LWM-Text-1M too
@@ -118,6 +121,11 @@ class ClusterModel:
     def migrate_time(self, tokens: int) -> float:
         return 2 * COLLECTIVE_LATENCY_S + tokens * self.model.kv_bytes_per_token / (self.gpu.link_bytes_per_s * self.tp)
 
+    def reload_time(self, tokens: int) -> float:
+        return 2 * COLLECTIVE_LATENCY_S + tokens * self.model.kv_bytes_per_token / (
+            self.gpu.host_link_bytes_per_s * self.tp
+        )
+
     def fitted_cost_model(self, degrees: Sequence[int] | None = None) -> CostModel:
         """The scheduler's cost model, fitted on a grid of this model's times (as profiling would)."""
         degrees = degrees or [d for d in (1, 2, 4, 8, 16, 32, 64) if d <= self.num_instances]
@@ -137,4 +145,13 @@ class ClusterModel:
             decode[d] = fit_linear(decode_features(points), t)
         per_token = self.migrate_time(1001) - self.migrate_time(1)
         key = f"{self.model.name}/{self.num_instances}x{self.gpu.name}-tp{self.tp}"
-        return CostModel(key, prefill, decode, self.migrate_time(0), 1000 / per_token)
+        reload = self.reload_time(1001) - self.reload_time(1)
+        return CostModel(
+            key,
+            prefill,
+            decode,
+            self.migrate_time(0),
+            1000 / per_token,
+            reload_latency=self.reload_time(0),
+            reload_tokens_per_s=1000 / reload,
+        )

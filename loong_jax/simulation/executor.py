@@ -2,14 +2,16 @@
 
 Each launch keeps the host pools exactly as the JAX executor would (same slot allocation), takes the time
 its timing model predicts (the analytical cluster model or a fitted cost model), and "samples" token 0.
-Requests are expected to ignore EOS (the paper's workloads fix output lengths).
+Requests are expected to ignore EOS (the paper's workloads fix output lengths). With a host tier, pages
+the pools evict enter it by key (no K/V), and a load from it delays the next prefill on its instance by the
+time the timing model gives it (not overlapped with compute, as the JAX executor runs it before the prefill).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -27,6 +29,8 @@ class Timing(Protocol):
     def decode_time(self, degree: int, batch: int, context: int) -> float: ...
 
     def migrate_time(self, tokens: int) -> float: ...
+
+    def reload_time(self, tokens: int) -> float: ...
 
 
 class Clock:
@@ -53,10 +57,30 @@ class SimPending:
 class SimExecutor:
     """Advances a virtual clock by `timing` (the engine records the launches' spans when asked)."""
 
-    def __init__(self, timing: Timing):
+    def __init__(self, timing: Timing, page_size: int = 16):
         self.timing = timing
+        self.page_size = page_size
         self.clock = Clock()
         self.migrations = 0
+        self.before_write: Callable[[Group], None] | None = None  # as the JAX executor's
+        self._loading: dict[int, float] = {}  # instance -> seconds of loads its next prefill waits for
+
+    def save_pages(self, instance: int, pages: Sequence[int]) -> tuple[None, None]:
+        """Evicted pages enter the host tier by key only."""
+        return None, None
+
+    def load_pages(self, instance: int, pages: Sequence[int], k: Any, v: Any) -> None:
+        self._loading[instance] = self._loading.get(instance, 0.0) + self.timing.reload_time(
+            len(pages) * self.page_size
+        )
+
+    def when_ready(self, x: Any, done: Callable[[], None]) -> None:
+        done()
+
+    def _written(self, group: Group) -> None:
+        """Pools of the group were appended to (pages may have been evicted): as before a dispatch."""
+        if self.before_write is not None:
+            self.before_write(group)
 
     def now(self) -> float:
         return self.clock.now
@@ -88,12 +112,14 @@ class SimExecutor:
             lengths.append((start, n))
             if start + n >= total:
                 done.append(req)
+        self._written(work.group)
         if work.chunk is None:
             seconds = self.timing.prefill_time(d, [n for _, n in lengths])
         else:  # a chunk attends to the chunks before it: the difference of two causal prefills
             seconds = self.timing.prefill_time(d, [0]) + sum(  # one launch, then each chunk's own work
                 self.timing.prefill_time(d, [s + n]) - self.timing.prefill_time(d, [s]) for s, n in lengths if n
             )
+        seconds += max(self._loading.pop(i, 0.0) for i in work.group)  # its loads from host memory first
         requests: list[Request] = list(work.requests)
         ranks = [done]
         if work.piggyback is not None:
@@ -119,6 +145,7 @@ class SimExecutor:
     def decode(self, work: DecodeWork, pools: Sequence[PagePool], after: Launch | None = None) -> Launch:
         """A burst: its steps one after another (the context's growth inside it is not priced)."""
         self._reserve_decode(work, pools)
+        self._written(work.group)
         context = sum(r.num_tokens for r in work.requests)
         seconds = self.timing.decode_time(len(work.group), len(work.requests), context) * work.steps
         ranks = [[] for _ in work.group]
@@ -132,5 +159,6 @@ class SimExecutor:
 
     def migrate(self, src: int, dst: int, src_slots: np.ndarray, dst_slots: np.ndarray) -> Launch:
         self.migrations += 1
+        self._written((src, dst))
         seconds = self.timing.migrate_time(len(src_slots))
         return self._launch("migrate", (src, dst), [], [], seconds)

@@ -7,6 +7,7 @@ arrival. Results hold per-request timings and the paper's metrics (normalised la
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -14,6 +15,7 @@ import numpy as np
 from loong_jax.engine import Engine, EngineConfig, RequestRejected
 from loong_jax.model.config import tiny_config
 from loong_jax.model.sampling import SamplingParams
+from loong_jax.prefix import HostTier
 from loong_jax.runtime.timeline import Span
 from loong_jax.scheduling.policy import Policy
 from loong_jax.simulation.executor import SimExecutor, Timing
@@ -78,6 +80,8 @@ class SimCluster:
     max_num_seqs: int = 256
     max_request_tokens: int | None = None  # larger requests are rejected (e.g. one replica's memory)
     prefix_caching: bool = False  # cache prefix pages (the workload's hash ids say which inputs share them)
+    host_tier_tokens: float = 0  # with prefix caching: tokens each host tier keeps (math.inf: no limit)
+    host_tiers: int = 1  # separate host tiers, the instances split evenly between them (replicas: one each)
 
 
 def simulate(
@@ -97,8 +101,12 @@ def simulate(
     )
     if cluster.prefix_caching and not all(w.hash_ids for w in workload):
         raise ValueError("prefix caching in the simulator needs a workload with hash ids (the Mooncake trace)")
-    ex = SimExecutor(cluster.timing)
+    ex = SimExecutor(cluster.timing, cluster.page_size)
     engine = Engine(tiny_config(), ecfg, ex, seed=0, policy=policy)
+    if cluster.prefix_caching and cluster.host_tier_tokens:
+        pages = cluster.host_tier_tokens // cluster.page_size if math.isfinite(cluster.host_tier_tokens) else 1 << 62
+        for part in np.array_split(np.arange(cluster.num_instances), cluster.host_tiers):
+            engine.use_host_tier(HostTier(int(pages), None), part.tolist())
     timeline = engine.record_timeline(limit=10_000_000) if record else None
     order = sorted(range(len(workload)), key=lambda k: workload[k].arrival)
     records = [RequestRecord(w.arrival, w.input_len, w.output_len) for w in workload]
@@ -149,6 +157,8 @@ def simulate(
         "prefix_query_tokens": engine.prefix_cache.stats.query_tokens,
         "prefix_hit_tokens": engine.prefix_cache.stats.hit_tokens,
         "prefix_evictions": engine.prefix_cache.evictions,
+        "host_hit_tokens": sum(t.stats.hit_tokens for t in engine.prefix_cache.host_tiers()),
+        "host_evictions": sum(t.stats.evictions for t in engine.prefix_cache.host_tiers()),
     }
     return SimResult(records, list(timeline.spans) if timeline else [], stats, ex.now())
 
