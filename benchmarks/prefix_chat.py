@@ -1,4 +1,5 @@
-"""Multi-turn chat over HTTP with the prefix cache on vs off, same run, same server options.
+"""Multi-turn chat over HTTP with the prefix cache on vs off (or, with --compare host-tier, with the prefix
+cache's host-memory tier against the pools only), same run, same server options.
 
 Conversations run concurrently; each sends its turns one after another, every turn resending the whole
 history (a long document as the system message, earlier questions and answers). Measured per server: time
@@ -9,6 +10,8 @@ the workload uses) and is not counted. Results: JSON in benchmarks/results/prefi
 
     .venv/bin/python benchmarks/prefix_chat.py                 # 8 conversations x 6 turns, about 20 minutes
     .venv/bin/python benchmarks/prefix_chat.py --quick         # 2 x 3, to try it
+    .venv/bin/python benchmarks/prefix_chat.py --compare host-tier   # 16 conversations, pools too small
+                                    # for them: each history is evicted before its next turn
 """
 
 from __future__ import annotations
@@ -135,7 +138,17 @@ def summary(turns: list[Turn], seconds: float) -> dict:
     }
 
 
-def plot(results: dict, path: str) -> None:
+def cache_counters(url: str) -> dict[str, float]:
+    """The server's prefix-cache counters (pools and host tier) from /metrics."""
+    out = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith("loong:prefix_cache_") and line.split(" ")[0].endswith("_total"):
+            name, value = line.split(" ")
+            out[name.removeprefix("loong:prefix_cache_").removesuffix("_total")] = float(value)
+    return out
+
+
+def plot(results: dict, path: str, compare: str) -> None:
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
@@ -147,36 +160,54 @@ def plot(results: dict, path: str) -> None:
         ax.plot(range(1, len(ttft) + 1), ttft, marker="o", label=name)
     ax.set_xlabel("turn")
     ax.set_ylabel("mean time to first token (s)")
-    ax.set_title("multi-turn chat: prefix cache on vs off")
+    pair = "host tier vs pools only" if compare == "host-tier" else "prefix cache on vs off"
+    ax.set_title(f"multi-turn chat: {pair}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
+# The two servers compared: the first with the feature, the second without; the same options otherwise.
+COMPARE = {
+    "cache": (("cache on", []), ("cache off", ["--no-prefix-caching"])),
+    "host-tier": (("host tier", []), ("pools only", ["--host-kv-cache-gib", "0"])),
+}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--conversations", type=int, default=8)
+    p.add_argument("--compare", choices=sorted(COMPARE), default="cache")
+    p.add_argument("--conversations", type=int, default=None, help="default 8 (host-tier: 16)")
     p.add_argument("--turns", type=int, default=6)
     p.add_argument("--document-words", type=int, default=900, help="about 1.1K tokens of history to start with")
     p.add_argument("--question-words", type=int, default=40)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--num-instances", type=int, default=4)
+    p.add_argument("--kv-tokens-per-instance", type=int, default=None, help="default 16384 (host-tier: 4096)")
     p.add_argument("--policy", default="elastic")
     p.add_argument("--quick", action="store_true", help="2 conversations x 3 turns")
-    p.add_argument("--output", default=os.path.join(RESULTS, "prefix_chat.json"))
+    p.add_argument("--output", default=None, help="default results/prefix_chat.json (host-tier: _host_tier)")
     args = p.parse_args()
+    host = args.compare == "host-tier"
+    args.conversations = args.conversations or (16 if host else 8)
+    args.kv_tokens_per_instance = args.kv_tokens_per_instance or (4096 if host else 16384)
+    args.output = args.output or os.path.join(RESULTS, "prefix_chat_host_tier.json" if host else "prefix_chat.json")
     if args.quick:
         args.conversations, args.turns = 2, 3
     server = [
-        "--num-instances", str(args.num_instances), "--kv-tokens-per-instance", "16384", "--max-num-seqs", "16",
-        "--max-prefill-tokens", "2048", "--max-model-len", "4096", "--policy", args.policy,
+        "--num-instances", str(args.num_instances), "--kv-tokens-per-instance", str(args.kv_tokens_per_instance),
+        "--max-num-seqs", "16", "--max-prefill-tokens", "2048", "--max-model-len", "4096", "--policy", args.policy,
     ]  # fmt: skip
     results = {}
-    for name, extra in (("cache on", []), ("cache off", ["--no-prefix-caching"])):
+    (with_name, _), (without_name, _) = COMPARE[args.compare]
+    for name, extra in COMPARE[args.compare]:
         with serve(server + extra) as (url, _):
             asyncio.run(conversations(url, args, seed=1))  # warm-up round, other documents
+            before = cache_counters(url)
             turns, seconds = asyncio.run(conversations(url, args, seed=0))
+            after = cache_counters(url)
         results[name] = summary(turns, seconds)
+        results[name]["prefix_cache"] = {k: after[k] - before.get(k, 0.0) for k in after}  # this round's
         r = results[name]
         print(
             f"{name}: {r['seconds']:.1f} s, {r['tokens_per_s']:.0f} tokens/s, TTFT first turn "
@@ -184,20 +215,22 @@ def main() -> None:
             f"(median {r['ttft_later_turns_median']:.2f}), cached {r['cached_tokens']} of {r['prompt_tokens']} "
             f"prompt tokens, errors {len(r['errors'])}"
         )
-    on, off = results["cache on"], results["cache off"]
-    results["ratios"] = {
-        "ttft_later_turns_off_over_on": off["ttft_later_turns_mean"] / on["ttft_later_turns_mean"],
-        "throughput_on_over_off": on["tokens_per_s"] / off["tokens_per_s"],
+    on, off = results[with_name], results[without_name]
+    results["ratios"] = {  # how many times faster the first server is than the second
+        "ttft_later_turns": off["ttft_later_turns_mean"] / on["ttft_later_turns_mean"],
+        "ttft_later_turns_median": off["ttft_later_turns_median"] / on["ttft_later_turns_median"],
+        "throughput": on["tokens_per_s"] / off["tokens_per_s"],
     }
     results["settings"] = {**vars(args), "server": server}
     print(
-        f"later turns' TTFT {results['ratios']['ttft_later_turns_off_over_on']:.2f}x faster with the cache, "
-        f"throughput {results['ratios']['throughput_on_over_off']:.2f}x"
+        f"later turns' TTFT {results['ratios']['ttft_later_turns']:.2f}x faster with {with_name} than "
+        f"{without_name} (median {results['ratios']['ttft_later_turns_median']:.2f}x), "
+        f"throughput {results['ratios']['throughput']:.2f}x"
     )
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(results, f, indent=2)
-    plot({k: results[k] for k in ("cache on", "cache off")}, args.output.replace(".json", ".png"))
+    plot({k: results[k] for k in (with_name, without_name)}, args.output.replace(".json", ".png"), args.compare)
     print("wrote", args.output)
 
 

@@ -87,6 +87,9 @@ class Metrics:
             Counter("loong:prefix_cache_evictions", "Cached pages evicted to make room.", registry=r): (
                 lambda e: e.prefix_cache.evictions
             ),
+            Counter("loong:prefix_cache_published_pages", "Pages cached under a new prefix key.", registry=r): (
+                lambda e: sum(p.published for p in e.pools)
+            ),
         }
         for name, field, doc in (  # the host tier's (zero without one)
             ("hits", "hits", "Prefills that loaded prefix pages from the host tier."),
@@ -95,6 +98,7 @@ class Metrics:
             ("stored_bytes", "stored_bytes", "K/V bytes of evicted pages stored in the host tier."),
             ("evictions", "evictions", "Pages dropped from the host tier to make room."),
             ("load_seconds", "load_seconds", "Seconds from each load's dispatch until its pages were in the pool."),
+            ("save_seconds", "save_host_seconds", "Engine-loop seconds spent dispatching saves, filing copies."),
         ):
             counter = Counter(f"loong:prefix_cache_host_{name}", doc, registry=r)
             self.cache_counters[counter] = lambda e, f=field: getattr(_tier_stats(e), f)

@@ -250,9 +250,10 @@ def test_bad_input_gets_400_and_queues_nothing(server, body, message):
 
 def test_api_key_and_a_small_pool(tmp_path):
     """A small pool serves the context it can hold; longer requests are refused at once (own server)."""
+    small = dict(num_instances=1, kv_tokens_per_instance=256, seed=0, memory_utilization=0.9)  # beside other models
     with pytest.raises(ValueError, match="cannot hold one request of max_model_len=2,048"):
-        LLM(num_instances=1, kv_tokens_per_instance=256, max_model_len=2048, seed=0)
-    llm = LLM(num_instances=1, kv_tokens_per_instance=256, max_model_len=240, seed=0)
+        LLM(max_model_len=2048, **small)
+    llm = LLM(max_model_len=240, **small)
     srv, engine = build_server(llm, MODEL, Access(api_keys=("secret",)))
     from starlette.testclient import TestClient
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -87,8 +88,10 @@ class PrefixCache:
             evicted, self.pools[i].evicted = self.pools[i].evicted, []
             todo = {key: page for page, key in evicted if key not in tier}
             if todo:
+                started = time.perf_counter()
                 k, v = save(i, list(todo.values()))
                 tier.stage(list(todo), k, v)
+                tier.stats.save_host_seconds += time.perf_counter() - started
 
     def keys(self, req: Request, tokens: int) -> list[bytes]:
         """The keys of the full pages among the first `tokens` tokens of the request's sequence (its prompt

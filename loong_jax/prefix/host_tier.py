@@ -14,6 +14,7 @@ Without a page shape the tier keeps keys only (the simulator: which pages it wou
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import Any
@@ -30,6 +31,7 @@ class HostTierStats:
     loaded_bytes: int = 0  # K/V bytes loaded into pools
     stored_bytes: int = 0  # K/V bytes stored from pools
     load_seconds: float = 0.0  # from a load's dispatch until its pages were in the pool
+    save_host_seconds: float = 0.0  # the engine loop's time dispatching saves and filing arrived copies
     stored_pages: int = 0
     evictions: int = 0  # pages dropped from the tier to make room
 
@@ -128,12 +130,14 @@ class HostTier:
 
     def poll(self, wait: bool = False) -> None:
         """Store the staged pages whose copy has arrived (all of them, waiting, if wait)."""
+        started = time.perf_counter()
         while self._pending:
             keys, k, v, n = self._pending[0]
             if not wait and not (k.is_ready() and v.is_ready()):
-                return
+                break
             self._pending.popleft()
             self.put(keys, np.asarray(k)[:n], np.asarray(v)[:n])
+        self.stats.save_host_seconds += time.perf_counter() - started
 
     def drop(self) -> None:
         """Forget every page (and the copies on their way)."""

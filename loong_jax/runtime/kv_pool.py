@@ -51,6 +51,7 @@ class PagePool:
         self._key_of: dict[int, bytes] = {}  # cached page -> its key
         self._idle: OrderedDict[int, None] = OrderedDict()  # cached pages no request holds, oldest first
         self.evictions = 0
+        self.published = 0  # pages cached under a new key (what a write-through host tier would copy)
         # (page, key) of cached pages evicted since the host tier last saved them (None: nobody saves them)
         self.evicted: list[tuple[int, bytes]] | None = None
 
@@ -210,6 +211,7 @@ class PagePool:
         if key not in self.cached and page not in self._key_of:
             self.cached[key] = page
             self._key_of[page] = key
+            self.published += 1
 
     def share(self, rid: int, keys: list[bytes], numbers: Sequence[int] | None = None) -> None:
         """Give request rid, which holds nothing here yet, the cached pages of these keys as its first

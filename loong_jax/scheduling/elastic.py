@@ -95,6 +95,7 @@ class ElasticScheduler:
         self.cost = cost
         self.cfg = config or SchedulerConfig()
         self._cached: dict[int, int] = {}  # request id -> cached prefix tokens (this decision's admitted)
+        self._reload: dict[int, float] = {}  # request id -> seconds to load the host tier's part of them
 
     # ----- the decision ----------------------------------------------------------------------------
 
@@ -110,7 +111,9 @@ class ElasticScheduler:
         it = Iteration(prefills=chunks)
         admitted, blocked = self._dispatch(view, idle + sorted(in_decode))
         # tokens of each admitted request's longest cached prefix
-        self._cached = {r.rid: self._prefix_tokens(view, r, range(self.n)) for r in admitted}
+        self._cached, self._reload = {}, {}
+        for r in admitted:
+            self._prefix_tokens(view, r, range(self.n))
         if admitted:
             paused, packed, hold, now = self._allocate(view, admitted, idle, groups)
             if hold:  # the prefill waits for decode steps in flight; the groups it pauses stay still
@@ -185,21 +188,23 @@ class ElasticScheduler:
             return sum(1.0 / max(1, r.num_prefill_tokens) for r in reqs)
         return sum(1.0 / max(1, r.expected_new_tokens) for r in reqs)
 
-    def _prefix_tokens(self, view: SchedulerView, req: Request, instances: Sequence[int]) -> int:
-        """Tokens of the request's prefix a prefill on these instances will not compute: those cached there,
-        and those after them in the host tier when loading them is predicted faster than computing them."""
+    def _prefix_tokens(self, view: SchedulerView, req: Request, instances: Sequence[int]) -> None:
+        """Note the tokens of the request's prefix a prefill on these instances will not compute: those cached
+        there, and those after them in the host tier when loading them is predicted faster than computing
+        them (with the time their load adds)."""
         page = view.pools[0].page_size
         pages = view.cached_pages(req, instances)
         host = view.host_pages(req, pages, instances) * page
         n, h = req.num_prefill_tokens - pages * page, pages * page
+        self._cached[req.rid], self._reload[req.rid] = h, 0.0
         if host and self.cost.reload_pays(max(1, len(instances)), n, h, host):
-            return h + host
-        return h
+            self._cached[req.rid], self._reload[req.rid] = h + host, self.cost.reload_time(host)
 
     def _prefill_time(self, degree: int, reqs: Sequence[Request]) -> float:
         """Predicted prefill of these requests at this degree; a cached prefix is not computed again."""
         cached = [self._cached.get(r.rid, 0) for r in reqs]
-        return self.cost.prefill_time(degree, [r.num_prefill_tokens - h for r, h in zip(reqs, cached)], cached)
+        reload = sum(self._reload.get(r.rid, 0.0) for r in reqs)
+        return reload + self.cost.prefill_time(degree, [r.num_prefill_tokens - h for r, h in zip(reqs, cached)], cached)
 
     def _step_time(self, group: Group, reqs: Sequence[Request]) -> float:
         return self.cost.decode_time(len(group), len(reqs), sum(r.num_tokens for r in reqs))
@@ -387,7 +392,7 @@ class ElasticScheduler:
         rest = [r for r in admitted if r.rid not in pinned]
         remaining = [i for i in free if i in left]
         for r in rest:  # the rest can only find what is cached on the instances left (or in host memory)
-            self._cached[r.rid] = self._prefix_tokens(view, r, remaining)
+            self._prefix_tokens(view, r, remaining)
         return batches, rest, remaining
 
     def max_prompt_tokens(self, num_pages: int, page_size: int) -> int:
@@ -419,6 +424,7 @@ class ElasticScheduler:
         p3 = np.concatenate([[0.0], np.cumsum(new * hit)])
         ph = np.concatenate([[0.0], np.cumsum(hit)])
         pw = np.concatenate([[0.0], np.cumsum(1.0 / lens)])
+        pr = np.concatenate([[0.0], np.cumsum([self._reload.get(r.rid, 0.0) for r in reqs])])  # host tier loads
         pp = np.concatenate([[0.0], np.cumsum(np.ceil(lens / page))])
         cap_pages = np.concatenate([[0.0], np.cumsum([view.pools[i].free_pages for i in order])])
         e_idx = np.arange(e_n + 1)
@@ -438,7 +444,7 @@ class ElasticScheduler:
                 [self.cost.held_pairs(int(k), padded[:, x], ph[i] - ph[j], s3) for x, k in enumerate(degrees)], axis=1
             )
             t = coeffs[None, :, 0] + coeffs[None, :, 1] * padded + coeffs[None, :, 2] * s2[:, None]
-            t = t + coeffs[None, :, 3] * held
+            t = t + coeffs[None, :, 3] * held + (pr[i] - pr[j])[:, None]
             cost = t * w[:, None]
             within = np.ceil(s1[:, None] / degrees[None, :]) + cnt[:, None] <= caps[None, :]
             fits = (within | (cnt[:, None] == 1)) & (cnt[:, None] <= view.max_num_seqs)  # one alone may exceed
