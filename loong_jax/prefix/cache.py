@@ -237,10 +237,12 @@ class PrefixCache:
             slot = self.pools[i].append(req.rid, page, j * page)[0]
             placed.setdefault(i, []).append((j, int(slot) // page))
         loaded = sum(len(p) for p in placed.values())
-        try:
+        if not loaded:
+            return
+        try:  # read every page first: saving what a load evicts may make room in the tier
+            reads = {i: tier.read([keys[j] for j, _ in pages]) for i, pages in placed.items()}
             for i, pages in placed.items():
-                k, v = tier.read([keys[j] for j, _ in pages])
-                load(i, [p for _, p in pages], k, v)
+                load(i, [p for _, p in pages], *reads[i])
                 tier.stats.loaded_bytes += len(pages) * tier.page_bytes
         except Exception as e:
             log.warning("loading request %d's prefix from host memory failed (%s); computing it", req.rid, e)
