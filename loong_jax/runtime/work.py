@@ -8,8 +8,8 @@ the executor's: wall-clock for real programs, a virtual clock for the simulator.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -128,4 +128,20 @@ class Executor(Protocol):
     def repair(self, group: Group) -> list[int]:
         """After a program of the group failed: give empty KV pools to the instances whose pools it left
         unusable, and return those instances (the KV they held is lost)."""
+        ...
+
+    # The prefix cache's host tier (see loong_jax/prefix/host_tier.py). before_write, when set, is called
+    # with a group right before a program that may overwrite its pools' pages is dispatched.
+    before_write: Callable[[Group], None] | None
+
+    def save_pages(self, instance: int, pages: Sequence[int]) -> Any:
+        """K and V of whole pages of an instance's pool, being copied out (not waited for)."""
+        ...
+
+    def load_pages(self, instance: int, pages: Sequence[int], k: Any, v: Any) -> Any:
+        """Write K and V from host memory into whole pages of an instance's pool (dispatched, not waited for)."""
+        ...
+
+    def when_ready(self, x: Any, done: Callable[[], None]) -> None:
+        """Call done() once x (what load_pages returned) is computed."""
         ...
