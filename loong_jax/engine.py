@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import itertools
 import logging
+import math
 import secrets
 import statistics
 import time
@@ -827,9 +828,9 @@ def build_engine(
             )
     ecfg = dataclasses.replace(ecfg, kv_tokens_per_instance=capacity.tokens_per_instance)
     ecfg.check_fits_one_request()
-    tier_pages = 0
+    tier_pages, page_shape = 0, (cfg.num_layers, cfg.num_kv_heads, ecfg.page_size, cfg.head_dim)  # K (or V) of a page
     if ecfg.enable_prefix_caching and ecfg.host_kv_cache_gib != 0:
-        page_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize * ecfg.page_size
+        page_bytes = 2 * math.prod(page_shape) * jnp.dtype(dtype).itemsize
         on_host = capacity.bytes_per_instance * ecfg.num_instances if capacity.domain == "host" else 0
         tier_pages = size_host_tier(ecfg.host_kv_cache_gib, page_bytes, host_available_bytes(), on_host)
         if jax.process_count() > 1:  # each process would need the evictions of its own instances
@@ -840,7 +841,7 @@ def build_engine(
     engine = Engine(cfg, ecfg, executor, tokenizer, seed, policy)
     engine.kv_capacity = capacity
     if tier_pages:
-        tier = HostTier(tier_pages, (cfg.num_layers, cfg.num_kv_heads, ecfg.page_size, cfg.head_dim), dtype)
+        tier = HostTier(tier_pages, page_shape, dtype)
         engine.use_host_tier(tier)
         log.info(
             "host KV cache tier: %s pages = %s tokens (%.2f GiB), pages evicted from the pools are kept there",

@@ -101,16 +101,11 @@ class HostTier:
             if key in self._slot:
                 self._slot.move_to_end(key)
                 continue
-            if self.k is None:
-                slot = -1  # no K/V to place
-                if len(self._slot) >= self.capacity:
-                    self._slot.popitem(last=False)
-                    self.stats.evictions += 1
-            elif self._free:
-                slot = self._free.pop()
-            else:
+            if len(self._slot) >= self.capacity:  # full: the least recently used page's slot
                 _, slot = self._slot.popitem(last=False)
                 self.stats.evictions += 1
+            else:
+                slot = self._free.pop() if self.k is not None else -1  # -1: no K/V to place
             if self.k is not None:
                 self.k[slot], self.v[slot] = k[j], v[j]
             self._slot[key] = slot
@@ -138,12 +133,6 @@ class HostTier:
             self._pending.popleft()
             self.put(keys, np.asarray(k)[:n], np.asarray(v)[:n])
         self.stats.save_host_seconds += time.perf_counter() - started
-
-    def drop(self) -> None:
-        """Forget every page (and the copies on their way)."""
-        self._pending.clear()
-        self._free = list(range(self.capacity - 1, -1, -1)) if self.k is not None else []
-        self._slot.clear()
 
     def check(self) -> None:
         """Raise RuntimeError if the bookkeeping is inconsistent: a slot in two places, or slots lost."""

@@ -177,7 +177,7 @@ class ToolCallParser:
                 return content, calls
             content, self._pending = content + self._pending[:at], self._pending[at:]
             body = self._pending[len(open_) :]
-            call, after = _decode_call(body, self.fmt.args_key)
+            call, after, unfinished = _decode_call(body, self.fmt.args_key)
             tail = body[after:].lstrip() if after is not None else ""
             if call is not None and tail.startswith(close):
                 calls.append(call)
@@ -185,7 +185,8 @@ class ToolCallParser:
                 self._pending, self._after_call = tail[len(close) :], True
                 continue
             end = self._pending.find(close)
-            unfinished = _unfinished(body) if after is None else close.startswith(tail)
+            if after is not None:
+                unfinished = close.startswith(tail)  # the close tag may be on its way
             if not final and (end < 0 or unfinished):
                 return content, calls  # may still become a call
             if end < 0:  # cut before its end: the text stays text
@@ -233,31 +234,15 @@ def _call_from(obj: Any, args_key: str) -> ToolCall | None:
     return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
 
 
-def _decode_call(text: str, args_key: str) -> tuple[ToolCall | None, int | None]:
-    """The JSON value at the start of text (after whitespace) as a call, and where it ends (None: no whole
-    value there)."""
+def _decode_call(text: str, args_key: str) -> tuple[ToolCall | None, int | None, bool]:
+    """The JSON value at the start of text (after whitespace) as a call, where it ends (None: no whole value
+    there), and whether decoding failed only for want of more text (it stopped inside a string or at the
+    end: a close tag seen so far may be inside an argument's string)."""
     try:
         obj, end = json.JSONDecoder().raw_decode(text, len(text) - len(text.lstrip()))
-    except ValueError:
-        return None, None
-    return _call_from(obj, args_key), end
-
-
-def _unfinished(text: str) -> bool:
-    """Whether the JSON at the start of text fails only for want of more text (a close tag seen so far may be
-    inside an argument's string): it stops inside a string or at the end."""
-    try:
-        json.JSONDecoder().raw_decode(text, len(text) - len(text.lstrip()))
     except json.JSONDecodeError as e:
-        return e.msg.startswith("Unterminated string") or e.pos >= len(text.rstrip())
-    return False
-
-
-def _parse_call(text: str, args_key: str) -> ToolCall | None:
-    try:
-        return _call_from(json.loads(text), args_key)
-    except ValueError:
-        return None
+        return None, None, e.msg.startswith("Unterminated string") or e.pos >= len(text.rstrip())
+    return _call_from(obj, args_key), end, False
 
 
 def _parse_sequence(text: str, separator: str, args_key: str) -> list[ToolCall | None]:
