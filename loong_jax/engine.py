@@ -34,6 +34,7 @@ from loong_jax.multihost.channel import PlanChannel
 from loong_jax.multihost.leader import Leader
 from loong_jax.prefix import HostTier, PrefixCache
 from loong_jax.runtime.batching import bucket, prefill_rows
+from loong_jax.runtime.host_store import PageStore
 from loong_jax.runtime.instances import Group
 from loong_jax.runtime.jax_executor import MAX_MIGRATE_TOKENS, JaxExecutor
 from loong_jax.runtime.kv_pool import PagePool
@@ -229,15 +230,17 @@ class Engine:
         self.prefix_cache.use_host_tier(tier, instances)
         ex.before_write = lambda group: self.prefix_cache.spill(group, ex.save_pages)
 
-    def _load(self, instance: int, pages: Sequence[int], k: np.ndarray, v: np.ndarray) -> None:
-        """Dispatch a load of pages from the host tier into an instance's pool; its time is counted once done."""
-        tier, started = self.prefix_cache.tiers[instance], time.perf_counter()
-        pool = self.executor.load_pages(instance, pages, k, v)
+    def _load(self, loads: dict[int, tuple[list[int], list[int]]]) -> None:
+        """Dispatch loads of host tier slots into pages of instances' pools ({instance: (pages, slots)}, one
+        tier's); their time is counted once done."""
+        tier, started = self.prefix_cache.tiers[next(iter(loads))], time.perf_counter()
 
         def done() -> None:
             tier.stats.load_seconds += time.perf_counter() - started
 
-        self.executor.when_ready(pool, done)
+        loading = self.executor.load_pages(loads)
+        tier.stats.load_host_seconds += time.perf_counter() - started
+        self.executor.when_ready(loading, done)
 
     def _pays(self, degree: int, new: int, held: int, reload: int) -> bool:
         """Whether the policy's cost model predicts loading K/V from the host tier beats computing it (yes
@@ -423,8 +426,7 @@ class Engine:
         is in flight. Returns the requests that received tokens or finished.
         """
         touched = self._collect()
-        for tier in self.prefix_cache.host_tiers():
-            tier.poll()  # file the evicted pages whose copy to the host has arrived
+        self.executor.poll_host()  # file the evicted pages whose copy to the host has arrived
         launched = 0
         if self._changed:  # otherwise the policy would see what it saw last time
             self._changed = False
@@ -831,20 +833,22 @@ def build_engine(
     tier_pages, page_shape = 0, (cfg.num_layers, cfg.num_kv_heads, ecfg.page_size, cfg.head_dim)  # K (or V) of a page
     if ecfg.enable_prefix_caching and ecfg.host_kv_cache_gib != 0:
         page_bytes = 2 * math.prod(page_shape) * jnp.dtype(dtype).itemsize
-        on_host = capacity.bytes_per_instance * ecfg.num_instances if capacity.domain == "host" else 0
+        on_host = capacity.bytes_per_instance * sum(executor.instances.local) if capacity.domain == "host" else 0
         tier_pages = size_host_tier(ecfg.host_kv_cache_gib, page_bytes, host_available_bytes(), on_host)
-        if jax.process_count() > 1:  # each process would need the evictions of its own instances
-            if ecfg.host_kv_cache_gib:
-                raise ValueError("the host KV cache tier runs on one process only; set host_kv_cache_gib=0")
-            tier_pages = 0
+        if jax.process_count() > 1:  # each process keeps its instances' tier; the leader's bookkeeping is alike
+            tier_pages = PlanChannel.from_jax().agree_min("host_tier_pages", tier_pages)
     executor.allocate(ecfg.num_pages)
     engine = Engine(cfg, ecfg, executor, tokenizer, seed, policy)
     engine.kv_capacity = capacity
     if tier_pages:
-        tier = HostTier(tier_pages, page_shape, dtype)
-        engine.use_host_tier(tier)
+        executor.host_store = PageStore(tier_pages, page_shape, dtype)
+        owner = executor.instances.owner
+        for process in sorted(set(owner)):
+            tier = HostTier(tier_pages, executor.host_store.page_bytes)
+            engine.use_host_tier(tier, [i for i, p in enumerate(owner) if p == process])
         log.info(
-            "host KV cache tier: %s pages = %s tokens (%.2f GiB), pages evicted from the pools are kept there",
+            "host KV cache tier: %s pages = %s tokens (%.2f GiB) per process, pages evicted from the pools are "
+            "kept there",
             f"{tier.capacity:,}",
             f"{tier.capacity * ecfg.page_size:,}",
             tier.capacity_bytes / (1 << 30),

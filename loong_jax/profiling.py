@@ -188,8 +188,9 @@ def profile(engine: Engine, repeats: int = 2, seed: int = 0, show: bool = True) 
         points["migrate"] = [{"tokens": n, "seconds": t} for n, t in zip(sizes, mtimes)]
         say("migration: " + ", ".join(f"{n} tok {t * 1000:.1f} ms" for n, t in zip(sizes, mtimes)))
     reload_latency, reload_rate = 0.0, float("inf")
-    if engine.prefix_cache.tier is not None:
-        pages = [n for n in (4, 16, 64) if n < engine.pools[0].free_pages]
+    tier = engine.prefix_cache.tier
+    if tier is not None:
+        pages = [n for n in (4, 16, 64) if n < engine.pools[0].free_pages and n <= tier.capacity]
         rtimes = [_timed(lambda n=n: _reload_pages(engine, n), repeats) for n in pages]
         tokens = [n * ecfg.page_size for n in pages]
         if len(tokens) >= 2:
@@ -217,13 +218,12 @@ def profile(engine: Engine, repeats: int = 2, seed: int = 0, show: bool = True) 
 
 
 def _reload_pages(engine: Engine, n: int) -> None:
-    """Load n pages of K/V from host memory into instance 0's pool (into pages held for the time of it)."""
-    pool, tier, rid = engine.pools[0], engine.prefix_cache.tier, -1
+    """Load n pages of K/V from host tier slots into instance 0's pool (into pages held for the time of it)."""
+    pool, rid = engine.pools[0], -1
     slots = pool.append(rid, n * pool.page_size)
     try:
-        shape = (n, *tier.k.shape[1:])
-        k, v = np.zeros(shape, tier.k.dtype), np.zeros(shape, tier.v.dtype)
-        jax.block_until_ready(engine.executor.load_pages(0, slots[:: pool.page_size] // pool.page_size, k, v))
+        pages = (slots[:: pool.page_size] // pool.page_size).tolist()
+        jax.block_until_ready(engine.executor.load_pages({0: (pages, list(range(n)))}))
     finally:
         pool.release(rid)
 

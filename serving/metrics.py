@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 
@@ -98,7 +99,9 @@ class Metrics:
             ("stored_bytes", "stored_bytes", "K/V bytes of evicted pages stored in the host tier."),
             ("evictions", "evictions", "Pages dropped from the host tier to make room."),
             ("load_seconds", "load_seconds", "Seconds from each load's dispatch until its pages were in the pool."),
-            ("save_seconds", "save_host_seconds", "Engine-loop seconds spent dispatching saves, filing copies."),
+            ("save_seconds", "save_host_seconds", "Engine-loop seconds spent dispatching saves to the host tier."),
+            ("load_dispatch_seconds", "load_host_seconds", "Engine-loop seconds spent dispatching loads from it."),
+            ("failed_loads", "failed_loads", "Loads from the host tier that failed (those pages were computed)."),
         ):
             counter = Counter(f"loong:prefix_cache_host_{name}", doc, registry=r)
             self.cache_counters[counter] = lambda e, f=field: getattr(_tier_stats(e), f)
@@ -109,9 +112,9 @@ class Metrics:
             ["instance"],
             registry=r,
         )
-        self.host_pages = Gauge("loong:prefix_cache_host_pages", "Pages in the host tier.", registry=r)
+        self.host_pages = Gauge("loong:prefix_cache_host_pages", "Pages in the host tiers.", registry=r)
         self.host_capacity = Gauge(
-            "loong:prefix_cache_host_capacity_bytes", "Size of the host tier (0: none).", registry=r
+            "loong:prefix_cache_host_capacity_bytes", "Size of the host tiers (0: none).", registry=r
         )
         self.iteration = Histogram("loong:iteration_seconds", "Engine iteration time.", buckets=_LATENCY, registry=r)
         for i in range(num_instances):
@@ -193,9 +196,9 @@ class Metrics:
         for i, pool in enumerate(engine.pools):
             self.kv_instance.labels(instance=str(i)).set(pool.used_tokens / pool.num_slots)
             self.cache_pages.labels(instance=str(i)).set(len(pool.cached))
-        tier = engine.prefix_cache.tier
-        self.host_pages.set(tier.pages if tier is not None else 0)
-        self.host_capacity.set(tier.capacity_bytes if tier is not None else 0)
+        tiers = engine.prefix_cache.host_tiers()  # one per process
+        self.host_pages.set(sum(t.pages for t in tiers))
+        self.host_capacity.set(sum(t.capacity_bytes for t in tiers))
         for counter, count in self.cache_counters.items():
             value = count(engine)
             counter.inc(value - self._cache_seen[counter])
@@ -206,5 +209,7 @@ class Metrics:
 
 
 def _tier_stats(engine: Engine) -> HostTierStats:
-    tier = engine.prefix_cache.tier
-    return tier.stats if tier is not None else HostTierStats()
+    """The host tiers' counters summed (a multi-host engine has one tier per process)."""
+    tiers = engine.prefix_cache.host_tiers()
+    fields = dataclasses.fields(HostTierStats)
+    return HostTierStats(**{f.name: sum(getattr(t.stats, f.name) for t in tiers) for f in fields})

@@ -13,6 +13,7 @@ from loong_jax import SamplingParams
 from loong_jax.engine import Engine, EngineConfig, build_engine
 from loong_jax.model.config import tiny_config
 from loong_jax.model.llama import Llama
+from loong_jax.runtime.work import Iteration, PrefillWork
 from pallas_kernels import block_attention
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -98,3 +99,23 @@ def smollm2_on_8_instances(max_model_len: int = 2048):
 
 def greedy_params(max_tokens: int, **kw) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, **GREEDY, **kw)
+
+
+def run_to_end(engine: Engine, prompt: list[int], steps: int, group=None, plan=None):
+    """One greedy request (log-probabilities too) to its end: through the scheduler, or prefilled on `group`
+    with `plan` (then scheduled)."""
+    req = engine.add_request(prompt, greedy_params(steps, logprobs=0))
+    if group is not None:
+        engine.execute(Iteration(prefills=[PrefillWork(group, [req], [np.asarray(plan, np.int32)])]))
+    while not req.finished:
+        engine.step()
+    return req
+
+
+def evict_all(engine: Engine, rng: np.random.Generator) -> None:
+    """Two requests of unrelated tokens, each filling nearly all of each instance's pool in turn: every page
+    cached before is evicted (the first leaves the one released last, the second takes it)."""
+    n = min(engine.pools[0].num_slots, engine.ecfg.max_model_len) - 1
+    for i in range(engine.ecfg.num_instances):
+        for _ in range(2):
+            run_to_end(engine, rng.integers(3, 256, n).tolist(), 1, (i,), np.zeros(n))

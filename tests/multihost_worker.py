@@ -187,7 +187,67 @@ def mismatched_models() -> dict:
         return {"error": str(e)}
 
 
+HOST_TIER_STEPS = 6
+HOST_TIER_PAGE_BYTES = 2 * 2 * 2 * 4 * 16 * 4  # K and V of a page of the tiny model: 2 layers, 2 heads, 4 x 16
+
+
+def host_tier_prompts() -> list[list[int]]:
+    """Two histories, then each history with a new turn after it."""
+    import numpy as np
+
+    rng = np.random.default_rng(11)
+    history = [rng.integers(3, 256, 21).tolist() for _ in range(2)]
+    return history + [h + rng.integers(3, 256, 5).tolist() for h in history]
+
+
+def host_tiers_per_process() -> dict:
+    """A tiny model on 4 instances (0-1 on process 0, 2-3 on process 1), each process with a host tier of
+    its instances' evicted pages. History 0 is computed on instance 2 (process 1) and history 1 on instance 1
+    (process 0); every pool is then emptied; the next turns run on groups spanning both processes, each
+    loading its history from the tier of the process that computed it. The leader reports the outputs and
+    each tier's counters; the follower how many pages its store received."""
+    import numpy as np
+    from esp_helpers import evict_all, run_to_end, tiny_esp_engine
+
+    from loong_jax.multihost.channel import PlanChannel
+    from loong_jax.multihost.follower import Follower
+
+    gib = 64 * HOST_TIER_PAGE_BYTES / 2**30
+    limits = {"max_model_len": 60, "max_prefill_tokens": 60, "host_kv_cache_gib": gib}
+    engine = tiny_esp_engine(num_instances=4, kv_tokens=64, page_size=4, limits=limits)
+    store = engine.executor.host_store
+    if engine.executor.peers is None:
+        Follower(engine.executor, PlanChannel.from_jax()).run()
+        return {"followed": True, "filed_pages": store.filed_pages, "capacity": store.capacity}
+    prompts, steps = host_tier_prompts(), HOST_TIER_STEPS
+    first = [
+        run_to_end(engine, prompts[0], steps, (2,), np.zeros(21)),
+        run_to_end(engine, prompts[1], steps, (1,), np.zeros(21)),
+    ]
+    evict_all(engine, np.random.default_rng(0))
+    half = np.where(np.arange(26) < 13, 0, 1)
+    later = [
+        run_to_end(engine, prompts[2], steps, (1, 2), half),  # history 0 loads onto 2, its process's instance
+        run_to_end(engine, prompts[3], steps, (0, 3), half),  # history 1 onto 0
+    ]
+    tiers = [engine.prefix_cache.tiers[i] for i in (0, 2)]
+    engine.executor.peers.stop()
+    return {
+        "tokens": [r.output_ids for r in first + later],
+        "logprobs": [r.logprobs for r in first + later],
+        "cached": [r.cached_tokens for r in first + later],
+        "hits": [t.stats.hits for t in tiers],
+        "loaded_bytes": [t.stats.loaded_bytes for t in tiers],
+        "tier_pages": [t.pages for t in tiers],
+        "capacity": [t.capacity for t in tiers],
+        "same_tier": tiers[0] is tiers[1],
+        "filed_pages": store.filed_pages,
+        "kv_used": engine.kv_used_tokens,
+    }
+
+
 SCENARIOS = {
+    "host_tier": host_tiers_per_process,
     "mismatch": mismatched_models,
     "migrate": migrate_across_processes,
     "plan": plan_round_trips,

@@ -8,9 +8,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from esp_helpers import greedy_params, pool_tokens, reference_kv, tiny_esp_engine
+from esp_helpers import evict_all, greedy_params, pool_tokens, reference_kv, run_to_end, tiny_esp_engine
 
 from loong_jax.prefix import HostTier
+from loong_jax.runtime.host_store import PageStore
 from loong_jax.runtime.kv_pool import PagePool
 from loong_jax.runtime.memory import process_rss_bytes
 from loong_jax.runtime.work import Iteration, PrefillWork
@@ -24,47 +25,60 @@ def _engine(num_instances: int, kv_tokens: int = 64, tier_gib: float | None = No
     return tiny_esp_engine(num_instances=num_instances, kv_tokens=kv_tokens, page_size=PAGE, limits=limits)
 
 
-def _run(engine, prompt, steps=STEPS, group=None, plan=None):
-    """One request to its end: through the scheduler, or prefilled on `group` with `plan` (then scheduled)."""
-    req = engine.add_request(prompt, greedy_params(steps, logprobs=0))
-    if group is not None:
-        engine.execute(Iteration(prefills=[PrefillWork(group, [req], [np.asarray(plan, np.int32)])]))
-    while not req.finished:
-        engine.step()
-    return req
-
-
-def _evict_all(engine, rng):
-    """Two requests of unrelated tokens, each filling nearly all of each instance's pool in turn: every page
-    cached before is evicted (the first leaves the one released last, the second takes it)."""
-    n = min(engine.pools[0].num_slots, engine.ecfg.max_model_len) - 1
-    for i in range(engine.ecfg.num_instances):
-        for _ in range(2):
-            _run(engine, rng.integers(3, 256, n).tolist(), 1, (i,), np.zeros(n))
-
-
 def _same(got, want):
     assert got.output_ids == want.output_ids
     np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-4)
 
 
-def test_the_tier_is_a_bounded_lru_that_files_copies_as_they_arrive():
-    tier = HostTier(3, (2, 1, PAGE, 2), np.float32)
-    pages = np.arange(5 * 2 * PAGE * 2, dtype=np.float32).reshape(5, 2, 1, PAGE, 2)
-    keys = [bytes([k]) for k in range(5)]
-    tier.put(keys[:3], pages[:3], -pages[:3])
+def test_the_tier_is_a_bounded_lru_that_never_reuses_a_slot_being_loaded():
+    tier = HostTier(3, 64)
+    keys = [bytes([k]) for k in range(6)]
+    assert tier.put(keys[:3]) == [0, 1, 2] and tier.put(keys[:1]) == [None]  # held: only marked used
     assert tier.run(keys, 0) == 3 and tier.run(keys, 1) == 2
-    k, v = tier.read(keys[:1])  # key 0 is now the most recently used
-    np.testing.assert_array_equal(k[0], pages[0])
-    np.testing.assert_array_equal(v[0], -pages[0])
-    tier.stage(keys[3:], jnp.asarray(pages[3:]), jnp.asarray(-pages[3:]))  # device arrays on their way
-    assert tier.run(keys, 3) == 2  # a key still on its way is waited for
-    assert tier.pages == 3 and tier.stats.evictions == 2
-    assert keys[0] in tier and keys[1] not in tier and keys[2] not in tier
-    np.testing.assert_array_equal(tier.read([keys[4]])[1][0], -pages[4])
+    assert tier.pin(keys[1:2]) == [1]  # being loaded: its slot is not reused, though least recently used
+    assert tier.put(keys[3:5]) == [2, 0]  # evicts key 2, then key 0 (key 1 is pinned)
+    assert keys[1] in tier and keys[0] not in tier and keys[2] not in tier and tier.stats.evictions == 2
+    tier.release([1])
+    assert tier.put(keys[5:]) == [1]
+    assert tier.pages == 3 and tier.stats.stored_pages == 6 and tier.stats.stored_bytes == 6 * 64
+    tier.discard(keys[3:4])  # a failed load forgets its pages
+    assert tier.pages == 2 and tier.put(keys[:1]) == [2]
     tier.check()
     with pytest.raises(ValueError, match=">= 1 page"):
-        HostTier(0, (1, 1, PAGE, 1), np.float32)
+        HostTier(0)
+
+
+def _read(store, slots):
+    """K and V of these slots, in their order, put together from the store's views."""
+    k, v = np.empty((2, len(slots), *store.k.shape[1:]), store.k.dtype)
+    for at, pk, pv in store.views(slots):
+        k[at], v[at] = pk[: len(at)], pv[: len(at)]
+    return k, v
+
+
+def test_the_store_files_copies_in_order_and_loads_read_it_in_place():
+    store = PageStore(20, (2, 1, PAGE, 2), np.float32)
+    pages = np.arange(5 * 2 * PAGE * 2, dtype=np.float32).reshape(5, 2, 1, PAGE, 2)
+    store.write([0, 1], pages[:2], -pages[:2])
+    store.stage([2, 0], jnp.asarray(pages[2:5]), jnp.asarray(-pages[2:5]))  # device arrays (one padding row)
+    store.stage([0], jnp.asarray(pages[4:5]), jnp.asarray(-pages[4:5]))  # slot 0 again: the later copy wins
+    views = store.views([0, 2, 1])  # waits for the copies on their way to these slots
+    assert [at for at, _, _ in views] == [[0, 2], [1]]  # slots 0-1 and 2: pieces of power-of-two length
+    assert all(np.shares_memory(k, store.k) and np.shares_memory(v, store.v) for _, k, v in views)  # no copy
+    k, v = _read(store, [0, 2, 1])
+    np.testing.assert_array_equal(k, pages[[4, 2, 1]])
+    np.testing.assert_array_equal(v, -pages[[4, 2, 1]])
+    scattered = list(range(18, -1, -2))  # ten pieces: copied, in pieces of 8 and 2
+    store.write(scattered, np.repeat(pages[:1], 10, 0), pages[[j % 5 for j in range(10)]])
+    views = store.views(scattered)
+    assert [at for at, _, _ in views] == [list(range(9, 1, -1)), [1, 0]]  # in the order of their slots
+    assert not any(np.shares_memory(k, store.k) for _, k, _ in views)
+    np.testing.assert_array_equal(_read(store, scattered)[1], pages[[j % 5 for j in range(10)]])
+    store.lose([1])
+    with pytest.raises(RuntimeError, match=r"slots \[1\] hold no K/V"):
+        store.views([1])
+    store.write([1], pages[:1], pages[:1])  # rewritten: readable again
+    np.testing.assert_array_equal(_read(store, [1])[1][0], pages[0])
 
 
 def test_pools_report_the_cached_pages_they_evict_only_when_asked():
@@ -85,13 +99,14 @@ def test_the_tier_memory_stays_within_its_size_under_ten_times_its_size():
     """Pages of 1 MiB stored through a 64 MiB tier, 640 MiB in all: resident memory grows by the tier's
     size at most (its arrays are filled in place, least recently used pages overwritten)."""
     before = process_rss_bytes()
-    tier = HostTier(32, (1, 1, 1024, 128), np.float32)  # 2 x 512 KiB a page
+    tier, store = HostTier(32, 1 << 20), PageStore(32, (1, 1, 1024, 128), np.float32)  # 2 x 512 KiB a page
     page = np.ones((1, 1, 1, 1024, 128), np.float32)
     for n in range(320):
-        tier.put([n.to_bytes(4, "little")], page * n, page)
+        (slot,) = tier.put([n.to_bytes(4, "little")])
+        store.write([slot], page * n, page)
     grown = process_rss_bytes() - before
     assert tier.pages == 32 and tier.stats.evictions == 320 - 32
-    assert grown < tier.capacity_bytes + (24 << 20), f"resident memory grew {grown >> 20} MiB"
+    assert grown < store.capacity * store.page_bytes + (24 << 20), f"resident memory grew {grown >> 20} MiB"
 
 
 @pytest.mark.parametrize("num_instances", [1, 4, 8])
@@ -105,8 +120,8 @@ def test_outputs_with_every_reuse_from_host_memory_equal_no_cache(num_instances)
     def run(engine):
         out, fill = [], np.random.default_rng(0)
         for prompt in turns:
-            out.append(_run(engine, prompt))
-            _evict_all(engine, fill)
+            out.append(run_to_end(engine, prompt, STEPS))
+            evict_all(engine, fill)
         return out
 
     plain = _engine(num_instances, tier_gib=0)
@@ -128,8 +143,8 @@ def test_a_prefix_loads_onto_another_group_where_its_plan_puts_it():
     engine = _engine(4)
     rng = np.random.default_rng(1)
     prompt = rng.integers(3, 256, 30).tolist()
-    first = _run(engine, prompt[:25], 1, (0,), np.zeros(25))
-    _evict_all(engine, rng)
+    first = run_to_end(engine, prompt[:25], 1, (0,), np.zeros(25))
+    evict_all(engine, rng)
     req = engine.add_request(prompt, greedy_params(3, logprobs=0))
     plan = np.where(np.arange(30) < 12, 1, 0)
     engine.execute(Iteration(prefills=[PrefillWork((2, 3), [req], [plan.astype(np.int32)])]))
@@ -186,8 +201,8 @@ def test_a_failed_load_only_costs_the_reuse_and_an_abort_during_a_load_frees_eve
     engine = _engine(2)
     rng = np.random.default_rng(5)
     prompt = rng.integers(3, 256, 29).tolist()
-    want = _run(engine, prompt)
-    _evict_all(engine, rng)
+    want = run_to_end(engine, prompt, STEPS)
+    evict_all(engine, rng)
     tier = engine.prefix_cache.tier
 
     def broken(*args):
@@ -195,10 +210,11 @@ def test_a_failed_load_only_costs_the_reuse_and_an_abort_during_a_load_frees_eve
 
     with monkeypatch.context() as m:
         m.setattr(engine.executor, "load_pages", broken)
-        again = _run(engine, prompt)
+        again = run_to_end(engine, prompt, STEPS)
     _same(again, want)
     assert again.cached_tokens == 0 and tier.stats.hits == 0 and not engine.prefix_cache.failed_loads
-    _evict_all(engine, rng)
+    assert tier.stats.failed_loads == 1
+    evict_all(engine, rng)
     req = engine.add_request(prompt, greedy_params(STEPS, logprobs=0))
     engine.step()  # its load and prefill are dispatched
     assert tier.stats.hits == 1 and req.cached_tokens == 28
@@ -209,4 +225,4 @@ def test_a_failed_load_only_costs_the_reuse_and_an_abort_during_a_load_frees_eve
     for pool in engine.pools:
         pool.check()
     tier.check()
-    _same(_run(engine, prompt), want)
+    _same(run_to_end(engine, prompt, STEPS), want)

@@ -113,6 +113,28 @@ def test_greedy_layouts_across_two_processes_match_one_instance(smol_llm):
     assert leader["kv_used"] == [0] * 8  # the pages of every instance, both processes', are free again
 
 
+def test_each_process_keeps_the_host_tier_of_its_instances():
+    """2 processes x 2 devices, each with a host tier: a history computed on one process's instance is
+    evicted, then loaded from that process's tier onto its instance of a group spanning both; outputs equal
+    a single-process engine's without any cache (see multihost_worker.py)."""
+    from esp_helpers import run_to_end, tiny_esp_engine
+    from multihost_worker import HOST_TIER_PAGE_BYTES, HOST_TIER_STEPS, host_tier_prompts
+
+    leader, follower = run_processes("host_tier", num=2, local_devices=2, timeout=300)
+    assert follower["followed"] and follower["capacity"] == 64
+    assert leader["capacity"] == [64, 64] and not leader["same_tier"]  # the leader's bookkeeping of each
+    assert leader["cached"] == [0, 0, 20, 20]  # 5 pages of each history, from host memory
+    assert leader["hits"] == [1, 1] and leader["loaded_bytes"] == [5 * HOST_TIER_PAGE_BYTES] * 2
+    assert leader["filed_pages"] >= 5 and follower["filed_pages"] >= 5  # each store holds its process's pages
+    assert leader["kv_used"] == 0
+    plain = tiny_esp_engine(num_instances=1, kv_tokens=64, page_size=4, limits={"max_model_len": 60})
+    plain.prefix_cache.enabled = False
+    for k, prompt in enumerate(host_tier_prompts()):
+        want = run_to_end(plain, prompt, HOST_TIER_STEPS)
+        assert leader["tokens"][k] == want.output_ids
+        np.testing.assert_allclose(leader["logprobs"][k], want.logprobs, atol=1e-4)
+
+
 def test_processes_with_different_models_refuse_to_run():
     for result in run_processes("mismatch", num=2, local_devices=1, timeout=120):
         assert result["error"].startswith("process 1 has a different model than process 0"), result

@@ -68,6 +68,7 @@ class Follower:
                     time.sleep(0.0005)
                     continue
             else:
+                self.executor.poll_host()  # file the copies to the host tier that have arrived
                 try:
                     op = self.channel.receive(seq)  # idle: wait for the leader
                 except PeerTimeout:
@@ -96,9 +97,21 @@ class Follower:
                 if op["kind"] == "decode":
                     self._bursts[group] = (seq, pending)
                 return pending
+            if kind == "save":  # not answered: slots whose copy fails are unreadable, and a load of them says so
+                try:
+                    ex.save_local(op["group"][0], op["pages"], op["slots"])
+                except Exception as e:
+                    log.warning("saving pages to the host tier failed (%s); they are dropped", e)
+                    ex.host_store.lose(op["slots"])
+                return None
             if kind == "migrate":
                 ex.migrate_local(op["src"], op["dst"], np.asarray(op["src_slots"]), np.asarray(op["dst_slots"]))
                 answer: dict = {"ok": True}
+            elif kind == "load":
+                for i, pages, slots in op["loads"]:
+                    if ex.instances.local[i]:
+                        ex.load_local(i, pages, slots)
+                answer = {"ok": True}
             elif kind == "repair":
                 answer = {"lost": ex.repair_local(group)}
             elif kind == "warmup":

@@ -30,11 +30,14 @@ from loong_jax.prefix.host_tier import HostTier
 from loong_jax.runtime.kv_pool import PagePool, prefix_keys
 from loong_jax.runtime.placement import busiest_first_plan
 from loong_jax.runtime.request import Request
-from loong_jax.runtime.work import PrefillWork
+from loong_jax.runtime.work import FatalError, PrefillWork
 
 log = logging.getLogger("loong_jax")
-# Loads K and V [n, L, KV, page, D] from host memory into pages of an instance's pool (dispatched, not waited).
-Loader = Callable[[int, Sequence[int], np.ndarray, np.ndarray], Any]
+# Copies pages of an instance's pool into slots of its host tier's store: (instance, pages, slots).
+Saver = Callable[[int, Sequence[int], Sequence[int]], Any]
+# Loads slots of the host tier's store into pages of instances' pools: {instance: (pages, slots)}; dispatched,
+# not waited for (raises if a load cannot be started).
+Loader = Callable[[dict[int, tuple[list[int], list[int]]]], Any]
 
 
 @dataclasses.dataclass
@@ -77,21 +80,31 @@ class PrefixCache:
         """Every distinct host tier."""
         return list({id(t): t for t in self.tiers if t is not None}.values())
 
-    def spill(self, instances: Sequence[int], save: Callable[[int, Sequence[int]], Any]) -> None:
+    def spill(self, instances: Sequence[int], save: Saver) -> None:
         """Save the pages these instances' pools evicted since the last call into the host tier (call right
-        before a program that may overwrite them is dispatched): save(instance, pages) returns their K and V
-        as device arrays, copied to the host without waiting. Pages the tier holds already are not copied."""
+        before a program that may overwrite them is dispatched): save(instance, pages, slots) copies them into
+        those slots of the tier's store, not waiting. Pages the tier holds already are not copied."""
         for i in instances:
             tier = self.tiers[i]
             if tier is None or not self.pools[i].evicted:
                 continue
             evicted, self.pools[i].evicted = self.pools[i].evicted, []
             todo = {key: page for page, key in evicted if key not in tier}
-            if todo:
-                started = time.perf_counter()
-                k, v = save(i, list(todo.values()))
-                tier.stage(list(todo), k, v)
-                tier.stats.save_host_seconds += time.perf_counter() - started
+            if not todo:
+                continue
+            started = time.perf_counter()
+            slots = tier.put(list(todo))
+            taken = [(key, page, slot) for (key, page), slot in zip(todo.items(), slots) if slot is not None]
+            if not taken:  # every slot is being loaded
+                continue
+            try:
+                save(i, [page for _, page, _ in taken], [slot for _, _, slot in taken])
+            except FatalError:
+                raise
+            except Exception as e:  # nothing is lost but these pages' copies
+                log.warning("saving %d pages of instance %d to the host tier failed (%s)", len(taken), i, e)
+                tier.discard([key for key, _, _ in taken])
+            tier.stats.save_host_seconds += time.perf_counter() - started
 
     def keys(self, req: Request, tokens: int) -> list[bytes]:
         """The keys of the full pages among the first `tokens` tokens of the request's sequence (its prompt
@@ -239,19 +252,26 @@ class PrefixCache:
         loaded = sum(len(p) for p in placed.values())
         if not loaded:
             return
-        try:  # read every page first: saving what a load evicts may make room in the tier
-            reads = {i: tier.read([keys[j] for j, _ in pages]) for i, pages in placed.items()}
-            for i, pages in placed.items():
-                load(i, [p for _, p in pages], *reads[i])
-                tier.stats.loaded_bytes += len(pages) * tier.page_bytes
+        used = {i: [keys[j] for j, _ in pages] for i, pages in placed.items()}
+        slots = {i: tier.pin(used[i]) for i in placed}  # no save reuses them before they are read
+        try:
+            load({i: ([p for _, p in pages], slots[i]) for i, pages in placed.items()})
         except Exception as e:
+            if isinstance(e, FatalError):
+                raise
             log.warning("loading request %d's prefix from host memory failed (%s); computing it", req.rid, e)
             for i, pages in placed.items():
                 self.pools[i].truncate(req.rid, len(pages) * page)
                 self.failed_loads.append(i)
+                tier.discard(used[i])
+            tier.stats.failed_loads += 1
             return
+        finally:
+            for taken in slots.values():
+                tier.release(taken)
         req.prefilled += loaded * page
         req.cached_tokens = req.prefilled
+        tier.stats.loaded_bytes += loaded * tier.page_bytes
         tier.stats.hits += 1
         tier.stats.hit_tokens += loaded * page
 

@@ -2,24 +2,21 @@
 host memory under the same chained prefix keys, and loaded back into whichever instances' pools a later
 prefill runs on.
 
+This is the tier's bookkeeping, kept where the engine runs: which prefix keys it holds, in which slot,
+least recently used first; it never holds more than its capacity, and never reuses a slot a load is reading
+(pinned). The K/V of the slots is kept by the process owning the instances whose pages they are
+(`loong_jax.runtime.host_store`): in a multi-host run the leader keeps one tier's bookkeeping per process
+and each process the K/V of its own, written and read on the leader's orders.
+
 Write-back: a cached page is copied out only when its pool evicts it (nothing is copied for pages that stay
-on the devices). The executor gathers the evicted pages of an instance into one device array right before
-the program that will overwrite them is dispatched (so it reads their old contents), starts the copy to the
-host without waiting, and hands it here; `poll` files copies that have arrived, so neither the device nor
-the engine loop waits for one. The store is two preallocated arrays of `capacity` pages (host memory is
-only touched as pages are stored, and never grows past them), filled and evicted least recently used first.
-Without a page shape the tier keeps keys only (the simulator: which pages it would hold, not their K/V).
+on the devices), right before the program that will overwrite it is dispatched (`PrefixCache.spill`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
-
-import numpy as np
 
 
 @dataclasses.dataclass
@@ -31,33 +28,27 @@ class HostTierStats:
     loaded_bytes: int = 0  # K/V bytes loaded into pools
     stored_bytes: int = 0  # K/V bytes stored from pools
     load_seconds: float = 0.0  # from a load's dispatch until its pages were in the pool
-    save_host_seconds: float = 0.0  # the engine loop's time dispatching saves and filing arrived copies
+    save_host_seconds: float = 0.0  # the engine loop's time dispatching saves (and filing arrived copies)
+    load_host_seconds: float = 0.0  # the engine loop's time dispatching loads
     stored_pages: int = 0
     evictions: int = 0  # pages dropped from the tier to make room
+    failed_loads: int = 0  # loads that failed (their pages were computed instead, and dropped from the tier)
 
 
 class HostTier:
-    """A bounded LRU store of K/V pages in host memory, keyed by prefix keys."""
+    """Which prefix keys a host tier holds and where: a bounded LRU map from keys to the slots of a store."""
 
-    def __init__(self, capacity_pages: int, page_shape: Sequence[int] | None, dtype: Any = None):
-        """page_shape: one page's K (or V) of every layer, [layers, kv heads, page size, head dim] (None: keys
-        only, no K/V)."""
+    def __init__(self, capacity_pages: int, page_bytes: int = 0):
+        """page_bytes: one page's K and V (counted in the stats; 0 where no K/V is kept, as in the simulator)."""
         if capacity_pages < 1:
             raise ValueError(f"a host tier holds >= 1 page, got {capacity_pages}")
         self.capacity = capacity_pages
-        self.k = self.v = None
-        if page_shape is not None:  # pages are backed by memory once written
-            self.k = np.empty((capacity_pages, *page_shape), dtype)
-            self.v = np.empty((capacity_pages, *page_shape), dtype)
+        self.page_bytes = page_bytes
         self._slot: OrderedDict[bytes, int] = OrderedDict()  # key -> slot, least recently used first
-        self._free = list(range(capacity_pages - 1, -1, -1)) if page_shape is not None else []
-        self._pending: deque[tuple[list[bytes], Any, Any, int]] = deque()  # copies on their way to the host
+        self._free: list[int] = []  # slots given back; those from _unused up were never taken
+        self._unused = 0
+        self._pinned: set[int] = set()  # slots being loaded: not reused until released
         self.stats = HostTierStats()
-
-    @property
-    def page_bytes(self) -> int:
-        """Bytes of one page's K and V (0 without them)."""
-        return 0 if self.k is None else 2 * self.k[0].nbytes
 
     @property
     def capacity_bytes(self) -> int:
@@ -71,75 +62,71 @@ class HostTier:
         return key in self._slot
 
     def run(self, keys: Sequence[bytes], start: int) -> int:
-        """How many of keys[start:] the tier holds in a row. Copies that have arrived are filed first; one still
-        on its way that holds the next key is waited for (a device-to-host copy costs less than recomputing)."""
-        self.poll()
+        """How many of keys[start:] the tier holds in a row."""
         n = start
-        while n < len(keys):
-            if keys[n] not in self._slot:
-                if not any(keys[n] in entry[0] for entry in self._pending):
-                    break
-                self.poll(wait=True)
-                continue
+        while n < len(keys) and keys[n] in self._slot:
             n += 1
         return n - start
 
-    def read(self, keys: Sequence[bytes]) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """Copies of the K and V of these pages, [n, *page_shape] each (copies: the tier may reuse its slots
-        while they are being loaded; None without K/V); marks them recently used."""
+    def pin(self, keys: Sequence[bytes]) -> list[int]:
+        """The slots of these keys (held), marked recently used and kept from reuse until `release`."""
         slots = [self._slot[k] for k in keys]
         for k in keys:
             self._slot.move_to_end(k)
-        if self.k is None:
-            return None, None
-        return self.k[slots], self.v[slots]
+        self._pinned.update(slots)
+        return slots
 
-    def put(self, keys: Sequence[bytes], k: np.ndarray | None, v: np.ndarray | None) -> None:
-        """Store pages (K and V [n, *page_shape]; None without K/V) under their keys, evicting the least
-        recently used ones when full; a key held already is only marked recently used."""
-        for j, key in enumerate(keys):
+    def release(self, slots: Sequence[int]) -> None:
+        self._pinned.difference_update(slots)
+
+    def put(self, keys: Sequence[bytes]) -> list[int | None]:
+        """Take a slot for each key not held (evicting the least recently used pages that no load is reading,
+        nor this call took); a key held already is only marked recently used. Returns the slot each key's
+        K/V is to be written to (None: held already, or no slot could be freed)."""
+        out: list[int | None] = []
+        taken: set[int] = set()
+        for key in keys:
             if key in self._slot:
                 self._slot.move_to_end(key)
+                out.append(None)
                 continue
-            if len(self._slot) >= self.capacity:  # full: the least recently used page's slot
-                _, slot = self._slot.popitem(last=False)
+            slot = self._take() if len(self._slot) < self.capacity else self._evict(self._pinned | taken)
+            if slot is not None:
+                self._slot[key] = slot
+                taken.add(slot)
+                self.stats.stored_pages += 1
+                self.stats.stored_bytes += self.page_bytes
+            out.append(slot)
+        return out
+
+    def _take(self) -> int:
+        if self._free:
+            return self._free.pop()
+        self._unused += 1
+        return self._unused - 1
+
+    def _evict(self, keep: set[int]) -> int | None:
+        """The slot of the least recently used page whose slot is not in keep, dropped from the tier."""
+        for key, slot in self._slot.items():
+            if slot not in keep:
+                del self._slot[key]
                 self.stats.evictions += 1
-            else:
-                slot = self._free.pop() if self.k is not None else -1  # -1: no K/V to place
-            if self.k is not None:
-                self.k[slot], self.v[slot] = k[j], v[j]
-            self._slot[key] = slot
-            self.stats.stored_pages += 1
-            self.stats.stored_bytes += self.page_bytes
+                return slot
+        return None
 
-    def stage(self, keys: Sequence[bytes], k: Any, v: Any) -> None:
-        """Pages whose K and V are device arrays [n, *page_shape] (n >= len(keys); the rest is padding) still
-        being computed: their copy to the host starts now, and `poll` stores them once it has arrived (at once
-        without K/V)."""
-        if self.k is None:
-            self.put(keys, None, None)
-            return
-        for x in (k, v):
-            x.copy_to_host_async()
-        self._pending.append((list(keys), k, v, len(keys)))
-
-    def poll(self, wait: bool = False) -> None:
-        """Store the staged pages whose copy has arrived (all of them, waiting, if wait)."""
-        started = time.perf_counter()
-        while self._pending:
-            keys, k, v, n = self._pending[0]
-            if not wait and not (k.is_ready() and v.is_ready()):
-                break
-            self._pending.popleft()
-            self.put(keys, np.asarray(k)[:n], np.asarray(v)[:n])
-        self.stats.save_host_seconds += time.perf_counter() - started
+    def discard(self, keys: Sequence[bytes]) -> None:
+        """Forget these keys (a load of them failed: their copies are not to be trusted)."""
+        for key in keys:
+            slot = self._slot.pop(key, None)
+            if slot is not None:
+                self._pinned.discard(slot)
+                self._free.append(slot)
 
     def check(self) -> None:
         """Raise RuntimeError if the bookkeeping is inconsistent: a slot in two places, or slots lost."""
-        if self.k is None:
-            if len(self._slot) > self.capacity:
-                raise RuntimeError("host tier: more pages than its capacity")
-            return
         held = list(self._slot.values())
-        if len(set(held) | set(self._free)) != self.capacity or len(held) + len(self._free) != self.capacity:
+        taken = set(held) | set(self._free)
+        if len(taken) != len(held) + len(self._free) or taken != set(range(self._unused)):
             raise RuntimeError("host tier: slots are lost or used twice")
+        if not self._pinned <= set(held):
+            raise RuntimeError("host tier: a pinned slot holds no page")

@@ -28,6 +28,7 @@ from loong_jax.model.config import ModelConfig
 from loong_jax.model.llama import stack_layers
 from loong_jax.model.sampling import VARIANTS, SamplerFlags, SamplerOutputs
 from loong_jax.runtime.batching import bucket, sampler_flags, sampler_inputs
+from loong_jax.runtime.host_store import PageStore
 from loong_jax.runtime.instances import SP, Group, Instances
 from loong_jax.runtime.kv_pool import KVCache, PagePool
 from loong_jax.runtime.memory import Footprint, count_memory_maps
@@ -155,6 +156,7 @@ class JaxExecutor:
         # the pages their pools just evicted: read before they are overwritten).
         self.before_write: Callable[[Group], None] | None = None
         self._page_programs: dict[tuple[str, int], Any] = {}
+        self.host_store: PageStore | None = None  # the K/V of the host tier of this process's instances
 
     @property
     def devices(self) -> list[jax.Device]:
@@ -306,6 +308,8 @@ class JaxExecutor:
     def _run(self, kind: str, group: Group, flags: SamplerFlags, inp: Any, samp: Any, carry: Any = None) -> Pending:
         """Dispatch a prefill or decode on the group; with other processes' instances in it, they are sent
         the same inputs first and the pending outputs gather every process's rows."""
+        if self.before_write is not None:  # pages the pools evicted are saved before the program overwrites them
+            self.before_write(group)
         if self.peers is None or self.instances.is_local(group):
             return self.run_local(kind, group, flags, inp, samp, carry)
         op = {
@@ -328,8 +332,6 @@ class JaxExecutor:
         """This process's part of a prefill or decode: dispatch a compiled program at once; one not compiled
         yet (a new sampler variant or shape) is compiled and dispatched on the compile thread, so the
         programs of other groups go on meanwhile. carry: a decode's start state left by the burst before."""
-        if self.before_write is not None:
-            self.before_write(group)
         inst = self.instances
         spec = layout((inp, samp))
         words = jax.device_put(pack((inp, samp)), inst.sharding(group, P(SP)))  # one transfer
@@ -364,6 +366,8 @@ class JaxExecutor:
         """Copy K/V at src_slots of instance src into dst_slots of instance dst, in transfers of at most
         MAX_MIGRATE_TOKENS tokens (padded to a bucket), so that a transfer's buffers stay bounded."""
         group = (src, dst)
+        if self.before_write is not None:
+            self.before_write(group)
         seq = None
         if self.peers is not None and not self.instances.is_local(group):
             op = {"op": "migrate", "src": src, "dst": dst, "src_slots": src_slots, "dst_slots": dst_slots}
@@ -379,8 +383,6 @@ class JaxExecutor:
     def migrate_local(self, src: int, dst: int, src_slots: np.ndarray, dst_slots: np.ndarray) -> None:
         """This process's part of a migration (every transfer runs to completion)."""
         group, inst = (src, dst), self.instances
-        if self.before_write is not None:
-            self.before_write(group)
         for at in range(0, len(src_slots), MAX_MIGRATE_TOKENS):
             part_src = src_slots[at : at + MAX_MIGRATE_TOKENS]
             part_dst = dst_slots[at : at + MAX_MIGRATE_TOKENS]
@@ -398,24 +400,56 @@ class JaxExecutor:
         """Call done() on a watcher thread once x is computed (or has failed)."""
         self._watchers.submit(jax.block_until_ready, x).add_done_callback(lambda _: done())
 
-    def save_pages(self, instance: int, pages: Sequence[int]) -> KVCache:
-        """The K and V of these pages of an instance's pool, [n, L, KV, page, D] each (n: a bucket of
-        len(pages); the padding reads zeros): dispatched after every program before it, not waited for."""
-        slots = self._page_slots(pages)
-        return self._page_program("gather", instance)(self.instances.pools[instance], slots)
+    def poll_host(self) -> None:
+        """File the copies to this process's host tier store that have arrived (freeing their device buffers)."""
+        if self.host_store is not None:
+            self.host_store.poll()
 
-    def load_pages(self, instance: int, pages: Sequence[int], k: np.ndarray, v: np.ndarray) -> Any:
-        """Write K and V [len(pages), L, KV, page, D] from host memory into these pages of an instance's pool:
-        the transfer and the write are dispatched, not waited for. Returns the new pool (ready once loaded)."""
+    def save_pages(self, instance: int, pages: Sequence[int], slots: Sequence[int]) -> None:
+        """Copy these pages of an instance's pool into these slots of the host tier store of the process
+        owning it: dispatched after every program before it, not waited for (another process's instance: the
+        operation is sent to it and not answered; a copy that fails there leaves its slots unreadable)."""
+        if self.instances.local[instance]:
+            self.save_local(instance, pages, slots)
+        else:
+            self.peers.send({"op": "save", "group": [instance], "pages": list(pages), "slots": list(slots)})
+
+    def save_local(self, instance: int, pages: Sequence[int], slots: Sequence[int]) -> None:
+        """save_pages() of an instance of this process."""
+        k, v = self._page_program("gather", instance)(self.instances.pools[instance], self._page_slots(pages))
+        self.host_store.stage(slots, k, v)
+
+    def load_pages(self, loads: dict[int, tuple[list[int], list[int]]]) -> list[Any]:
+        """Write the K/V of host tier slots into pages of instances' pools ({instance: (pages, slots)}, each
+        from the store of the process owning the instance): dispatched, not waited for. Returns arrays that are
+        ready once the local pages are loaded; other processes are waited for until they have dispatched their
+        part (an error there, such as an unreadable slot, is raised here)."""
         if self.before_write is not None:
-            self.before_write((instance,))
-        slots, inst = self._page_slots(pages), self.instances
-        pad = ((0, len(slots) - len(pages)),) + ((0, 0),) * (k.ndim - 1)
+            self.before_write(tuple(loads))
+        remote = [i for i in loads if not self.instances.local[i]]
+        seq = None
+        if remote:
+            op = {"op": "load", "group": remote, "loads": [[i, *map(list, loads[i])] for i in remote]}
+            seq = self.peers.send(op)
+        done = [self.load_local(i, *loads[i]) for i in loads if self.instances.local[i]]
+        if seq is not None:
+            self.peers.answers(seq, remote)  # raises a follower's error
+        return done
+
+    def load_local(self, instance: int, pages: Sequence[int], slots: Sequence[int]) -> Any:
+        """Load one instance's pages of load_pages() from this process's store; returns arrays ready once done.
+        The store's memory is handed to the transfer as it is (no copy on the engine loop's thread where the
+        slots are consecutive), and the store files no copy into those slots until the load is done."""
+        store, inst = self.host_store, self.instances
         sharding = inst.sharding((instance,), inst.pool_spec)
-        new = KVCache(*(jax.device_put(np.pad(x, pad), sharding) for x in (k, v)))
-        pool = self._page_program("scatter", instance)(inst.pools[instance], slots, new)
+        pool, done = inst.pools[instance], []
+        for at, k, v in store.views(slots):
+            new = KVCache(jax.device_put(k, sharding), jax.device_put(v, sharding))
+            pool, written = self._page_program("scatter", instance)(pool, self._page_slots([pages[j] for j in at]), new)
+            done.append(written)
+        store.reading(slots, done)
         inst.pools[instance] = pool
-        return pool
+        return done
 
     def _page_slots(self, pages: Sequence[int]) -> np.ndarray:
         """Slots [bucket(n), page] of whole pages; padding rows point past the pool."""
@@ -432,7 +466,11 @@ class JaxExecutor:
             if kind == "gather":
                 program = jax.jit(gather_pages_program, out_shardings=KVCache(s, s))
             else:
-                program = jax.jit(scatter_pages_program, donate_argnums=0, out_shardings=KVCache(s, s))
+                program = jax.jit(
+                    scatter_pages_program,
+                    donate_argnums=0,
+                    out_shardings=(KVCache(s, s), self.instances.sharding((instance,), P())),
+                )
             self._page_programs[(kind, instance)] = program
         return program
 

@@ -280,14 +280,15 @@ def gather_pages_program(pool: KVCache, slots: jnp.ndarray) -> KVCache:
     return KVCache(take(pool.k), take(pool.v))
 
 
-def scatter_pages_program(pool: KVCache, slots: jnp.ndarray, pages: KVCache) -> KVCache:
+def scatter_pages_program(pool: KVCache, slots: jnp.ndarray, pages: KVCache) -> tuple[KVCache, jnp.ndarray]:
     """Write pages [n, L, KV, page, D] (K and V) into one instance's pool at slots [n, page], in place (slots
-    past the pool are dropped)."""
+    past the pool are dropped). Also returns a scalar that is ready when the write is done (the pool is
+    donated to the next program, so it cannot tell that)."""
 
     def flat(x):
         return jnp.moveaxis(x, 0, 2).reshape(*x.shape[1:3], -1, x.shape[-1])
 
-    return store_kv(pool, slots.reshape(-1), flat(pages.k), flat(pages.v))
+    return store_kv(pool, slots.reshape(-1), flat(pages.k), flat(pages.v)), slots[0, 0] + 1
 
 
 @functools.partial(jax.jit, static_argnums=0)

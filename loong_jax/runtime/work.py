@@ -134,12 +134,17 @@ class Executor(Protocol):
     # with a group right before a program that may overwrite its pools' pages is dispatched.
     before_write: Callable[[Group], None] | None
 
-    def save_pages(self, instance: int, pages: Sequence[int]) -> Any:
-        """K and V of whole pages of an instance's pool, being copied out (not waited for)."""
+    def save_pages(self, instance: int, pages: Sequence[int], slots: Sequence[int]) -> Any:
+        """Copy whole pages of an instance's pool into slots of its host tier's store (not waited for)."""
         ...
 
-    def load_pages(self, instance: int, pages: Sequence[int], k: Any, v: Any) -> Any:
-        """Write K and V from host memory into whole pages of an instance's pool (dispatched, not waited for)."""
+    def load_pages(self, loads: dict[int, tuple[list[int], list[int]]]) -> Any:
+        """Write host tier slots into whole pages of instances' pools, {instance: (pages, slots)} (dispatched,
+        not waited for)."""
+        ...
+
+    def poll_host(self) -> None:
+        """File copies to the host tier that have arrived."""
         ...
 
     def when_ready(self, x: Any, done: Callable[[], None]) -> None:

@@ -65,14 +65,16 @@ class SimExecutor:
         self.before_write: Callable[[Group], None] | None = None  # as the JAX executor's
         self._loading: dict[int, float] = {}  # instance -> seconds of loads its next prefill waits for
 
-    def save_pages(self, instance: int, pages: Sequence[int]) -> tuple[None, None]:
+    def save_pages(self, instance: int, pages: Sequence[int], slots: Sequence[int]) -> None:
         """Evicted pages enter the host tier by key only."""
-        return None, None
 
-    def load_pages(self, instance: int, pages: Sequence[int], k: Any, v: Any) -> None:
-        self._loading[instance] = self._loading.get(instance, 0.0) + self.timing.reload_time(
-            len(pages) * self.page_size
-        )
+    def load_pages(self, loads: dict[int, tuple[list[int], list[int]]]) -> None:
+        for instance, (pages, _) in loads.items():
+            delay = self.timing.reload_time(len(pages) * self.page_size)
+            self._loading[instance] = self._loading.get(instance, 0.0) + delay
+
+    def poll_host(self) -> None:
+        pass
 
     def when_ready(self, x: Any, done: Callable[[], None]) -> None:
         done()

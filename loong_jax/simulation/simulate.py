@@ -106,7 +106,7 @@ def simulate(
     if cluster.prefix_caching and cluster.host_tier_tokens:
         pages = cluster.host_tier_tokens // cluster.page_size if math.isfinite(cluster.host_tier_tokens) else 1 << 62
         for part in np.array_split(np.arange(cluster.num_instances), cluster.host_tiers):
-            engine.use_host_tier(HostTier(int(pages), None), part.tolist())
+            engine.use_host_tier(HostTier(int(pages)), part.tolist())
     timeline = engine.record_timeline(limit=10_000_000) if record else None
     order = sorted(range(len(workload)), key=lambda k: workload[k].arrival)
     records = [RequestRecord(w.arrival, w.input_len, w.output_len) for w in workload]
