@@ -5,6 +5,7 @@ or a request aborted during one loses nothing else; the tier never holds more th
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,8 +13,9 @@ from esp_helpers import evict_all, greedy_params, pool_tokens, reference_kv, run
 
 from loong_jax.prefix import HostTier
 from loong_jax.runtime.host_store import PageStore
-from loong_jax.runtime.kv_pool import PagePool
+from loong_jax.runtime.kv_pool import KVCache, PagePool
 from loong_jax.runtime.memory import process_rss_bytes
+from loong_jax.runtime.programs import gather_pages_program, scatter_pages_program
 from loong_jax.runtime.work import Iteration, PrefillWork
 
 PAGE = 4
@@ -226,3 +228,16 @@ def test_a_failed_load_only_costs_the_reuse_and_an_abort_during_a_load_frees_eve
         pool.check()
     tier.check()
     _same(run_to_end(engine, prompt, STEPS), want)
+
+
+def test_the_page_programs_lower_for_cuda_and_write_the_pool_in_place():
+    """The gather and scatter programs of saves and loads as a GPU would compile them (no GPU here): the
+    scatter writes into the donated pool (aliased: no copy of the pool)."""
+    pool = KVCache(*(jax.ShapeDtypeStruct((1, 32, 8, 4096, 128), jnp.bfloat16) for _ in range(2)))
+    slots = jax.ShapeDtypeStruct((64, 16), jnp.int32)
+    pages = KVCache(*(jax.ShapeDtypeStruct((64, 32, 8, 16, 128), jnp.bfloat16) for _ in range(2)))
+    gather = jax.jit(gather_pages_program).trace(pool, slots).lower(lowering_platforms=("cuda",)).as_text()
+    scatter = jax.jit(scatter_pages_program, donate_argnums=0).trace(pool, slots, pages)
+    text = scatter.lower(lowering_platforms=("cuda",)).as_text()
+    assert "stablehlo.gather" in gather and "stablehlo.scatter" in text
+    assert text.count("tf.aliasing_output") == 2  # K and V of the pool are written in place

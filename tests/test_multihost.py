@@ -8,6 +8,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -230,6 +231,9 @@ def test_the_leader_serves_16_streams_with_the_follower(cluster):
     assert len(usage) == 4 and not any(usage), usage  # every instance's KV, on both processes, is free
     models = httpx.get(f"{cluster.url}/v1/models").json()
     assert models["data"][0]["id"]
+    metrics = httpx.get(f"{cluster.url}/metrics").text
+    tiers = re.search(r"^loong:prefix_cache_host_capacity_bytes (\S+)$", metrics, re.M)
+    assert tiers and float(tiers.group(1)) > 0  # a host tier on each process by default
 
 
 def test_killing_a_follower_fails_every_stream_within_the_deadline(cluster):

@@ -9,8 +9,8 @@ are written, and never grows past them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -32,8 +32,7 @@ class PageStore:
         self._pending: deque[tuple[np.ndarray, Any, Any]] = deque()  # (slots, K, V) on their way to the host
         self._bad: set[int] = set()  # slots whose copy failed: reading them is an error
         self._reads: list[tuple[set[int], Any]] = []  # (slots, what is ready once the load reading them is done)
-        self.filed_pages = 0
-        self.file_seconds = 0.0
+        self.filed_pages = 0  # pages written, in all
 
     @property
     def capacity(self) -> int:
@@ -56,7 +55,8 @@ class PageStore:
         slots = np.asarray(slots, np.int64)
         for reading, done in self._reads:
             if reading.intersection(slots.tolist()):
-                jax.block_until_ready(done)
+                with contextlib.suppress(Exception):  # a load that failed reads nothing any more
+                    jax.block_until_ready(done)
         self.k[slots], self.v[slots] = k[: len(slots)], v[: len(slots)]
         self._bad.difference_update(slots.tolist())
         self.filed_pages += len(slots)
@@ -64,7 +64,7 @@ class PageStore:
     def poll(self, wait_for: Sequence[int] = ()) -> None:
         """File the copies that have arrived, in the order they were staged, waiting for those on their way
         to any of the slots in wait_for. A copy that failed leaves its slots unreadable."""
-        started, waiting = time.perf_counter(), set(wait_for)
+        waiting = set(wait_for)
         while self._pending:
             slots, k, v = self._pending[0]
             must = any(waiting.intersection(s.tolist()) for s, _, _ in self._pending)  # FIFO: file up to it
@@ -76,7 +76,6 @@ class PageStore:
             except Exception as e:  # the gather or the copy failed: these pages are lost, nothing else
                 log.warning("copying %d pages to the host tier failed (%s); they are dropped", len(slots), e)
                 self.lose(slots)
-        self.file_seconds += time.perf_counter() - started
 
     def lose(self, slots: Sequence[int]) -> None:
         """Mark slots as holding no K/V (their copy failed): reading them is an error until rewritten."""
