@@ -73,12 +73,14 @@ SYSTEMS = ("esp", "static_sp_tp2x4", "chunked_tp8", "disagg_4p4d", "vllm_tp8", "
 # vLLM-style automatic prefix caching on one TP8 instance, replicas each with its own cache behind a router
 # sending each request to the replica caching most of its prefix.
 # "+host": the cache with a host-memory tier of --host-tier-gib per 8-GPU node (elastic SP and vLLM-style TP8:
-# one tier; replicas: a quarter each, as four processes would); "+unbounded": a host tier without a limit.
+# one tier; replicas: a quarter each, as four processes would); "+unbounded": a host tier without a limit;
+# "+host-noprefetch": the host tier with loads only at a prefill's launch (none while a request waits).
 CACHED = (
     "esp+cache",
     "vllm_tp8+cache",
     "replicas_4xtp2+cache",
     "esp+host",
+    "esp+host-noprefetch",
     "vllm_tp8+host",
     "replicas_4xtp2+host",
     "esp+unbounded",
@@ -91,6 +93,9 @@ GOODPUT_SLO = SLO(ttft_scale=25, ttft_floor=15.0, tpot=0.050)  # the Zipf ablati
 def system(name: str, gpu: str, workload: str, host_gib: float = HOST_TIER_GIB) -> tuple[SimCluster, object]:
     """The simulated deployment and policy of a named system on 8 GPUs ("+cache": with prefix caching;
     "+host": and a host tier of host_gib per node; "+unbounded": and a host tier without a limit)."""
+    if name.endswith("-noprefetch"):
+        cluster, policy = system(name.removesuffix("-noprefetch"), gpu, workload, host_gib)
+        return dataclasses.replace(cluster, host_prefetch=False), policy
     for suffix in ("+cache", "+host", "+unbounded"):
         if name.endswith(suffix):
             base = name.removesuffix(suffix)

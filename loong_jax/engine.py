@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import heapq
 import itertools
 import logging
 import math
@@ -59,6 +60,7 @@ from pallas_kernels import BACKENDS
 
 log = logging.getLogger("loong_jax")
 EXTRA_PROGRAMS = 64  # compiled programs kept beyond the warm set (sampler variants, other shapes)
+PREFETCH_AHEAD = 4  # waiting requests, next in line, whose prefixes are loaded from the host tier early
 
 
 class RequestRejected(ValueError):
@@ -90,6 +92,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # "auto" (Pallas on GPU, XLA elsewhere), "xla" or "pallas"
     enable_prefix_caching: bool = True  # reuse the K/V of full pages of earlier requests' prefixes
     host_kv_cache_gib: float | None = None  # prefix pages evicted from the pools kept in host memory (0: off)
+    host_prefetch: bool = True  # load waiting requests' prefixes from the host tier ahead of their prefills
     unroll_layers: bool | None = None  # layers unrolled, weights read in place (None: on accelerators, not on CPU)
     heartbeat_timeout_s: float = 30.0  # multi-host: a follower silent this long is lost
     step_timeout_s: float = 300.0  # multi-host: a follower that has not answered a launch by then is lost
@@ -217,6 +220,7 @@ class Engine:
         self._failed: list[Request] = []  # requests failed since the last step returned (to publish)
         self._ids = itertools.count()
         self._reserved_pages = 0
+        self._prefetched: set[int] = set()  # waiting requests whose prefixes were prefetched (or had nothing to)
         self._step_times: deque[float] = deque(maxlen=5)  # seconds a decode step took
         self._rng = np.random.default_rng(seed if seed is not None else secrets.randbits(63))
         eos = tokenizer.eos_token_ids if tokenizer is not None else cfg.eos_token_ids
@@ -251,16 +255,37 @@ class Engine:
     def _after_failed_loads(self, work: PrefillWork) -> None:
         """Instances where a host-tier load failed: those whose pool it left unusable get empty ones, and the
         requests holding K/V there (this prefill's too) are recomputed later."""
-        failed, self.prefix_cache.failed_loads = self.prefix_cache.failed_loads, []
-        for i in self.executor.repair(tuple(sorted(set(failed)))):
-            for req in [r for r in self.running if self.pools[i].tokens.get(r.rid, 0)]:
-                self._preempt(req)
-            self.prefix_cache.flush([i])
+        self._repair_failed_loads()
         keep = [k for k, r in enumerate(work.requests) if r.status is Status.RUNNING]
         work.requests = [work.requests[k] for k in keep]
         work.plans = [work.plans[k] for k in keep]
         if work.chunk is not None:
             work.chunk = [work.chunk[k] for k in keep]
+
+    def _repair_failed_loads(self) -> None:
+        failed, self.prefix_cache.failed_loads = self.prefix_cache.failed_loads, []
+        for i in self.executor.repair(tuple(sorted(set(failed)))):
+            for req in [r for r in self.running if self.pools[i].tokens.get(r.rid, 0)]:
+                self._preempt(req)
+            self.prefix_cache.flush([i])
+
+    def _prefetch(self) -> None:
+        """Load the host-tier pages of the prefixes of the next waiting requests into unused pages of
+        instances whose programs are all dispatched, beside what they compute, so that those requests'
+        prefills find them on the devices instead of loading them first."""
+        cache = self.prefix_cache
+        if not self.ecfg.host_prefetch or not self.waiting or not cache.host_tiers():
+            return
+        ready = [i for i in range(self.ecfg.num_instances) if self.executor.can_load(i)]
+        if not ready:
+            return
+        ahead = heapq.nsmallest(PREFETCH_AHEAD, self.waiting, key=queue_order)
+        for req in ahead:
+            if req.rid not in self._prefetched:  # each is looked up once while it is next in line
+                cache.prefetch(req, ready, self._load, self._pays)
+        self._prefetched = {req.rid for req in ahead}
+        if cache.failed_loads:
+            self._repair_failed_loads()
 
     # ----- requests -------------------------------------------------------------------------------
 
@@ -431,6 +456,7 @@ class Engine:
         if self._changed:  # otherwise the policy would see what it saw last time
             self._changed = False
             launched = self.launch(self.policy.schedule(self._view()))
+            self._prefetch()
             touched += self._take_failed()
         launched += self._chain()
         if not launched and not touched and self.launches:

@@ -101,6 +101,7 @@ class Metrics:
             ("load_seconds", "load_seconds", "Seconds from each load's dispatch until its pages were in the pool."),
             ("save_seconds", "save_host_seconds", "Engine-loop seconds spent dispatching saves to the host tier."),
             ("load_dispatch_seconds", "load_host_seconds", "Engine-loop seconds spent dispatching loads from it."),
+            ("prefetched_pages", "prefetched_pages", "Pages loaded from the host tier for waiting requests."),
             ("failed_loads", "failed_loads", "Loads from the host tier that failed (those pages were computed)."),
         ):
             counter = Counter(f"loong:prefix_cache_host_{name}", doc, registry=r)

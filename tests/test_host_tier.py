@@ -241,3 +241,30 @@ def test_the_page_programs_lower_for_cuda_and_write_the_pool_in_place():
     text = scatter.lower(lowering_platforms=("cuda",)).as_text()
     assert "stablehlo.gather" in gather and "stablehlo.scatter" in text
     assert text.count("tf.aliasing_output") == 2  # K and V of the pool are written in place
+
+
+def test_a_waiting_request_finds_its_prefix_prefetched_from_host_memory():
+    """One sequence at a time: while a request runs, the next one waits, and its prefix is loaded from the
+    host tier into a pool beside the running decodes; its prefill then finds those pages on the device
+    (no load at its launch), and its outputs equal those without any cache."""
+    engine = _engine(2, max_num_seqs=1)
+    rng = np.random.default_rng(7)
+    prompt = rng.integers(3, 256, 29).tolist()
+    want = run_to_end(engine, prompt, STEPS)
+    evict_all(engine, rng)
+    tier = engine.prefix_cache.tier
+    busy = engine.add_request(rng.integers(3, 256, 9).tolist(), greedy_params(8, logprobs=0))
+    engine.step()  # its prefill
+    req = engine.add_request(prompt, greedy_params(STEPS, logprobs=0))
+    while not busy.finished:
+        engine.step()
+        assert req.status.name == "WAITING" or busy.finished  # one sequence at a time
+    assert tier.stats.prefetched_pages == 7 and tier.stats.hits == 0
+    while not req.finished:
+        engine.step()
+    _same(req, want)
+    assert req.cached_tokens == 28 and tier.stats.hits == 0  # found on the device: nothing loaded at launch
+    assert engine.kv_used_tokens == 0
+    for pool in engine.pools:
+        pool.check()
+    tier.check()

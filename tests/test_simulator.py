@@ -20,11 +20,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from loong_jax.model.sampling import SamplingParams
+from loong_jax.runtime.kv_pool import PagePool
+from loong_jax.runtime.request import Request
+from loong_jax.runtime.work import PrefillWork
 from loong_jax.scheduling.cost_model import CostModel, decode_features, fit_linear, prefill_features, relative_errors
 from loong_jax.scheduling.elastic import ElasticScheduler, SchedulerConfig
 from loong_jax.scheduling.policy import IdleFirstPolicy, SchedulerView
 from loong_jax.simulation.baselines import ChunkedPrefillPolicy, DisaggregatedPolicy, ReplicaPolicy, StaticGroupPolicy
 from loong_jax.simulation.cluster_model import A100, A800, H100, LLAMA2_7B, ClusterModel
+from loong_jax.simulation.executor import SimExecutor
 from loong_jax.simulation.simulate import SimCluster, SimResult, SimulationStalled, simulate
 from loong_jax.simulation.workloads import (
     PAPER_RANGES,
@@ -551,6 +556,30 @@ def test_a_reload_pays_when_loading_is_faster_than_computing():
     assert not cost.reload_pays(1, 1000, 0, 900)
 
 
+def test_a_simulated_load_runs_beside_compute_and_delays_only_a_prefill_that_needs_it_early():
+    """Loads from host memory onto an instance take the PCIe time of their tokens, one after another; a
+    prefill on it starts once they are done: at once if they were dispatched early enough (a prefetch)."""
+    c = ClusterModel(A800, LLAMA2_7B, 4, 2)
+    ex = SimExecutor(c, page_size=16)
+    pools, rids = [PagePool(64, 16) for _ in range(2)], iter(range(100))
+    load, pages = c.reload_time(16 * 16), {0: (list(range(16)), list(range(16)))}
+
+    def prefill_seconds(instance: int) -> float:
+        req = Request(next(rids), list(range(32)), SamplingParams(max_tokens=1), 1, 0, (2,))
+        req.prefill_len = req.prefilled = 32
+        launch = ex.prefill(PrefillWork((instance,), [req], [np.zeros(32, np.int32)]), [pools[instance]])
+        pools[instance].release(req.rid)
+        return launch.pending.finish - ex.now()
+
+    alone = prefill_seconds(0)
+    ex.load_pages(pages)
+    ex.load_pages(pages)  # the same link: after the first
+    assert prefill_seconds(0) == pytest.approx(alone + 2 * load)
+    ex.load_pages({1: pages[0]})
+    ex.advance(ex.now() + load)  # a prefetch: the instance computes something else meanwhile
+    assert prefill_seconds(1) == pytest.approx(alone)
+
+
 def test_cluster_model_hits_the_paper_points():
     c = ClusterModel(A800, LLAMA2_7B, 1, 1)
     assert c.prefill_time(1, [1024]) == pytest.approx(0.0689, abs=1e-6)
@@ -651,6 +680,21 @@ def test_prefix_caching_needs_hash_ids():
     cluster, policy = SYSTEMS["vllm"](None)
     with pytest.raises(ValueError, match="hash ids"):
         simulate(dataclasses.replace(cluster, prefix_caching=True), policy, short_workload(0, n=3))
+
+
+def test_waiting_requests_prefixes_are_prefetched_from_the_host_tier_in_the_simulator():
+    """A busy elastic cluster with small pools and a host tier: the next waiting requests' prefixes are
+    loaded ahead of their prefills (none with prefetching off); the pools' bookkeeping holds at every
+    decision, every request finishes and no KV is left held."""
+    wl = shared_prefix_workload(1, rate=8.0)
+    prefetched = {}
+    for on in (False, True):
+        cluster, policy = SYSTEMS["elastic"](8192)
+        cluster = dataclasses.replace(cluster, prefix_caching=True, host_tier_tokens=math.inf, host_prefetch=on)
+        res = simulate(cluster, PoolsChecked(policy), wl)
+        assert all(r.rejected is None for r in res.records) and res.stats["kv_left"] == 0
+        prefetched[on] = res.stats["host_prefetched_tokens"]
+    assert prefetched[False] == 0 and prefetched[True] > 0
 
 
 @pytest.mark.parametrize("system", ["elastic", "vllm", "replicas_prefix"])

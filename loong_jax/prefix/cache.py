@@ -33,6 +33,7 @@ from loong_jax.runtime.request import Request
 from loong_jax.runtime.work import FatalError, PrefillWork
 
 log = logging.getLogger("loong_jax")
+PREFETCH_RID = -2  # the owner of pages being prefetched (for the time of the call)
 # Copies pages of an instance's pool into slots of its host tier's store: (instance, pages, slots).
 Saver = Callable[[int, Sequence[int], Sequence[int]], Any]
 # Loads slots of the host tier's store into pages of instances' pools: {instance: (pages, slots)}; dispatched,
@@ -274,6 +275,54 @@ class PrefixCache:
         tier.stats.loaded_bytes += loaded * tier.page_bytes
         tier.stats.hits += 1
         tier.stats.hit_tokens += loaded * page
+
+    def prefetch(
+        self, req: Request, instances: Sequence[int], load: Loader, pays: Callable[[int, int, int, int], bool] | None
+    ) -> int:
+        """While a request waits: load the pages of its prefix that continue in a host tier where the pools'
+        copy ends into one of these instances (the one holding the end of its cached prefix if it can, else the
+        one of that tier with the most free pages; at most half its free pages, least recently used cached
+        pages evicted for them, never the request's own) and cache them there, so that its prefill finds them
+        on the devices; the load runs beside whatever that instance is computing. Returns the pages loaded."""
+        if not self.enabled or not instances:
+            return 0
+        page, where = self.page_size, self.lookup(req, list(range(len(self.pools))))
+        first = len(where)
+        tier, count = max(self._host_runs(req, first, instances), key=lambda x: x[1], default=(None, 0))
+        new = req.num_prefill_tokens - first * page
+        if not count or (pays is not None and not pays(1, new, first * page, count * page)):
+            return 0
+        reach = [i for i in instances if self.tiers[i] is tier]
+        target = max(reach, key=lambda i: (bool(where) and where[-1] == i, self.pools[i].free_pages))
+        pool, keys = self.pools[target], self.keys(req, req.num_prefill_tokens - 1)
+        mine = [j for j, i in enumerate(where) if i == target]
+        pool.share(PREFETCH_RID, [keys[j] for j in mine], mine)  # held meanwhile: not evicted for the new pages
+        n = min(count, pool.free_pages // 2)
+        if n < 1:
+            pool.release(PREFETCH_RID)
+            return 0
+        held = pool.append(PREFETCH_RID, n * page, first * page)
+        keys = keys[first : first + n]
+        slots = tier.pin(keys)
+        try:
+            load({target: ((held[::page] // page).tolist(), slots)})
+        except Exception as e:
+            if isinstance(e, FatalError):
+                raise
+            log.warning("prefetching request %d's prefix from host memory failed (%s)", req.rid, e)
+            pool.release(PREFETCH_RID)
+            self.failed_loads.append(target)
+            tier.discard(keys)
+            tier.stats.failed_loads += 1
+            return 0
+        finally:
+            tier.release(slots)
+        for index, key in enumerate(keys):
+            pool.publish(PREFETCH_RID, len(mine) + index, key)
+        pool.release(PREFETCH_RID)
+        tier.stats.loaded_bytes += n * tier.page_bytes
+        tier.stats.prefetched_pages += n
+        return n
 
     def publish(self, req: Request, instances: Sequence[int]) -> None:
         """Cache the request's full pages on these instances that hold whole aligned pages of its sequence

@@ -32,6 +32,7 @@ class HostTierStats:
     load_host_seconds: float = 0.0  # the engine loop's time dispatching loads
     stored_pages: int = 0
     evictions: int = 0  # pages dropped from the tier to make room
+    prefetched_pages: int = 0  # pages loaded for waiting requests ahead of their prefills
     failed_loads: int = 0  # loads that failed (their pages were computed instead, and dropped from the tier)
 
 

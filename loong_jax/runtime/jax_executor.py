@@ -157,6 +157,7 @@ class JaxExecutor:
         self.before_write: Callable[[Group], None] | None = None
         self._page_programs: dict[tuple[str, int], Any] = {}
         self.host_store: PageStore | None = None  # the K/V of the host tier of this process's instances
+        self._compiling: dict[int, concurrent.futures.Future] = {}  # instance -> its last program compiled on use
 
     @property
     def devices(self) -> list[jax.Device]:
@@ -347,7 +348,9 @@ class JaxExecutor:
             fn = packed_program(self._program_fn(kind, group, flags), spec, kind)
             return self._dispatch(self.programs.get(key, fn, args, donate_argnums=(1,)), group, args)
 
-        return CompilingPending(self._compiler.submit(compile_and_dispatch))
+        future = self._compiler.submit(compile_and_dispatch)
+        self._compiling.update(dict.fromkeys(group, future))
+        return CompilingPending(future)
 
     def _program_fn(self, kind: str, group: Group, flags: SamplerFlags) -> Any:
         """The prefill or decode program of a group and sampler variant, its inputs left to give."""
@@ -399,6 +402,13 @@ class JaxExecutor:
     def when_ready(self, x: Any, done: Callable[[], None]) -> None:
         """Call done() on a watcher thread once x is computed (or has failed)."""
         self._watchers.submit(jax.block_until_ready, x).add_done_callback(lambda _: done())
+
+    def can_load(self, instance: int) -> bool:
+        """Whether pages can be loaded into an instance's pool now, beside the programs running on it: it is
+        this process's and every program on it has been dispatched (one still compiling takes the pool as it
+        was when it was launched)."""
+        compiling = self._compiling.get(instance)
+        return self.instances.local[instance] and (compiling is None or compiling.done())
 
     def poll_host(self) -> None:
         """File the copies to this process's host tier store that have arrived (freeing their device buffers)."""

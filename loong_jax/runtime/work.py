@@ -143,6 +143,10 @@ class Executor(Protocol):
         not waited for)."""
         ...
 
+    def can_load(self, instance: int) -> bool:
+        """Whether load_pages may write into the instance's pool while programs run on it."""
+        ...
+
     def poll_host(self) -> None:
         """File copies to the host tier that have arrived."""
         ...

@@ -63,15 +63,19 @@ class SimExecutor:
         self.clock = Clock()
         self.migrations = 0
         self.before_write: Callable[[Group], None] | None = None  # as the JAX executor's
-        self._loading: dict[int, float] = {}  # instance -> seconds of loads its next prefill waits for
+        self._loaded_at: dict[int, float] = {}  # instance -> when its loads from host memory are done
 
     def save_pages(self, instance: int, pages: Sequence[int], slots: Sequence[int]) -> None:
         """Evicted pages enter the host tier by key only."""
 
     def load_pages(self, loads: dict[int, tuple[list[int], list[int]]]) -> None:
         for instance, (pages, _) in loads.items():
-            delay = self.timing.reload_time(len(pages) * self.page_size)
-            self._loading[instance] = self._loading.get(instance, 0.0) + delay
+            start = max(self.clock.now, self._loaded_at.get(instance, 0.0))  # one link: loads in turn
+            self._loaded_at[instance] = start + self.timing.reload_time(len(pages) * self.page_size)
+
+    def can_load(self, instance: int) -> bool:
+        """Loads run beside the instance's compute (a GPU's copy engines)."""
+        return True
 
     def poll_host(self) -> None:
         pass
@@ -121,7 +125,8 @@ class SimExecutor:
             seconds = self.timing.prefill_time(d, [0]) + sum(  # one launch, then each chunk's own work
                 self.timing.prefill_time(d, [s + n]) - self.timing.prefill_time(d, [s]) for s, n in lengths if n
             )
-        seconds += max(self._loading.pop(i, 0.0) for i in work.group)  # its loads from host memory first
+        loaded = max(self._loaded_at.get(i, 0.0) for i in work.group)  # its loads from host memory first
+        seconds += max(0.0, loaded - self.clock.now)
         requests: list[Request] = list(work.requests)
         ranks = [done]
         if work.piggyback is not None:

@@ -82,6 +82,7 @@ class SimCluster:
     prefix_caching: bool = False  # cache prefix pages (the workload's hash ids say which inputs share them)
     host_tier_tokens: float = 0  # with prefix caching: tokens each host tier keeps (math.inf: no limit)
     host_tiers: int = 1  # separate host tiers, the instances split evenly between them (replicas: one each)
+    host_prefetch: bool = True  # waiting requests' prefixes loaded from the host tier ahead of their prefills
 
 
 def simulate(
@@ -97,6 +98,7 @@ def simulate(
         max_prefill_tokens=cluster.max_model_len,
         aligned_groups=False,
         enable_prefix_caching=cluster.prefix_caching,
+        host_prefetch=cluster.host_prefetch,
         decode_steps=1,  # the paper's iteration: the scheduler decides after every decode step
     )
     if cluster.prefix_caching and not all(w.hash_ids for w in workload):
@@ -158,6 +160,8 @@ def simulate(
         "prefix_hit_tokens": engine.prefix_cache.stats.hit_tokens,
         "prefix_evictions": engine.prefix_cache.evictions,
         "host_hit_tokens": sum(t.stats.hit_tokens for t in engine.prefix_cache.host_tiers()),
+        "host_prefetched_tokens": sum(t.stats.prefetched_pages for t in engine.prefix_cache.host_tiers())
+        * cluster.page_size,
         "host_evictions": sum(t.stats.evictions for t in engine.prefix_cache.host_tiers()),
     }
     return SimResult(records, list(timeline.spans) if timeline else [], stats, ex.now())
