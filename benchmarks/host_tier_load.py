@@ -46,7 +46,7 @@ def copying_load(executor, pages: list[int], slots: list[int]):
     pad = ((0, len(at) - len(pages)),) + ((0, 0),) * (k.ndim - 1)
     sharding = inst.sharding((0,), inst.pool_spec)
     new = KVCache(*(jax.device_put(np.pad(x, pad), sharding) for x in (k, v)))
-    pool, done = executor._page_program("scatter", 0)(inst.pools[0], at, new)
+    pool, done = executor._page_program("scatter", 0, len(pages))(inst.pools[0], at, new)
     inst.pools[0] = pool
     return [done]
 

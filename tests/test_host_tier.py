@@ -53,7 +53,7 @@ def test_the_tier_is_a_bounded_lru_that_never_reuses_a_slot_being_loaded():
 def _read(store, slots):
     """K and V of these slots, in their order, put together from the store's views."""
     k, v = np.empty((2, len(slots), *store.k.shape[1:]), store.k.dtype)
-    for at, pk, pv in store.views(slots):
+    for at, pk, pv in store.views(slots, 8):
         k[at], v[at] = pk[: len(at)], pv[: len(at)]
     return k, v
 
@@ -64,21 +64,22 @@ def test_the_store_files_copies_in_order_and_loads_read_it_in_place():
     store.write([0, 1], pages[:2], -pages[:2])
     store.stage([2, 0], jnp.asarray(pages[2:5]), jnp.asarray(-pages[2:5]))  # device arrays (one padding row)
     store.stage([0], jnp.asarray(pages[4:5]), jnp.asarray(-pages[4:5]))  # slot 0 again: the later copy wins
-    views = store.views([0, 2, 1])  # waits for the copies on their way to these slots
+    views = store.views([0, 2, 1], 8)  # waits for the copies on their way to these slots
     assert [at for at, _, _ in views] == [[0, 2], [1]]  # slots 0-1 and 2: pieces of power-of-two length
     assert all(np.shares_memory(k, store.k) and np.shares_memory(v, store.v) for _, k, v in views)  # no copy
+    assert [at for at, _, _ in store.views(list(range(5)), 2)] == [[0, 1], [2, 3], [4]]  # at most 2 a piece
     k, v = _read(store, [0, 2, 1])
     np.testing.assert_array_equal(k, pages[[4, 2, 1]])
     np.testing.assert_array_equal(v, -pages[[4, 2, 1]])
     scattered = list(range(18, -1, -2))  # ten pieces: copied, in pieces of 8 and 2
     store.write(scattered, np.repeat(pages[:1], 10, 0), pages[[j % 5 for j in range(10)]])
-    views = store.views(scattered)
+    views = store.views(scattered, 8)
     assert [at for at, _, _ in views] == [list(range(9, 1, -1)), [1, 0]]  # in the order of their slots
     assert not any(np.shares_memory(k, store.k) for _, k, _ in views)
     np.testing.assert_array_equal(_read(store, scattered)[1], pages[[j % 5 for j in range(10)]])
     store.lose([1])
     with pytest.raises(RuntimeError, match=r"slots \[1\] hold no K/V"):
-        store.views([1])
+        store.views([1], 8)
     store.write([1], pages[:1], pages[:1])  # rewritten: readable again
     np.testing.assert_array_equal(_read(store, [1])[1][0], pages[0])
 
@@ -131,7 +132,11 @@ def test_outputs_with_every_reuse_from_host_memory_equal_no_cache(num_instances)
     want = run(plain)
     engine = _engine(num_instances)
     tier = engine.prefix_cache.tier
+    if num_instances == 1:
+        assert engine.executor.warmup_pages() == 14  # gather and scatter of 1, 2, 4, ... 64 pages
     got = run(engine)
+    if num_instances == 1:
+        assert len(engine.executor._page_programs) == 14  # nothing more compiled while serving
     for g, w in zip(got, want):
         _same(g, w)
     assert [r.cached_tokens for r in got] == [0, 0, 20, 20]  # whole pages of the history, from host memory

@@ -81,10 +81,10 @@ class PageStore:
         """Mark slots as holding no K/V (their copy failed): reading them is an error until rewritten."""
         self._bad.update(int(s) for s in slots)
 
-    def views(self, slots: Sequence[int]) -> list[tuple[list[int], np.ndarray, np.ndarray]]:
+    def views(self, slots: Sequence[int], most: int) -> list[tuple[list[int], np.ndarray, np.ndarray]]:
         """The K and V of these slots as views into the store, no copy: (positions in `slots`, K, V) per run of
-        consecutive slots, each of a power-of-two length (so that the programs loading them come in few
-        shapes). Until `reading` is told a load of them has finished, no copy is filed into these slots. Slots
+        consecutive slots, each of a power-of-two length up to `most` (so that the programs loading them come
+        in few shapes). Until `reading` is told a load of them has finished, no copy is filed into these slots. Slots
         scattered over more than MAX_VIEWS pieces are copied instead, in power-of-two pieces."""
         self._readable(slots)
         order = sorted(range(len(slots)), key=lambda j: slots[j])
@@ -93,13 +93,13 @@ class PageStore:
             end = at + 1
             while end < len(order) and slots[order[end]] == slots[order[end - 1]] + 1:
                 end += 1
-            runs += _pieces(at, end)
+            runs += _pieces(at, end, most)
             at = end
         if len(runs) <= MAX_VIEWS:
             first = [slots[order[a]] for a, _ in runs]
             return [(order[a:b], self.k[f : f + b - a], self.v[f : f + b - a]) for (a, b), f in zip(runs, first)]
         parts = []
-        for a, b in _pieces(0, len(order)):
+        for a, b in _pieces(0, len(order), most):
             taken = np.asarray([slots[j] for j in order[a:b]], np.int64)
             parts.append((order[a:b], self.k[taken], self.v[taken]))
         return parts
@@ -116,11 +116,11 @@ class PageStore:
             raise RuntimeError(f"host tier slots {sorted(bad)} hold no K/V (their copy from the device failed)")
 
 
-def _pieces(start: int, end: int) -> list[tuple[int, int]]:
-    """[start, end) cut into pieces of power-of-two lengths, largest first."""
+def _pieces(start: int, end: int, most: int) -> list[tuple[int, int]]:
+    """[start, end) cut into pieces of power-of-two lengths up to most (a power of two), largest first."""
     out = []
     while start < end:
-        n = 1 << ((end - start).bit_length() - 1)
+        n = min(most, 1 << ((end - start).bit_length() - 1))
         out.append((start, start + n))
         start += n
     return out

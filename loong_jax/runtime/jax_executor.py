@@ -53,6 +53,7 @@ from pallas_kernels.reference import DECODE_PAGES_PER_BLOCK
 
 log = logging.getLogger("loong_jax")
 MAX_MIGRATE_TOKENS = 1024  # per transfer: bounds its buffers (about 1.5x those tokens' K/V on each side)
+MAX_PAGE_BATCH = 64  # pages a host tier save or load moves per program: bounds its buffers and its shapes
 # Per pool slot and device: the one temporary that grows with the pool, an appending prefill's list of held
 # slots and their rows (two int32 each) unpacked from its inputs; counted with each token's K/V bytes.
 HELD_SLOT_BYTES = 8
@@ -155,7 +156,7 @@ class JaxExecutor:
         # Called with a group right before a program that writes its pools is dispatched (the host tier saves
         # the pages their pools just evicted: read before they are overwritten).
         self.before_write: Callable[[Group], None] | None = None
-        self._page_programs: dict[tuple[str, int], Any] = {}
+        self._page_programs: dict[tuple[str, int, int], Any] = {}  # (kind, instance, pages) -> compiled
         self.host_store: PageStore | None = None  # the K/V of the host tier of this process's instances
         self._compiling: dict[int, concurrent.futures.Future] = {}  # instance -> its last program compiled on use
 
@@ -425,9 +426,12 @@ class JaxExecutor:
             self.peers.send({"op": "save", "group": [instance], "pages": list(pages), "slots": list(slots)})
 
     def save_local(self, instance: int, pages: Sequence[int], slots: Sequence[int]) -> None:
-        """save_pages() of an instance of this process."""
-        k, v = self._page_program("gather", instance)(self.instances.pools[instance], self._page_slots(pages))
-        self.host_store.stage(slots, k, v)
+        """save_pages() of an instance of this process, MAX_PAGE_BATCH pages per program at most."""
+        for at in range(0, len(pages), MAX_PAGE_BATCH):
+            part = pages[at : at + MAX_PAGE_BATCH]
+            gather = self._page_program("gather", instance, len(part))
+            k, v = gather(self.instances.pools[instance], self._page_slots(part))
+            self.host_store.stage(slots[at : at + MAX_PAGE_BATCH], k, v)
 
     def load_pages(self, loads: dict[int, tuple[list[int], list[int]]]) -> list[Any]:
         """Write the K/V of host tier slots into pages of instances' pools ({instance: (pages, slots)}, each
@@ -453,9 +457,10 @@ class JaxExecutor:
         store, inst = self.host_store, self.instances
         sharding = inst.sharding((instance,), inst.pool_spec)
         pool, done = inst.pools[instance], []
-        for at, k, v in store.views(slots):
+        for at, k, v in store.views(slots, MAX_PAGE_BATCH):
             new = KVCache(jax.device_put(k, sharding), jax.device_put(v, sharding))
-            pool, written = self._page_program("scatter", instance)(pool, self._page_slots([pages[j] for j in at]), new)
+            scatter = self._page_program("scatter", instance, len(at))
+            pool, written = scatter(pool, self._page_slots([pages[j] for j in at]), new)
             done.append(written)
         store.reading(slots, done)
         inst.pools[instance] = pool
@@ -467,22 +472,43 @@ class JaxExecutor:
         slots[: len(pages)] = np.asarray(pages, np.int32)[:, None] * self.page_size + np.arange(self.page_size)
         return slots
 
-    def _page_program(self, kind: str, instance: int) -> Any:
-        """The program copying pages out of ("gather") or into ("scatter") an instance's pool (jit-cached per
-        shape: a power of two of pages)."""
-        program = self._page_programs.get((kind, instance))
+    def _page_program(self, kind: str, instance: int, pages: int) -> Any:
+        """The compiled program copying a bucket of `pages` pages out of ("gather") or into ("scatter") an
+        instance's pool (compiled on first use, or by warm-up)."""
+        n = bucket(pages)
+        program = self._page_programs.get((kind, instance, n))
         if program is None:
-            s = self.instances.sharding((instance,), self.instances.pool_spec)
+            inst = self.instances
+            s = inst.sharding((instance,), inst.pool_spec)
+            pool = KVCache(*(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) for x in inst.pools[instance]))
+            slots = jax.ShapeDtypeStruct((n, self.page_size), np.int32, sharding=inst.sharding((instance,), P()))
             if kind == "gather":
-                program = jax.jit(gather_pages_program, out_shardings=KVCache(s, s))
+                fn = jax.jit(gather_pages_program, out_shardings=KVCache(s, s))
+                program = fn.lower(pool, slots).compile()
             else:
-                program = jax.jit(
-                    scatter_pages_program,
-                    donate_argnums=0,
-                    out_shardings=(KVCache(s, s), self.instances.sharding((instance,), P())),
-                )
-            self._page_programs[(kind, instance)] = program
+                page = (n, *pool.k.shape[1:3], self.page_size, pool.k.shape[-1])
+                new = KVCache(*(jax.ShapeDtypeStruct(page, pool.k.dtype, sharding=s) for _ in range(2)))
+                outs = (KVCache(s, s), inst.sharding((instance,), P()))
+                fn = jax.jit(scatter_pages_program, donate_argnums=0, out_shardings=outs)
+                program = fn.lower(pool, slots, new).compile()
+            self._page_programs[(kind, instance, n)] = program
         return program
+
+    def warmup_pages(self) -> int:
+        """Compile the host tier's page programs of this process's instances (every bucket up to
+        MAX_PAGE_BATCH pages): saves and loads then never wait for a compile. Returns how many."""
+        if self.host_store is None:
+            return 0
+        jobs = [
+            (kind, i, 1 << b)
+            for i, local in enumerate(self.instances.local)
+            if local
+            for b in range(MAX_PAGE_BATCH.bit_length())
+            for kind in ("gather", "scatter")
+        ]
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+            list(pool.map(lambda job: self._page_program(*job), jobs))
+        return len(jobs)
 
     def repair(self, group: Group) -> list[int]:
         """Instances of the group whose pools a failed program left deleted (donated) or in error get new
@@ -552,7 +578,7 @@ class JaxExecutor:
                 key, fn, args, donate = self._program_args("decode", group, 1, 1, SamplerFlags())
                 program = self.programs.get(key, fn, args, donate_argnums=donate)
                 jax.block_until_ready(self._dispatch(program, group, args))
-        return self.programs.compiles - before
+        return self.programs.compiles - before + self.warmup_pages()
 
     def compiled(self, kind: str, group: Group, size: int, rows: int, flags: SamplerFlags = VARIANTS[0]) -> Any:
         """The compiled program of a kind for a group, per-rank shape and sampler variant (compiles if new)."""
