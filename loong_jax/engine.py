@@ -92,7 +92,8 @@ class EngineConfig:
     attention_backend: str = "auto"  # "auto" (Pallas on GPU, XLA elsewhere), "xla" or "pallas"
     enable_prefix_caching: bool = True  # reuse the K/V of full pages of earlier requests' prefixes
     host_kv_cache_gib: float | None = None  # prefix pages evicted from the pools kept in host memory (0: off)
-    host_prefetch: bool = True  # load waiting requests' prefixes from the host tier ahead of their prefills
+    host_prefetch: bool = False  # load waiting requests' prefixes from the host tier ahead of their prefills
+    # (off by default: on pools of a few pages with preemption it can keep the engine from progressing)
     unroll_layers: bool | None = None  # layers unrolled, weights read in place (None: on accelerators, not on CPU)
     heartbeat_timeout_s: float = 30.0  # multi-host: a follower silent this long is lost
     step_timeout_s: float = 300.0  # multi-host: a follower that has not answered a launch by then is lost

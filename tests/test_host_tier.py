@@ -252,7 +252,7 @@ def test_a_waiting_request_finds_its_prefix_prefetched_from_host_memory():
     """One sequence at a time: while a request runs, the next one waits, and its prefix is loaded from the
     host tier into a pool beside the running decodes; its prefill then finds those pages on the device
     (no load at its launch), and its outputs equal those without any cache."""
-    engine = _engine(2, max_num_seqs=1)
+    engine = _engine(2, max_num_seqs=1, host_prefetch=True)
     rng = np.random.default_rng(7)
     prompt = rng.integers(3, 256, 29).tolist()
     want = run_to_end(engine, prompt, STEPS)
