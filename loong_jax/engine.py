@@ -93,7 +93,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # reuse the K/V of full pages of earlier requests' prefixes
     host_kv_cache_gib: float | None = None  # prefix pages evicted from the pools kept in host memory (0: off)
     host_prefetch: bool = False  # load waiting requests' prefixes from the host tier ahead of their prefills
-    # (off by default: on pools of a few pages with preemption it can keep the engine from progressing)
+    # (off by default until the whole suite runs with it on; see docs/prefix-caching.md)
     unroll_layers: bool | None = None  # layers unrolled, weights read in place (None: on accelerators, not on CPU)
     heartbeat_timeout_s: float = 30.0  # multi-host: a follower silent this long is lost
     step_timeout_s: float = 300.0  # multi-host: a follower that has not answered a launch by then is lost
@@ -282,7 +282,9 @@ class Engine:
             return
         ahead = heapq.nsmallest(PREFETCH_AHEAD, self.waiting, key=queue_order)
         for req in ahead:
-            if req.rid not in self._prefetched:  # each is looked up once while it is next in line
+            # each is looked up once while it is next in line; a preempted request is not (its prefix's pages
+            # would take the room it was preempted to free: the two would alternate for ever)
+            if req.rid not in self._prefetched and not req.preemptions:
                 cache.prefetch(req, ready, self._load, self._pays)
         self._prefetched = {req.rid for req in ahead}
         if cache.failed_loads:

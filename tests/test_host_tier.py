@@ -5,12 +5,15 @@ or a request aborted during one loses nothing else; the tier never holds more th
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from esp_helpers import evict_all, greedy_params, pool_tokens, reference_kv, run_to_end, tiny_esp_engine
 
+from loong_jax import SamplingParams
 from loong_jax.prefix import HostTier
 from loong_jax.runtime.host_store import PageStore
 from loong_jax.runtime.kv_pool import KVCache, PagePool
@@ -273,3 +276,24 @@ def test_a_waiting_request_finds_its_prefix_prefetched_from_host_memory():
     for pool in engine.pools:
         pool.check()
     tier.check()
+
+
+def test_prefetching_never_undoes_a_preemption():
+    """Tiny pools, outputs longer than admission planned for: requests are preempted to free room. A
+    preempted request's prefix is not prefetched back into that room (the two would alternate for ever):
+    every request finishes, with prefetching on, in single steps and in bursts."""
+    limits = {"max_model_len": 128, "output_estimate": 8, "host_prefetch": True}
+    engine = tiny_esp_engine(num_instances=2, kv_tokens=96, limits=limits)
+    for steps in (1, 8):
+        engine.ecfg = dataclasses.replace(engine.ecfg, decode_steps=steps)
+        engine.prefix_cache.flush()
+        rng = np.random.default_rng(5)
+        shared = rng.integers(3, 256, 40).tolist()
+        prompts = [shared + rng.integers(3, 256, n).tolist() for n in (3, 20, 1, 30)] + [shared + [9]]
+        reqs = [engine.add_request(p, SamplingParams(max_tokens=None, temperature=0.0)) for p in prompts]
+        for _ in range(2000):
+            if not engine.has_unfinished():
+                break
+            engine.step()
+        assert all(r.finished for r in reqs) and engine.kv_used_tokens == 0
+    assert engine.stats.preemptions > 0  # (the prefetching itself: the test before)
