@@ -578,7 +578,8 @@ class JaxExecutor:
                 key, fn, args, donate = self._program_args("decode", group, 1, 1, SamplerFlags())
                 program = self.programs.get(key, fn, args, donate_argnums=donate)
                 jax.block_until_ready(self._dispatch(program, group, args))
-        return self.programs.compiles - before + self.warmup_pages()
+        self.warmup_pages()
+        return self.programs.compiles - before
 
     def compiled(self, kind: str, group: Group, size: int, rows: int, flags: SamplerFlags = VARIANTS[0]) -> Any:
         """The compiled program of a kind for a group, per-rank shape and sampler variant (compiles if new)."""
